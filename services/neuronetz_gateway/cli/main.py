@@ -1,0 +1,536 @@
+"""The operator CLI, ``neuronetz-gateway``: tenants, keys, limits, usage, audit.
+
+Every command prints one line of error and exits non-zero on bad input; no
+tracebacks reach the operator. Listing commands take ``--json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import asyncpg
+import typer
+
+from neuronetz_gateway.adapters.hashing import KeyHasher
+from neuronetz_gateway.adapters.postgres.migrate import MigrationFailed, apply_migrations
+from neuronetz_gateway.adapters.postgres.store import (
+    KeyRecord,
+    Store,
+    TenantRecord,
+    expiry_from_days,
+    models_list,
+    open_pool,
+)
+from neuronetz_gateway.domain.errors import GatewayError, InvalidInput
+from neuronetz_gateway.domain.keys import generate_key, is_valid_prefix
+from neuronetz_gateway.domain.policy import POLICY_FIELDS, PolicySettings
+from neuronetz_gateway.settings import SettingsError, load_database_url
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="neuronetz-gateway",
+    help="Operate the Neuronetz gateway: tenants, API keys, limits, usage and the services.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+T = TypeVar("T")
+
+# The limit/budget/model options shared by create-tenant, create-key and set-limits.
+Rpm = Annotated[int | None, typer.Option("--rpm", help="Requests per minute.")]
+Tpm = Annotated[int | None, typer.Option("--tpm", help="Tokens per minute.")]
+Concurrency = Annotated[int | None, typer.Option("--concurrency", help="Concurrent requests.")]
+Daily = Annotated[int | None, typer.Option("--daily-tokens", help="Token budget per UTC day.")]
+Monthly = Annotated[
+    int | None, typer.Option("--monthly-tokens", help="Token budget per UTC calendar month.")
+]
+Total = Annotated[int | None, typer.Option("--total-tokens", help="Token budget, all time.")]
+Models = Annotated[
+    str | None,
+    typer.Option("--models", help="Comma-separated allowed models, e.g. llama3.2,qwen2.5"),
+]
+AllModels = Annotated[
+    bool, typer.Option("--allow-all-models", help="Allow every installed model (the default).")
+]
+MaxCtx = Annotated[int | None, typer.Option("--max-num-ctx", help="Cap on options.num_ctx.")]
+MaxPredict = Annotated[
+    int | None,
+    typer.Option("--max-num-predict", help="Cap on options.num_predict / max_tokens."),
+]
+KeepAlive = Annotated[
+    bool | None,
+    typer.Option(
+        "--allow-keep-alive/--forbid-keep-alive",
+        help="Whether requests may set keep_alive to 0 or negative (unload/pin a shared model).",
+    ),
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _run(work: Callable[[Store], Awaitable[T]]) -> T:
+    """Open a pool, run ``work``, and turn every expected failure into one line."""
+
+    async def go() -> T:
+        pool = await open_pool(load_database_url(), min_size=1, max_size=2)
+        try:
+            return await work(Store(pool))
+        finally:
+            await pool.close()
+
+    try:
+        return asyncio.run(go())
+    except GatewayError as exc:
+        _fail(str(exc))
+    except SettingsError as exc:
+        _fail(str(exc))
+    except asyncpg.UndefinedTableError:
+        _fail("the database is not migrated; run `neuronetz-gateway migrate` first")
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        _fail(f"database error: {type(exc).__name__}: {exc}".splitlines()[0])
+
+
+def _policy(
+    *,
+    rpm: int | None,
+    tpm: int | None,
+    concurrency: int | None,
+    daily_tokens: int | None,
+    monthly_tokens: int | None,
+    total_tokens: int | None,
+    models: str | None,
+    allow_all_models: bool,
+    max_num_ctx: int | None,
+    max_num_predict: int | None,
+    allow_keep_alive: bool | None,
+) -> dict[str, object]:
+    """The options the operator gave, as policy column changes."""
+    if models is not None and allow_all_models:
+        raise InvalidInput("give --models or --allow-all-models, not both")
+    given: dict[str, object] = {
+        name: value
+        for name, value in (
+            ("rpm", rpm),
+            ("tpm", tpm),
+            ("concurrency", concurrency),
+            ("daily_tokens", daily_tokens),
+            ("monthly_tokens", monthly_tokens),
+            ("total_tokens", total_tokens),
+            ("max_num_ctx", max_num_ctx),
+            ("max_num_predict", max_num_predict),
+            ("allow_keep_alive_override", allow_keep_alive),
+        )
+        if value is not None
+    }
+    for name, value in given.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            raise InvalidInput(f"--{name.replace('_', '-')} must not be negative")
+    if models is not None:
+        given["models"] = models_list(models)
+    if allow_all_models:
+        given["models"] = None
+    return given
+
+
+def _tenant_json(t: TenantRecord) -> dict[str, Any]:
+    return {"id": t.id, "name": t.name, **_policy_json(t.policy)}
+
+
+def _policy_json(p: PolicySettings) -> dict[str, Any]:
+    out: dict[str, Any] = {f: getattr(p, f) for f in POLICY_FIELDS}
+    out["models"] = None if p.models is None else list(p.models)
+    return out
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(UTC).isoformat()
+
+
+def _key_status(k: KeyRecord, now: datetime) -> str:
+    if k.revoked_at is not None:
+        return "revoked"
+    if k.expires_at is not None and k.expires_at <= now:
+        return "expired"
+    return "active"
+
+
+def _key_json(k: KeyRecord, now: datetime) -> dict[str, Any]:
+    return {
+        "prefix": k.prefix,
+        "name": k.name,
+        "tenant": k.tenant_name,
+        "status": _key_status(k, now),
+        "created_at": _iso(k.created_at),
+        "expires_at": _iso(k.expires_at),
+        "revoked_at": _iso(k.revoked_at),
+        "previous_valid_until": _iso(k.previous_valid_until),
+        "log_prompts": k.log_prompts,
+        "prompt_ttl_days": k.prompt_ttl_days,
+        "overrides": _policy_json(k.policy),
+    }
+
+
+def _print_json(value: object) -> None:
+    typer.echo(json.dumps(value, default=str, indent=None))
+
+
+def _check_prefix(prefix: str) -> None:
+    if not is_valid_prefix(prefix):
+        raise InvalidInput(f"{prefix!r} is not a key prefix (nz_ followed by 8 characters)")
+
+
+@app.command()
+def migrate() -> None:
+    """Create or upgrade the database schema (safe to run again)."""
+    try:
+        report = asyncio.run(apply_migrations(load_database_url()))
+    except (SettingsError, MigrationFailed) as exc:
+        _fail(str(exc))
+    except (OSError, asyncpg.PostgresError) as exc:
+        _fail(f"database error: {type(exc).__name__}: {exc}".splitlines()[0])
+    applied = report.count("[forwards]... ok")
+    typer.echo(f"applied {applied} migration(s)" if applied else "schema up to date")
+
+
+def _policy_options(
+    rpm: int | None,
+    tpm: int | None,
+    concurrency: int | None,
+    daily_tokens: int | None,
+    monthly_tokens: int | None,
+    total_tokens: int | None,
+    models: str | None,
+    allow_all_models: bool,
+    max_num_ctx: int | None,
+    max_num_predict: int | None,
+    allow_keep_alive: bool | None,
+) -> dict[str, object]:
+    """Validate the shared options, turning InvalidInput into a one-line failure."""
+    try:
+        return _policy(
+            rpm=rpm,
+            tpm=tpm,
+            concurrency=concurrency,
+            daily_tokens=daily_tokens,
+            monthly_tokens=monthly_tokens,
+            total_tokens=total_tokens,
+            models=models,
+            allow_all_models=allow_all_models,
+            max_num_ctx=max_num_ctx,
+            max_num_predict=max_num_predict,
+            allow_keep_alive=allow_keep_alive,
+        )
+    except GatewayError as exc:
+        _fail(str(exc))
+
+
+@app.command("create-tenant")
+def create_tenant(
+    name: Annotated[str, typer.Option("--name", help="Tenant name (unique).")],
+    rpm: Rpm = None,
+    tpm: Tpm = None,
+    concurrency: Concurrency = None,
+    daily_tokens: Daily = None,
+    monthly_tokens: Monthly = None,
+    total_tokens: Total = None,
+    models: Models = None,
+    allow_all_models: AllModels = False,
+    max_num_ctx: MaxCtx = None,
+    max_num_predict: MaxPredict = None,
+    allow_keep_alive: KeepAlive = None,
+    as_json: AsJson = False,
+) -> None:
+    """Create a tenant with its limits, budgets and models (unset = unlimited / all)."""
+    changes = _policy_options(
+        rpm, tpm, concurrency, daily_tokens, monthly_tokens, total_tokens,
+        models, allow_all_models, max_num_ctx, max_num_predict, allow_keep_alive,
+    )  # fmt: skip
+    policy = PolicySettings().updated(changes)
+    tenant = _run(lambda store: store.create_tenant(name, policy))
+    if as_json:
+        _print_json(_tenant_json(tenant))
+    else:
+        typer.echo(f"created tenant {tenant.name}")
+
+
+@app.command("create-key")
+def create_key(
+    tenant: Annotated[str, typer.Option("--tenant", help="The tenant that owns the key.")],
+    name: Annotated[str, typer.Option("--name", help="Key name (unique within the tenant).")],
+    rpm: Rpm = None,
+    tpm: Tpm = None,
+    concurrency: Concurrency = None,
+    daily_tokens: Daily = None,
+    monthly_tokens: Monthly = None,
+    total_tokens: Total = None,
+    models: Models = None,
+    allow_all_models: AllModels = False,
+    max_num_ctx: MaxCtx = None,
+    max_num_predict: MaxPredict = None,
+    allow_keep_alive: KeepAlive = None,
+    expires_in_days: Annotated[
+        int | None, typer.Option("--expires-in-days", help="The key stops working after N days.")
+    ] = None,
+    log_prompts: Annotated[
+        bool, typer.Option("--log-prompts", help="Store this key's prompts and responses.")
+    ] = False,
+    prompt_ttl_days: Annotated[
+        int | None,
+        typer.Option("--prompt-ttl-days", help="Keep logged prompts N days (default 30)."),
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Create an API key; the full key is printed once and never again."""
+    changes = _policy_options(
+        rpm, tpm, concurrency, daily_tokens, monthly_tokens, total_tokens,
+        models, allow_all_models, max_num_ctx, max_num_predict, allow_keep_alive,
+    )  # fmt: skip
+    if prompt_ttl_days is not None and not log_prompts:
+        _fail("--prompt-ttl-days goes with --log-prompts")
+    if prompt_ttl_days is not None and prompt_ttl_days <= 0:
+        _fail("--prompt-ttl-days must be positive")
+    ttl = (prompt_ttl_days or DEFAULT_PROMPT_TTL_DAYS) if log_prompts else None
+    key = generate_key()
+    secret_hash = KeyHasher().hash(key.full)
+
+    async def work(store: Store) -> KeyRecord:
+        return await store.create_key(
+            tenant_name=tenant,
+            name=name,
+            prefix=key.prefix,
+            secret_hash=secret_hash,
+            policy=PolicySettings().updated(changes),
+            expires_at=expiry_from_days(datetime.now(UTC), expires_in_days),
+            log_prompts=log_prompts,
+            prompt_ttl_days=ttl,
+        )
+
+    record = _run(work)
+    if as_json:
+        _print_json(
+            {
+                "key": key.full,
+                "prefix": record.prefix,
+                "tenant": record.tenant_name,
+                "name": record.name,
+            }
+        )
+    else:
+        typer.echo(f"created key {record.name} for tenant {record.tenant_name}")
+        typer.echo(f"prefix: {record.prefix}")
+        typer.echo(f"key:    {key.full}")
+        typer.echo("Store the key now: it is shown only once.")
+
+
+@app.command("list-keys")
+def list_keys(
+    tenant: Annotated[str, typer.Option("--tenant", help="Tenant whose keys to list.")],
+    as_json: AsJson = False,
+) -> None:
+    """List a tenant's keys (prefix, name, status; never a secret or hash)."""
+    keys = _run(lambda store: store.list_keys(tenant))
+    now = datetime.now(UTC)
+    if as_json:
+        _print_json([_key_json(k, now) for k in keys])
+        return
+    for k in keys:
+        expires = _iso(k.expires_at) or "never"
+        typer.echo(f"{k.prefix}  {k.name:<24} {_key_status(k, now):<8} expires {expires}")
+
+
+@app.command("revoke-key")
+def revoke_key(
+    prefix: Annotated[str, typer.Option("--prefix", help="Key prefix, e.g. nz_abc12345.")],
+    as_json: AsJson = False,
+) -> None:
+    """Revoke a key; every auth replica refuses it within a second."""
+    try:
+        _check_prefix(prefix)
+    except GatewayError as exc:
+        _fail(str(exc))
+    record = _run(lambda store: store.revoke_key(prefix))
+    if as_json:
+        _print_json(_key_json(record, datetime.now(UTC)))
+    else:
+        typer.echo(f"revoked {record.prefix}")
+
+
+@app.command("rotate-key")
+def rotate_key(
+    prefix: Annotated[str, typer.Option("--prefix", help="Key prefix, e.g. nz_abc12345.")],
+    grace_seconds: Annotated[
+        int, typer.Option("--grace-seconds", help="How long the old secret keeps working.")
+    ] = 0,
+    as_json: AsJson = False,
+) -> None:
+    """Give a key a new secret; limits, budgets, usage and models carry over."""
+    try:
+        _check_prefix(prefix)
+        if grace_seconds < 0:
+            raise InvalidInput("--grace-seconds must not be negative")
+    except GatewayError as exc:
+        _fail(str(exc))
+    key = generate_key(prefix)
+    new_hash = KeyHasher().hash(key.full)
+    record = _run(lambda store: store.rotate_key(prefix, new_hash, grace_seconds))
+    if as_json:
+        _print_json(
+            {
+                "key": key.full,
+                "prefix": record.prefix,
+                "tenant": record.tenant_name,
+                "name": record.name,
+                "previous_valid_until": _iso(record.previous_valid_until),
+            }
+        )
+    else:
+        typer.echo(f"rotated {record.prefix}")
+        typer.echo(f"key:    {key.full}")
+        until = _iso(record.previous_valid_until)
+        typer.echo(f"old secret valid until {until}" if until else "old secret no longer valid")
+
+
+@app.command("set-limits")
+def set_limits(
+    tenant: Annotated[str | None, typer.Option("--tenant", help="Change a tenant.")] = None,
+    prefix: Annotated[str | None, typer.Option("--prefix", help="Change one key.")] = None,
+    rpm: Rpm = None,
+    tpm: Tpm = None,
+    concurrency: Concurrency = None,
+    daily_tokens: Daily = None,
+    monthly_tokens: Monthly = None,
+    total_tokens: Total = None,
+    models: Models = None,
+    allow_all_models: AllModels = False,
+    max_num_ctx: MaxCtx = None,
+    max_num_predict: MaxPredict = None,
+    allow_keep_alive: KeepAlive = None,
+    clear: Annotated[
+        str | None,
+        typer.Option(
+            "--clear",
+            help="Comma-separated settings to unset: back to unlimited on a tenant, to "
+            "inherit on a key (e.g. rpm,daily-tokens,models).",
+        ),
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Change limits, budgets, models or caps of a tenant or a key."""
+    if (tenant is None) == (prefix is None):
+        _fail("give exactly one of --tenant or --prefix")
+    changes = _policy_options(
+        rpm, tpm, concurrency, daily_tokens, monthly_tokens, total_tokens,
+        models, allow_all_models, max_num_ctx, max_num_predict, allow_keep_alive,
+    )  # fmt: skip
+    for raw in (clear or "").split(","):
+        field = raw.strip().replace("-", "_")
+        if not field:
+            continue
+        if field not in POLICY_FIELDS:
+            _fail(f"--clear: unknown setting {raw.strip()!r}")
+        if field in changes:
+            _fail(f"--clear {raw.strip()} conflicts with a value given for it")
+        changes[field] = None
+    if prefix is not None:
+        try:
+            _check_prefix(prefix)
+        except GatewayError as exc:
+            _fail(str(exc))
+        key = _run(lambda store: store.update_key_policy(prefix, changes))
+        if as_json:
+            _print_json(_key_json(key, datetime.now(UTC)))
+        else:
+            typer.echo(f"updated key {key.prefix}")
+        return
+    tenant_name = tenant or ""
+    record = _run(lambda store: store.update_tenant_policy(tenant_name, changes))
+    if as_json:
+        _print_json(_tenant_json(record))
+    else:
+        typer.echo(f"updated tenant {record.name}")
+
+
+@app.command()
+def usage(
+    tenant: Annotated[str, typer.Option("--tenant", help="Tenant to report.")],
+    prefix: Annotated[str | None, typer.Option("--prefix", help="Only this key.")] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", help="ISO 8601 start time (UTC if no offset).")
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Total requests and tokens from the audit ledger."""
+    start: datetime | None = None
+    if since is not None:
+        try:
+            start = datetime.fromisoformat(since)
+        except ValueError:
+            _fail(f"--since must be an ISO 8601 time, got {since!r}")
+        if start.tzinfo is None:
+            start = start.replace(tzinfo=UTC)
+    totals = _run(lambda store: store.usage(tenant, prefix, start))
+    if as_json:
+        _print_json(
+            {
+                "tenant": tenant,
+                "prefix": prefix,
+                "since": _iso(start),
+                "requests": totals.requests,
+                "prompt_tokens": totals.prompt_tokens,
+                "completion_tokens": totals.completion_tokens,
+                "total_tokens": totals.total_tokens,
+            }
+        )
+    else:
+        typer.echo(
+            f"requests {totals.requests}  prompt_tokens {totals.prompt_tokens}  "
+            f"completion_tokens {totals.completion_tokens}  total_tokens {totals.total_tokens}"
+        )
+
+
+@app.command()
+def audit(
+    tenant: Annotated[str, typer.Option("--tenant", help="Tenant to show.")],
+    limit: Annotated[int, typer.Option("--limit", help="How many rows, newest first.")] = 20,
+    as_json: AsJson = False,
+) -> None:
+    """The newest audit rows of a tenant."""
+    rows = _run(lambda store: store.audit(tenant, limit))
+    if as_json:
+        _print_json([{**r, "ts": _iso(r["ts"])} for r in rows])
+        return
+    for r in rows:
+        typer.echo(
+            f"{_iso(r['ts'])} {r['request_id']} {r['key_prefix']} {r['route']} {r['model'] or '-'}"
+            f" {r['status']} p={r['prompt_tokens']} c={r['completion_tokens']}"
+            f" {r['duration_ms']}ms{' disconnected' if r['client_disconnected'] else ''}"
+        )
+
+
+@app.command("purge-prompts")
+def purge_prompts() -> None:
+    """Delete logged prompts past their retention."""
+    deleted = _run(lambda store: store.purge_prompts(datetime.now(UTC)))
+    typer.echo(f"deleted {deleted} expired prompt log(s)")
+
+
+DEFAULT_PROMPT_TTL_DAYS = 30
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

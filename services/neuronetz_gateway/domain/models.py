@@ -1,0 +1,49 @@
+"""Model names canonicalised as Ollama does, and the effective model set. Pure.
+
+``llama3.2`` = ``llama3.2:latest`` = ``library/llama3.2`` =
+``registry.ollama.ai/library/llama3.2:latest`` (case-insensitive). The
+canonical form is the short one Ollama lists: ``name:tag`` for the default
+registry and namespace, ``namespace/name:tag`` or ``host/ns/name:tag``
+otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+__all__ = ["canonical_model", "effective_models", "is_model_allowed"]
+
+_DEFAULT_REGISTRY = "registry.ollama.ai"
+_DEFAULT_NAMESPACE = "library"
+
+
+def canonical_model(name: str) -> str:
+    """The canonical spelling of a model reference; ``""`` if it is not one."""
+    ref = name.strip().lower()
+    if not ref or any(c.isspace() for c in ref) or "@" in ref:
+        return ""
+    last = ref.rsplit("/", 1)[-1]
+    if ":" not in last:
+        ref += ":latest"
+    parts = ref.split("/")
+    if len(parts) == 3 and parts[0] == _DEFAULT_REGISTRY:
+        parts = parts[1:]
+    if len(parts) == 2 and parts[0] == _DEFAULT_NAMESPACE:
+        parts = parts[1:]
+    if any(not p for p in parts) or len(parts) > 3:
+        return ""
+    return "/".join(parts)
+
+
+def effective_models(allowed: Iterable[str] | None, discovered: Iterable[str]) -> frozenset[str]:
+    """Allowed ∩ discovered, canonical; ``allowed=None`` means every discovered model."""
+    found = {c for c in (canonical_model(m) for m in discovered) if c}
+    if allowed is None:
+        return frozenset(found)
+    return frozenset(found & {c for c in (canonical_model(m) for m in allowed) if c})
+
+
+def is_model_allowed(model: str, allowed: Iterable[str] | None, discovered: Iterable[str]) -> bool:
+    """Whether ``model`` is in the effective set (fail closed on an empty discovery)."""
+    canonical = canonical_model(model)
+    return bool(canonical) and canonical in effective_models(allowed, discovered)

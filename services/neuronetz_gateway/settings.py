@@ -1,0 +1,153 @@
+"""Typed settings from ``NZ_*`` environment variables, validated once at start-up.
+
+Every entry point calls :func:`load_settings`; a wrong value raises
+:class:`SettingsError` naming the variable. Secrets are wrapped in
+:class:`Secret` so they never appear in a ``repr`` or a log line.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = ["Secret", "Settings", "SettingsError", "load_settings"]
+
+
+class SettingsError(ValueError):
+    """A configuration variable is missing or invalid; the message names it."""
+
+
+class Secret:
+    """A string that does not show itself in ``repr``/``str``."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def encode(self) -> bytes:
+        return self._value.encode()
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/neuronetz"
+
+
+def _env(name: str) -> str:
+    return "NZ_" + name.upper()
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """All configuration, one struct; env name = ``NZ_`` + field name upper-cased."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    ollama_url: str = "http://127.0.0.1:11434"
+    gateway_secret: Secret = field(default_factory=lambda: Secret(""))
+    log_level: str = "info"
+    log_format: str = "auto"  # auto | json | console
+    redis_prefix: str = "nz"  # namespace for every Redis key (one per deployment)
+    # auth
+    key_cache_ttl_seconds: float = 5.0
+    negative_cache_ttl_seconds: float = 60.0
+    argon2_max_concurrency: int = 2
+    identity_ttl_seconds: int = 30
+    lease_ttl_seconds: int = 60
+    decision_timeout_seconds: float = 1.5
+    # proxy
+    max_body_bytes: int = 8 * 1024 * 1024
+    default_max_tokens: int = 2048
+    upstream_connect_timeout_seconds: float = 5.0
+    upstream_read_timeout_seconds: float = 600.0
+    discovery_ttl_seconds: float = 10.0
+    audit_spool_dir: str = "/var/lib/neuronetz-gateway/spool"
+    audit_batch_size: int = 200
+    audit_flush_interval_seconds: float = 0.5
+    shutdown_grace_seconds: float = 30.0
+    prompt_purge_interval_seconds: float = 3600.0
+
+    def __post_init__(self) -> None:
+        _check_url("database_url", self.database_url, ("postgresql", "postgres"))
+        _check_url("redis_url", self.redis_url, ("redis", "rediss", "unix"))
+        _check_url("ollama_url", self.ollama_url, ("http", "https"))
+        if len(self.gateway_secret.get()) < 32:
+            raise SettingsError(
+                f"{_env('gateway_secret')} must be set to at least 32 characters "
+                "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`)"
+            )
+        if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
+            raise SettingsError(f"{_env('log_level')} must be debug, info, warning or error")
+        if self.log_format not in {"auto", "json", "console"}:
+            raise SettingsError(f"{_env('log_format')} must be auto, json or console")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
+                raise SettingsError(f"{_env(f.name)} must be positive, got {value!r}")
+
+
+def _check_url(name: str, value: str, schemes: tuple[str, ...]) -> None:
+    parts = urlsplit(value)
+    if parts.scheme not in schemes or not (parts.netloc or parts.path):
+        raise SettingsError(
+            f"{_env(name)} must be a URL with scheme {' or '.join(schemes)}, got {value!r}"
+        )
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build :class:`Settings` from the environment (``NZ_*``) plus explicit overrides."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        name = _env(f.name)
+        if f.name in overrides:
+            values[f.name] = overrides[f.name]
+            continue
+        raw = env.get(name)
+        if raw is None or raw == "":
+            continue
+        values[f.name] = _coerce(name, f.type, raw)
+    if "gateway_secret" in values and isinstance(values["gateway_secret"], str):
+        values["gateway_secret"] = Secret(values["gateway_secret"])
+    return Settings(**values)
+
+
+def _coerce(name: str, annotation: Any, raw: str) -> Any:
+    kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if kind == "Secret":
+        return Secret(raw)
+    return raw
+
+
+def load_database_url(environ: Mapping[str, str] | None = None) -> str:
+    """``NZ_DATABASE_URL`` alone, validated (the operator CLI needs nothing else)."""
+    env = os.environ if environ is None else environ
+    url = env.get("NZ_DATABASE_URL") or DEFAULT_DATABASE_URL
+    _check_url("database_url", url, ("postgresql", "postgres"))
+    return url
+
+
+__all__ += ["load_database_url"]
