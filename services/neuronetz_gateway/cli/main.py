@@ -26,6 +26,7 @@ from neuronetz_gateway.adapters.postgres.store import (
     models_list,
     open_pool,
 )
+from neuronetz_gateway.cli.serve import serve
 from neuronetz_gateway.domain.errors import GatewayError, InvalidInput
 from neuronetz_gateway.domain.keys import generate_key, is_valid_prefix
 from neuronetz_gateway.domain.policy import POLICY_FIELDS, PolicySettings
@@ -526,6 +527,8 @@ def purge_prompts() -> None:
 
 
 DEFAULT_PROMPT_TTL_DAYS = 30
+
+app.command("serve")(serve)
 
 
 def main() -> None:

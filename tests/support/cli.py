@@ -1,0 +1,30 @@
+"""Run the real ``neuronetz-gateway`` CLI in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+__all__ = ["run_cli", "run_cli_json"]
+
+
+def run_cli(database_url: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NZ_DATABASE_URL": database_url}
+    result = subprocess.run(
+        [sys.executable, "-m", "neuronetz_gateway.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"CLI {args} failed ({result.returncode}): {result.stderr}")
+    return result
+
+
+def run_cli_json(database_url: str, *args: str) -> Any:
+    return json.loads(run_cli(database_url, *args, "--json").stdout)

@@ -1,0 +1,81 @@
+"""Policy inheritance (tenant → key) and Ollama-style model canonicalisation."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from neuronetz_gateway.domain.identity import Limits
+from neuronetz_gateway.domain.models import canonical_model, effective_models, is_model_allowed
+from neuronetz_gateway.domain.policy import (
+    PolicySettings,
+    key_state_refusal,
+    merge_models,
+    resolve_policy,
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "canonical"),
+    [
+        ("llama3.2", "llama3.2:latest"),
+        ("llama3.2:latest", "llama3.2:latest"),
+        ("LLaMA3.2", "llama3.2:latest"),
+        ("library/llama3.2", "llama3.2:latest"),
+        ("registry.ollama.ai/library/llama3.2:latest", "llama3.2:latest"),
+        ("qwen2.5:0.5b", "qwen2.5:0.5b"),
+        ("someone/model:q4", "someone/model:q4"),
+        ("hf.co/org/model:Q4_K_M", "hf.co/org/model:q4_k_m"),
+        ("", ""),
+        ("bad name", ""),
+        ("a//b", ""),
+    ],
+)
+def test_canonical_model(name: str, canonical: str) -> None:
+    assert canonical_model(name) == canonical
+
+
+def test_effective_set_is_allowed_intersect_discovered() -> None:
+    discovered = ["llama3.2:latest", "qwen2.5:0.5b"]
+    assert effective_models(["llama3.2", "mistral"], discovered) == {"llama3.2:latest"}
+    assert effective_models(None, discovered) == {"llama3.2:latest", "qwen2.5:0.5b"}
+    assert effective_models(None, []) == frozenset()  # failed discovery denies all
+    assert is_model_allowed("LLAMA3.2", ["llama3.2"], discovered)
+    assert not is_model_allowed("mistral", ["mistral"], discovered)
+    assert not is_model_allowed("qwen2.5:0.5b", ["llama3.2"], discovered)
+
+
+def test_key_narrows_tenant_models() -> None:
+    assert merge_models(None, None) is None
+    assert merge_models(("a", "b"), None) == ("a:latest", "b:latest")
+    assert merge_models(None, ("a",)) == ("a:latest",)
+    assert merge_models(("a", "b"), ("b", "c")) == ("b:latest",)
+
+
+def test_key_overrides_and_inherits_limits() -> None:
+    tenant = PolicySettings(rpm=100, tpm=1000, daily_tokens=5000, max_num_ctx=8192)
+    key = PolicySettings(rpm=10, monthly_tokens=50, allow_keep_alive_override=True)
+    resolved = resolve_policy(tenant, key)
+    assert resolved.tenant_limits == Limits(rpm=100, tpm=1000, daily_tokens=5000)
+    assert resolved.key_limits == Limits(rpm=10, tpm=1000, daily_tokens=5000, monthly_tokens=50)
+    assert resolved.caps.max_num_ctx == 8192
+    assert resolved.caps.allow_keep_alive_override is True
+    assert resolved.models is None
+
+
+def test_clearing_an_override_returns_to_inherit() -> None:
+    tenant = PolicySettings(rpm=100)
+    key = PolicySettings(rpm=10).updated({"rpm": None})
+    assert resolve_policy(tenant, key).key_limits.rpm == 100
+    with pytest.raises(ValueError, match="unknown"):
+        PolicySettings().updated({"nope": 1})
+
+
+def test_key_state() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    assert key_state_refusal(now, revoked_at=None, expires_at=None) is None
+    assert key_state_refusal(now, revoked_at=now, expires_at=None) == "revoked"
+    assert key_state_refusal(now, revoked_at=None, expires_at=now) == "expired"
+    later = now + timedelta(seconds=1)
+    assert key_state_refusal(now, revoked_at=later, expires_at=later) is None
