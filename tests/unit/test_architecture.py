@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import neuronetz_gateway.domain as domain
+from neuronetz_gateway import domain
 
 FORBIDDEN = {
     "aiohttp",
