@@ -86,9 +86,12 @@ def test_changing_any_field_breaks_the_signature(field: str) -> None:
         verify_identity(f"v1.{forged}.{signature}", SECRET, NOW)
 
 
-def test_flipping_a_payload_character_breaks_it() -> None:
+def test_changing_any_character_breaks_it() -> None:
     token = sign_identity(_identity(), SECRET)
-    for i in range(3, len(token) - 44):
-        flipped = token[:i] + ("A" if token[i] != "A" else "B") + token[i + 1 :]
-        with pytest.raises(IdentityError):
-            verify_identity(flipped, SECRET, NOW)
+    for i in range(len(token)):
+        for replacement in "ABQgw-_.":
+            if replacement == token[i]:
+                continue
+            changed = token[:i] + replacement + token[i + 1 :]
+            with pytest.raises(IdentityError):
+                verify_identity(changed, SECRET, NOW)

@@ -94,7 +94,12 @@ def _b64(data: bytes) -> bytes:
 
 
 def _unb64(data: bytes) -> bytes:
-    return base64.urlsafe_b64decode(data + b"=" * (-len(data) % 4))
+    decoded = base64.urlsafe_b64decode(data + b"=" * (-len(data) % 4))
+    # Only the canonical spelling verifies: otherwise the unused low bits of
+    # the last character could be flipped without changing the bytes.
+    if _b64(decoded) != data:
+        raise IdentityError("malformed identity")
+    return decoded
 
 
 def _mac(secret: bytes, signed: bytes) -> bytes:
