@@ -1,0 +1,152 @@
+-- admit / reserve: check key and tenant limits together, record only if all pass.
+--
+-- KEYS, 6 per level (1..6 key, 7..12 tenant), all in one {t<id>} slot:
+--   rpm ZSET, conc ZSET, tpm HASH, daily / monthly / total budget counters
+-- ARGV:
+--   1 mode "admit" | "reserve"     2 now ms      3 now unix second
+--   4 RPM member (unique per hit)  5 lease id ("" = none)  6 lease expiry ms
+--   7 lease ZSET ttl ms            8 tokens to reserve (reserve only)
+--   9..14 key limits, 15..20 tenant limits: rpm tpm concurrency daily monthly total (-1 = unlimited)
+-- Returns one of
+--   {"missing", {"key:daily_tokens", ...}}   budget counters to rebuild from the ledger first
+--   {"ok" | "refused", key_stats, tenant_stats, refusals}
+--     stats = {requests, window_tokens, daily, monthly, total}, -1 where not counted
+--     refusal = {reason, level, details...}: rpm -> leaving hit ms; tpm -> second, tokens, ...
+local mode = ARGV[1]
+local now_ms = tonumber(ARGV[2])
+local now_s = tonumber(ARGV[3])
+local member = ARGV[4]
+local lease_id = ARGV[5]
+local lease_expiry_ms = ARGV[6]
+local lease_set_ttl_ms = ARGV[7]
+local tokens = tonumber(ARGV[8])
+
+local WINDOW_MS = 60000
+local RPM_TTL_MS = 61000
+local TPM_TTL_S = 120
+local LEVELS = {"key", "tenant"}
+local BUDGETS = {"daily_tokens", "monthly_tokens", "total_tokens"}
+-- admit asks "is there any room left?" (one token), reserve asks for the request's tokens
+local need = tokens
+if mode == "admit" then need = 1 end
+
+local function key_of(level, i) return KEYS[(level - 1) * 6 + i] end
+local function limit_of(level, i)
+  local v = tonumber(ARGV[8 + (level - 1) * 6 + i])
+  if v < 0 then return nil end
+  return v
+end
+-- limit index: 1 rpm, 2 tpm, 3 concurrency, 4 daily, 5 monthly, 6 total
+-- key index:   1 rpm, 2 conc, 3 tpm, 4 daily, 5 monthly, 6 total
+
+-- 1. every budget that applies must be known, or the ledger has to rebuild it
+local budget_values = {{}, {}}
+local missing = {}
+for level = 1, 2 do
+  for b = 1, 3 do
+    local budget_key = key_of(level, 3 + b)
+    local value = redis.call("GET", budget_key)
+    if value then
+      budget_values[level][b] = tonumber(value)
+    elseif limit_of(level, 3 + b) then
+      missing[#missing + 1] = LEVELS[level] .. ":" .. BUDGETS[b]
+    end
+  end
+end
+if #missing > 0 then return {"missing", missing} end
+
+-- 2. count and check every limit at both levels; nothing is recorded yet
+local stats = {}
+local refusals = {}
+local window_fields = {{}, {}}
+for level = 1, 2 do
+  local s = {-1, -1, -1, -1, -1}
+  local rpm = limit_of(level, 1)
+  if rpm then
+    local rpm_key = key_of(level, 1)
+    redis.call("ZREMRANGEBYSCORE", rpm_key, "-inf", now_ms - WINDOW_MS)
+    local count = redis.call("ZCARD", rpm_key)
+    s[1] = count
+    if mode == "admit" and count >= rpm then
+      -- the hit whose departure brings the count below the limit
+      local leaving = redis.call("ZRANGE", rpm_key, count - rpm, count - rpm, "WITHSCORES")
+      refusals[#refusals + 1] = {"rpm", LEVELS[level], tonumber(leaving[2])}
+    end
+  end
+  local conc = limit_of(level, 3)
+  if conc and mode == "admit" then
+    local conc_key = key_of(level, 2)
+    redis.call("ZREMRANGEBYSCORE", conc_key, "-inf", now_ms)
+    if redis.call("ZCARD", conc_key) >= conc then
+      refusals[#refusals + 1] = {"concurrency", LEVELS[level]}
+    end
+  end
+  local tpm = limit_of(level, 2)
+  if tpm then
+    local tpm_key = key_of(level, 3)
+    local fields = redis.call("HGETALL", tpm_key)
+    local sum = 0
+    local live = {}
+    for i = 1, #fields, 2 do
+      local second = tonumber(fields[i])
+      if second > now_s - 60 then
+        local n = tonumber(fields[i + 1])
+        sum = sum + n
+        live[#live + 1] = second
+        live[#live + 1] = n
+      else
+        redis.call("HDEL", tpm_key, fields[i])
+      end
+    end
+    s[2] = sum
+    window_fields[level] = live
+    if sum + need > tpm then
+      local refusal = {"tpm", LEVELS[level]}
+      for i = 1, #live do refusal[#refusal + 1] = live[i] end
+      refusals[#refusals + 1] = refusal
+    end
+  end
+  for b = 1, 3 do
+    local value = budget_values[level][b]
+    if value then s[2 + b] = value end
+    local budget = limit_of(level, 3 + b)
+    if budget and value + need > budget then
+      refusals[#refusals + 1] = {BUDGETS[b], LEVELS[level]}
+    end
+  end
+  stats[level] = s
+end
+if #refusals > 0 then return {"refused", stats[1], stats[2], refusals} end
+
+-- 3. all passed: record at both levels
+for level = 1, 2 do
+  local s = stats[level]
+  if mode == "admit" then
+    if limit_of(level, 1) then
+      local rpm_key = key_of(level, 1)
+      redis.call("ZADD", rpm_key, ARGV[2], member)
+      redis.call("PEXPIRE", rpm_key, RPM_TTL_MS)
+      s[1] = s[1] + 1
+    end
+    if lease_id ~= "" and limit_of(level, 3) then
+      local conc_key = key_of(level, 2)
+      redis.call("ZADD", conc_key, lease_expiry_ms, lease_id)
+      redis.call("PEXPIRE", conc_key, lease_set_ttl_ms)
+    end
+  else
+    if limit_of(level, 2) and tokens ~= 0 then
+      local tpm_key = key_of(level, 3)
+      redis.call("HINCRBY", tpm_key, ARGV[3], ARGV[8])
+      redis.call("EXPIRE", tpm_key, TPM_TTL_S)
+      s[2] = s[2] + tokens
+    end
+    for b = 1, 3 do
+      -- an existing counter of an unset budget is kept true too, so that
+      -- setting the budget later starts from the right value
+      if budget_values[level][b] and tokens ~= 0 then
+        s[2 + b] = redis.call("INCRBY", key_of(level, 3 + b), ARGV[8])
+      end
+    end
+  end
+end
+return {"ok", stats[1], stats[2], {}}

@@ -1,0 +1,64 @@
+-- settle: correct a reservation by delta = actual - reserved (may be negative).
+--
+-- KEYS, 7 per level (1..7 key, 8..14 tenant), all in one {t<id>} slot:
+--   rpm ZSET, tpm HASH, daily and monthly counters of the reservation's period,
+--   total counter, daily and monthly counters of the current period
+-- ARGV: 1 delta   2 reservation unix second   3 now ms   4 now unix second
+-- Only what exists is adjusted: a missing counter is rebuilt from the ledger
+-- later (which then holds the real count), a TPM bucket that left the window
+-- no longer matters. Counters never go below zero.
+-- Returns {key_stats, tenant_stats}: {requests, window_tokens, daily, monthly, total},
+-- -1 where the counter does not exist.
+local delta = tonumber(ARGV[1])
+local reserved_s = tonumber(ARGV[2])
+local now_ms = tonumber(ARGV[3])
+local now_s = tonumber(ARGV[4])
+
+local function key_of(level, i) return KEYS[(level - 1) * 7 + i] end
+
+local function adjust(counter_key)
+  if delta == 0 or redis.call("EXISTS", counter_key) == 0 then return end
+  if redis.call("INCRBY", counter_key, ARGV[1]) < 0 then
+    redis.call("SET", counter_key, 0, "KEEPTTL")
+  end
+end
+
+local function read(counter_key)
+  local value = redis.call("GET", counter_key)
+  if value then return tonumber(value) end
+  return -1
+end
+
+-- The caller reads its clock just before reserve; the script may have charged
+-- the next second's bucket, so that one is tried too. Either way the window
+-- sum is what is corrected; only when the tokens expire moves by a second.
+local function adjust_bucket(tpm_key)
+  if delta == 0 then return end
+  for _, second in ipairs({reserved_s, reserved_s + 1}) do
+    if second > now_s - 60 and redis.call("HEXISTS", tpm_key, second) == 1 then
+      if redis.call("HINCRBY", tpm_key, second, ARGV[1]) < 0 then
+        redis.call("HSET", tpm_key, second, 0)
+      end
+      return
+    end
+  end
+end
+
+local result = {}
+for level = 1, 2 do
+  local tpm_key = key_of(level, 2)
+  adjust_bucket(tpm_key)
+  adjust(key_of(level, 3))
+  adjust(key_of(level, 4))
+  adjust(key_of(level, 5))
+
+  local requests = redis.call("ZCOUNT", key_of(level, 1), "(" .. (now_ms - 60000), "+inf")
+  local fields = redis.call("HGETALL", tpm_key)
+  local window = 0
+  for i = 1, #fields, 2 do
+    if tonumber(fields[i]) > now_s - 60 then window = window + tonumber(fields[i + 1]) end
+  end
+  result[level] = {requests, window, read(key_of(level, 6)), read(key_of(level, 7)),
+                   read(key_of(level, 5))}
+end
+return result

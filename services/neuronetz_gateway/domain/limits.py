@@ -1,0 +1,288 @@
+"""Limit and budget arithmetic: periods, Retry-After, decisions, allowances. Pure.
+
+The Redis adapter (:mod:`neuronetz_gateway.adapters.redis_limiter`) records
+and counts; everything that turns those counts into an answer lives here so
+it can be tested without a clock or a server:
+
+- UTC calendar periods (``day_id``, ``month_id``) and the seconds until the
+  next one (daily / monthly budgets reset at UTC midnight / month start);
+- Retry-After per limit (scope-docs/SPEC.md section 5), always whole
+  seconds >= 1;
+- :class:`Decision` (what ``admit`` / ``reserve`` answer) and
+  :class:`Refusal` (one limit that said no);
+- the allowance (tighter of key and tenant) and its ``x-ratelimit-*`` headers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from neuronetz_gateway.domain.identity import Allowance, Limits
+
+__all__ = [
+    "BUDGET_REASONS",
+    "LEVELS",
+    "RATE_REASONS",
+    "TOTAL_BUDGET_RETRY_AFTER",
+    "WINDOW_MS",
+    "WINDOW_SECONDS",
+    "Decision",
+    "LevelUsage",
+    "Refusal",
+    "budget_retry_after",
+    "compute_allowance",
+    "day_id",
+    "day_start",
+    "decide",
+    "month_id",
+    "month_start",
+    "ratelimit_headers",
+    "rpm_retry_after",
+    "seconds_until_next_day",
+    "seconds_until_next_month",
+    "tpm_retry_after",
+    "tpm_window_seconds",
+]
+
+WINDOW_SECONDS = 60
+WINDOW_MS = WINDOW_SECONDS * 1000
+# The total budget never resets by itself; a day is the honest "not soon".
+TOTAL_BUDGET_RETRY_AFTER = 86_400
+RATE_REASONS = ("rpm", "concurrency", "tpm")
+BUDGET_REASONS = ("daily_tokens", "monthly_tokens", "total_tokens")
+LEVELS = ("key", "tenant")
+
+
+# periods --------------------------------------------------------------------
+
+
+def _utc(now: datetime) -> datetime:
+    if now.tzinfo is None:
+        raise ValueError("naive datetime: periods are UTC calendar periods, pass an aware time")
+    return now.astimezone(UTC)
+
+
+def day_start(now: datetime) -> datetime:
+    """Midnight UTC that starts ``now``'s day."""
+    u = _utc(now)
+    return datetime(u.year, u.month, u.day, tzinfo=UTC)
+
+
+def month_start(now: datetime) -> datetime:
+    """Midnight UTC of the first day of ``now``'s month."""
+    u = _utc(now)
+    return datetime(u.year, u.month, 1, tzinfo=UTC)
+
+
+def day_id(now: datetime) -> str:
+    """``YYYYMMDD`` of the UTC day (the daily budget counter's suffix)."""
+    return _utc(now).strftime("%Y%m%d")
+
+
+def month_id(now: datetime) -> str:
+    """``YYYYMM`` of the UTC month (the monthly budget counter's suffix)."""
+    return _utc(now).strftime("%Y%m")
+
+
+def _whole_seconds(seconds: float) -> int:
+    return max(1, math.ceil(seconds))
+
+
+def seconds_until_next_day(now: datetime) -> int:
+    """Whole seconds (>= 1, rounded up) until the next UTC midnight."""
+    nxt = day_start(now) + timedelta(days=1)
+    return _whole_seconds((nxt - _utc(now)).total_seconds())
+
+
+def seconds_until_next_month(now: datetime) -> int:
+    """Whole seconds (>= 1, rounded up) until the first of the next UTC month."""
+    start = month_start(now)
+    nxt = (
+        start.replace(year=start.year + 1, month=1)
+        if start.month == 12
+        else start.replace(month=start.month + 1)
+    )
+    return _whole_seconds((nxt - _utc(now)).total_seconds())
+
+
+# Retry-After ------------------------------------------------------------------
+
+
+def rpm_retry_after(leaving_hit_ms: int, now_ms: int) -> int:
+    """Seconds until the hit at ``leaving_hit_ms`` leaves the 60 s window.
+
+    The hit to wait for is the one whose departure brings the count below the
+    limit (the oldest one when the window holds exactly ``limit`` hits). A hit
+    stamped a few ms ahead of ``now_ms`` (a concurrent request that read the
+    clock later, another replica's clock) still waits at most one window.
+    """
+    return min(WINDOW_SECONDS, _whole_seconds((leaving_hit_ms + WINDOW_MS - now_ms) / 1000))
+
+
+def tpm_window_seconds(now_ms: int) -> range:
+    """The unix seconds whose buckets make up the TPM window at ``now_ms`` (60 of them)."""
+    now_s = now_ms // 1000
+    return range(now_s - WINDOW_SECONDS + 1, now_s + 1)
+
+
+def tpm_retry_after(buckets: Mapping[int, int], now_ms: int, tpm: int, incoming: int) -> int:
+    """Seconds until ``incoming`` more tokens fit under ``tpm`` as old buckets expire.
+
+    ``buckets`` maps unix second -> tokens within the window. The bucket of
+    second ``s`` leaves the window at ``s + 60``. ``admit`` asks with
+    ``incoming=1`` (the window must be below the limit), ``reserve`` with the
+    request's tokens. A request larger than the whole limit never fits; it
+    gets the full window length, as does a wait stretched past it by a bucket
+    stamped ahead of ``now_ms`` (clock skew between replicas).
+    """
+    if incoming > tpm:
+        return WINDOW_SECONDS
+    oldest = tpm_window_seconds(now_ms)[0]
+    # buckets ahead of now (skew) are in the window too: the script counted them
+    live = sorted((s, n) for s, n in buckets.items() if s >= oldest)
+    left = sum(n for _, n in live)
+    if left + incoming <= tpm:
+        return 1  # fits already (the window moved since the check): shortest wait
+    for second, tokens in live:
+        left -= tokens
+        if left + incoming <= tpm:
+            wait = ((second + WINDOW_SECONDS) * 1000 - now_ms) / 1000
+            return min(WINDOW_SECONDS, _whole_seconds(wait))
+    return WINDOW_SECONDS  # pragma: no cover - an empty window fits when incoming <= tpm
+
+
+def budget_retry_after(reason: str, now: datetime) -> int:
+    """Seconds until the budget named by ``reason`` resets (total: a day, it never does)."""
+    if reason == "daily_tokens":
+        return seconds_until_next_day(now)
+    if reason == "monthly_tokens":
+        return seconds_until_next_month(now)
+    if reason == "total_tokens":
+        return TOTAL_BUDGET_RETRY_AFTER
+    raise ValueError(f"not a budget: {reason!r}")
+
+
+# decisions --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """One limit that refused: which, at which level, and how long to wait."""
+
+    reason: str  # one of RATE_REASONS or BUDGET_REASONS
+    level: str  # "key" | "tenant"
+    retry_after: int  # whole seconds >= 1
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer of ``admit`` / ``reserve``."""
+
+    allowed: bool
+    reason: str | None = None  # "rpm" | "concurrency" | "tpm" | "*_tokens" budgets
+    level: str | None = None  # "key" | "tenant"
+    retry_after: int = 0  # whole seconds >= 1 when refused
+    lease_id: str | None = None  # set by admit when a concurrency limit applies
+    # remaining values for the x-ratelimit-* headers (tighter of key and tenant)
+    allowance: Allowance = field(default_factory=Allowance)
+
+    @property
+    def error_code(self) -> str | None:
+        """``rate_limit_exceeded`` / ``budget_exceeded`` for a refusal, else ``None``."""
+        if self.allowed or self.reason is None:
+            return None
+        return "budget_exceeded" if self.reason in BUDGET_REASONS else "rate_limit_exceeded"
+
+
+def decide(
+    refusals: Iterable[Refusal], allowance: Allowance, lease_id: str | None = None
+) -> Decision:
+    """Allowed when nothing refused; else the refusal with the longest wait.
+
+    Every refusing limit must clear before the request can succeed, so the
+    longest Retry-After is the honest one (and names the limit that binds).
+    """
+    worst: Refusal | None = None
+    for refusal in refusals:
+        if worst is None or refusal.retry_after > worst.retry_after:
+            worst = refusal
+    if worst is None:
+        return Decision(allowed=True, lease_id=lease_id, allowance=allowance)
+    return Decision(
+        allowed=False,
+        reason=worst.reason,
+        level=worst.level,
+        retry_after=max(1, worst.retry_after),
+        allowance=allowance,
+    )
+
+
+# allowance --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LevelUsage:
+    """What one level (key or tenant) has used; ``None`` = not counted (unlimited/unknown)."""
+
+    requests: int | None = None  # hits in the RPM window
+    window_tokens: int | None = None  # tokens in the TPM window
+    daily: int | None = None  # budget counters (spent + reserved)
+    monthly: int | None = None
+    total: int | None = None
+
+
+def _tightest(pairs: Iterable[tuple[int | None, int | None]]) -> tuple[int | None, int | None]:
+    """(limit, remaining) of the level with the least remaining, among those counted."""
+    counted = [
+        (max(0, limit - used), limit)
+        for limit, used in pairs
+        if limit is not None and used is not None
+    ]
+    if not counted:
+        return None, None
+    remaining, limit = min(counted)  # ties: the smaller limit
+    return limit, remaining
+
+
+def compute_allowance(
+    key_limits: Limits, tenant_limits: Limits, key: LevelUsage, tenant: LevelUsage
+) -> Allowance:
+    """Remaining allowances, the tighter of key and tenant; ``None`` where unlimited."""
+    levels = ((key_limits, key), (tenant_limits, tenant))
+    limit_requests, remaining_requests = _tightest((lim.rpm, use.requests) for lim, use in levels)
+    limit_tokens, remaining_tokens = _tightest((lim.tpm, use.window_tokens) for lim, use in levels)
+    return Allowance(
+        limit_requests=limit_requests,
+        remaining_requests=remaining_requests,
+        limit_tokens=limit_tokens,
+        remaining_tokens=remaining_tokens,
+        remaining_daily_tokens=_tightest((lim.daily_tokens, use.daily) for lim, use in levels)[1],
+        remaining_monthly_tokens=_tightest(
+            (lim.monthly_tokens, use.monthly) for lim, use in levels
+        )[1],
+        remaining_total_tokens=_tightest((lim.total_tokens, use.total) for lim, use in levels)[1],
+    )
+
+
+_HEADERS = (
+    ("x-ratelimit-limit-requests", "limit_requests"),
+    ("x-ratelimit-remaining-requests", "remaining_requests"),
+    ("x-ratelimit-limit-tokens", "limit_tokens"),
+    ("x-ratelimit-remaining-tokens", "remaining_tokens"),
+    ("x-ratelimit-remaining-daily-tokens", "remaining_daily_tokens"),
+    ("x-ratelimit-remaining-monthly-tokens", "remaining_monthly_tokens"),
+    ("x-ratelimit-remaining-total-tokens", "remaining_total_tokens"),
+)
+
+
+def ratelimit_headers(allowance: Allowance) -> dict[str, str]:
+    """The ``x-ratelimit-*`` response headers for the values that are known."""
+    headers: dict[str, str] = {}
+    for header, attr in _HEADERS:
+        value = getattr(allowance, attr)
+        if value is not None:
+            headers[header] = str(value)
+    return headers
