@@ -82,6 +82,8 @@ class Settings:
     audit_flush_interval_seconds: float = 0.5
     shutdown_grace_seconds: float = 30.0
     prompt_purge_interval_seconds: float = 3600.0
+    # auth: how long a verified key stays in the Redis cache shared by the replicas
+    key_cache_redis_ttl_seconds: float = 300.0
 
     def __post_init__(self) -> None:
         _check_url("database_url", self.database_url, ("postgresql", "postgres"))

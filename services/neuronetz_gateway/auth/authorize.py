@@ -1,0 +1,184 @@
+"""The forward_auth decision: route, key, limits, signed identity. One call per request.
+
+:meth:`Authorizer.decide` takes what Caddy sends (``X-Forwarded-Method``,
+``X-Forwarded-Uri``, the client's ``Authorization`` / ``x-api-key``) and
+returns the complete answer:
+
+1. route table (pure, no I/O): 403 blocked / 400 / 404 / 405 before the key;
+2. key (:class:`~neuronetz_gateway.auth.key_verifier.KeyVerifier`): 401;
+3. limits (``Limiter.admit``, one Redis round trip): 429;
+4. 200 with ``X-NZ-Identity`` signed for the proxy.
+
+Steps 2-3 run under ``decision_timeout_seconds``; a timeout or an
+unreachable Redis/Postgres answers 503 with ``Retry-After``, never 2xx.
+
+Keys are accepted as ``Authorization: Bearer <key>`` (what the OpenAI and
+Ollama clients send) or ``x-api-key: <key>``; when ``Authorization`` is
+present it is the one used, whatever its scheme.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import Callable
+
+from neuronetz_gateway.adapters.redis_limiter import Limiter, LimiterUnavailable
+from neuronetz_gateway.auth import responses
+from neuronetz_gateway.auth.key_verifier import KeyStoreUnavailable, KeyVerifier
+from neuronetz_gateway.auth.metrics import AuthMetrics
+from neuronetz_gateway.auth.responses import Answer
+from neuronetz_gateway.domain.identity import Identity, sign_identity
+from neuronetz_gateway.domain.routes import Outcome, RouteMatch, classify
+from neuronetz_gateway.logging import get_logger
+
+__all__ = ["Authorizer", "DecisionRequest", "presented_key"]
+
+log = get_logger("neuronetz_gateway.auth")
+
+_SANE_CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def presented_key(authorization: str | None, api_key: str | None) -> str | None:
+    """The key the client presented: ``Authorization: Bearer`` first, else ``x-api-key``."""
+    if authorization is not None:
+        scheme, _, token = authorization.strip().partition(" ")
+        return token.strip() if scheme.lower() == "bearer" else None
+    return api_key.strip() if api_key else None
+
+
+class DecisionRequest:
+    """The parts of a forward_auth call the decision needs (header values as sent)."""
+
+    __slots__ = ("api_key", "authorization", "client_request_id", "method", "uri")
+
+    def __init__(
+        self,
+        method: str | None,
+        uri: str | None,
+        authorization: str | None = None,
+        api_key: str | None = None,
+        client_request_id: str | None = None,
+    ) -> None:
+        self.method = method
+        self.uri = uri
+        self.authorization = authorization
+        self.api_key = api_key
+        self.client_request_id = client_request_id
+
+
+class Authorizer:
+    """Decides /authorize requests; every collaborator is passed in."""
+
+    def __init__(
+        self,
+        *,
+        verifier: KeyVerifier,
+        limiter: Limiter,
+        secret: bytes,
+        metrics: AuthMetrics,
+        identity_ttl_seconds: int,
+        timeout_seconds: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._verifier = verifier
+        self._limiter = limiter
+        self._secret = secret
+        self._metrics = metrics
+        self._identity_ttl_ms = identity_ttl_seconds * 1000
+        self._timeout = timeout_seconds
+        self._clock = clock
+
+    async def decide(self, request: DecisionRequest) -> Answer:
+        """The complete answer for one forward_auth call; never raises."""
+        started = time.perf_counter()
+        request_id = uuid.uuid4().hex  # ours: a client's X-Request-Id is only logged
+        fields: dict[str, object] = {"request_id": request_id}
+        try:
+            answer, outcome, reason = await self._decide(request, request_id, fields)
+        except Exception:  # pragma: no cover - a bug must still fail closed, not 500
+            log.exception("authorize_failed", request_id=request_id)
+            answer, outcome, reason = responses.unavailable("native", request_id), "error", "bug"
+        elapsed = time.perf_counter() - started
+        self._metrics.decision(outcome, reason, elapsed)
+        client_id = request.client_request_id
+        if client_id is not None and _SANE_CLIENT_ID.fullmatch(client_id):
+            fields["client_request_id"] = client_id
+        log.info(
+            "authorize",
+            **fields,
+            status=answer.status,
+            outcome=outcome,
+            reason=reason,
+            latency_ms=round(elapsed * 1000, 3),
+        )
+        return answer
+
+    async def _decide(
+        self, request: DecisionRequest, request_id: str, fields: dict[str, object]
+    ) -> tuple[Answer, str, str]:
+        if request.method is None or request.uri is None:
+            return responses.bad_request("native"), "refused", "no_forwarded_request"
+        match = classify(request.method, request.uri)
+        if match.route is None:
+            return _route_refusal(match), "refused", match.outcome.value
+        route, surface = match.route, match.surface
+        fields["route"] = route.id
+        try:
+            async with asyncio.timeout(self._timeout):
+                check = await self._verifier.check(
+                    presented_key(request.authorization, request.api_key)
+                )
+                if check.prefix is not None:
+                    fields["key_prefix"] = check.prefix
+                key = check.key
+                if key is None:
+                    return responses.unauthorized(surface), "refused", check.reason
+                fields["tenant"] = key.tenant_name
+                decision = await self._limiter.admit(
+                    tenant_id=key.tenant_id,
+                    key_id=key.key_id,
+                    key_limits=key.key_limits,
+                    tenant_limits=key.tenant_limits,
+                    request_id=request_id,
+                )
+        except TimeoutError:
+            return responses.unavailable(surface, request_id), "unavailable", "timeout"
+        except KeyStoreUnavailable:
+            return responses.unavailable(surface, request_id), "unavailable", "key_store"
+        except LimiterUnavailable:
+            return responses.unavailable(surface, request_id), "unavailable", "limiter"
+        if not decision.allowed:
+            reason = f"{decision.level}_{decision.reason}"
+            return responses.too_many_requests(surface, decision, request_id), "refused", reason
+        identity = Identity(
+            request_id=request_id,
+            tenant_id=key.tenant_id,
+            tenant_name=key.tenant_name,
+            key_id=key.key_id,
+            key_prefix=key.prefix,
+            route=route.id,
+            expires_at_ms=int(self._clock() * 1000) + self._identity_ttl_ms,
+            models=key.models,
+            caps=key.caps,
+            key_limits=key.key_limits,
+            tenant_limits=key.tenant_limits,
+            lease_id=decision.lease_id,
+            allowance=decision.allowance,
+            log_prompts=key.log_prompts,
+            prompt_ttl_days=key.prompt_ttl_days,
+        )
+        token = sign_identity(identity, self._secret)
+        return responses.allowed(token, request_id), "allowed", "ok"
+
+
+def _route_refusal(match: RouteMatch) -> Answer:
+    if match.outcome is Outcome.BLOCKED:
+        return responses.blocked(match.surface)
+    if match.outcome is Outcome.METHOD_NOT_ALLOWED:
+        return responses.method_not_allowed(match.surface, match.allow)
+    if match.outcome is Outcome.BAD_REQUEST:
+        return responses.bad_request(match.surface)
+    return responses.not_found(match.surface)
