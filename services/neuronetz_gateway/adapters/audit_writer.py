@@ -1,0 +1,288 @@
+"""The audit writer: usage and prompt rows to Postgres in batches, off the hot path.
+
+Requests :meth:`AuditWriter.submit` rows (a queue put, no I/O). One
+background task collects them into batches (``batch_size`` rows or
+``flush_interval`` seconds) and writes each batch with one pipelined
+``executemany`` (``ON CONFLICT (request_id) DO NOTHING``). When Postgres
+cannot take a batch, the batch goes to the durable local spool: one JSONL
+file per batch and kind, written to a temporary name, fsync'd and renamed
+(so a file is either whole or absent). A replay task writes spooled files
+back, oldest first, and deletes each once written; replaying twice is
+harmless because ``request_id`` is unique in ``usage_log`` and prompt rows
+are inserted only when absent. On shutdown the queue is flushed (to
+Postgres, or to the spool).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from neuronetz_gateway.domain.accounting import AuditRow, PromptRow
+from neuronetz_gateway.logging import get_logger
+
+__all__ = ["AuditWriter"]
+
+log = get_logger(__name__)
+
+_INSERT_AUDIT = """
+INSERT INTO usage_log (request_id, ts, tenant_id, key_id, key_prefix, route, model, status,
+    prompt_tokens, completion_tokens, ttfb_ms, duration_ms, streamed, client_disconnected,
+    estimated)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+ON CONFLICT (request_id) DO NOTHING
+"""
+_INSERT_PROMPT = """
+INSERT INTO prompt_log (request_id, tenant_id, key_id, created_at, expires_at, request_text,
+    response_text)
+SELECT $1::varchar, $2::int, $3::int, $4::timestamptz, $5::timestamptz, $6::text, $7::text
+WHERE NOT EXISTS (SELECT 1 FROM prompt_log WHERE request_id = $1::varchar)
+"""
+
+_STOP = object()
+_encoder = msgspec.json.Encoder()
+_audit_decoder = msgspec.json.Decoder(AuditRow)
+_prompt_decoder = msgspec.json.Decoder(PromptRow)
+_KINDS: dict[str, Any] = {"audit": _audit_decoder, "prompt": _prompt_decoder}
+
+
+def _audit_args(row: AuditRow) -> tuple[Any, ...]:
+    return (
+        row.request_id,
+        row.ts,
+        row.tenant_id,
+        row.key_id,
+        row.key_prefix,
+        row.route,
+        row.model,
+        row.status,
+        row.prompt_tokens,
+        row.completion_tokens,
+        row.ttfb_ms,
+        row.duration_ms,
+        row.streamed,
+        row.client_disconnected,
+        row.estimated,
+    )
+
+
+def _prompt_args(row: PromptRow) -> tuple[Any, ...]:
+    return (
+        row.request_id,
+        row.tenant_id,
+        row.key_id,
+        row.created_at,
+        row.expires_at,
+        row.request_text,
+        row.response_text,
+    )
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether a write failure means "Postgres is away" (retry) rather than "never"."""
+    return isinstance(
+        exc,
+        OSError
+        | TimeoutError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.InterfaceError
+        | asyncpg.exceptions.OperatorInterventionError
+        | asyncpg.exceptions.InsufficientResourcesError,
+    )
+
+
+class AuditWriter:
+    """Batches rows to Postgres; spools them durably while it is unreachable."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        spool_dir: str | Path,
+        *,
+        batch_size: int = 200,
+        flush_interval: float = 0.5,
+        retry_interval: float = 1.0,
+        write_timeout: float = 5.0,
+    ) -> None:
+        self._pool = pool
+        self.spool_dir = Path(spool_dir)
+        self._batch_size = batch_size
+        self._flush_interval = flush_interval
+        self._retry_interval = retry_interval
+        self._write_timeout = write_timeout
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._replay_now = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._spool_lock = asyncio.Lock()
+        self.spooled_files = 0
+
+    # -- producer side (hot path) ---------------------------------------------
+
+    def submit(self, row: AuditRow | PromptRow) -> None:
+        """Queue a row for the next batch (never blocks, never fails)."""
+        self._queue.put_nowait(row)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the batch and replay tasks (replay begins with what a previous run left)."""
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.spooled_files = len(self._spool_files())
+        self._replay_now.set()
+        self._tasks = [
+            asyncio.create_task(self._batch_loop(), name="audit-batches"),
+            asyncio.create_task(self._replay_loop(), name="audit-replay"),
+        ]
+
+    async def stop(self) -> None:
+        """Flush the queue (to Postgres or the spool) and stop the tasks."""
+        if not self._tasks:
+            return
+        batch_task, replay_task = self._tasks
+        self._tasks = []
+        self._stopping.set()
+        self._queue.put_nowait(_STOP)
+        with contextlib.suppress(asyncio.CancelledError):
+            await batch_task
+        replay_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await replay_task
+
+    # -- batching -----------------------------------------------------------------
+
+    async def _batch_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if first is _STOP:
+                break
+            batch: list[object] = [first]
+            if self._queue.qsize() < self._batch_size - 1 and not self._stopping.is_set():
+                # gather a batch, but a shutdown does not wait for the interval
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self._flush_interval)
+            while len(batch) < self._batch_size and not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is _STOP:
+                    stopping = True
+                    break
+                batch.append(item)
+            await self._flush(batch)
+        # Shutdown: whatever is still queued goes out too.
+        rest = [item for item in self._drain() if item is not _STOP]
+        if rest:
+            await self._flush(rest)
+
+    def _drain(self) -> list[object]:
+        items = []
+        while not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        return items
+
+    async def _flush(self, batch: Sequence[object]) -> None:
+        audits = [r for r in batch if isinstance(r, AuditRow)]
+        prompts = [r for r in batch if isinstance(r, PromptRow)]
+        # Separately, so that a problem with one kind never holds the other back.
+        for kind, rows in (("audit", audits), ("prompt", prompts)):
+            if not rows:
+                continue
+            try:
+                await self._write(kind, rows)
+            except Exception as exc:  # noqa: BLE001 - any failure to write means: keep it on disk
+                log.warning("audit_spooled", kind=kind, rows=len(rows), reason=type(exc).__name__)
+                await self._spool(kind, rows)
+        if self.spooled_files:
+            self._replay_now.set()
+
+    async def _write(self, kind: str, rows: Sequence[AuditRow] | Sequence[PromptRow]) -> None:
+        statement = _INSERT_AUDIT if kind == "audit" else _INSERT_PROMPT
+        args = [_audit_args(r) if isinstance(r, AuditRow) else _prompt_args(r) for r in rows]
+        async with asyncio.timeout(self._write_timeout), self._pool.acquire() as conn:
+            await conn.executemany(statement, args)
+
+    # -- spool ----------------------------------------------------------------------
+
+    def _spool_files(self) -> list[Path]:
+        return sorted(self.spool_dir.glob("*.jsonl"))
+
+    async def _spool(self, kind: str, rows: Sequence[AuditRow] | Sequence[PromptRow]) -> None:
+        data = b"".join(_encoder.encode(r) + b"\n" for r in rows)
+        await asyncio.to_thread(self._write_spool_file, kind, data)
+        self.spooled_files += 1
+
+    def _write_spool_file(self, kind: str, data: bytes) -> None:
+        # time first so that a sorted listing replays oldest first
+        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}-{kind}.jsonl"
+        tmp = self.spool_dir / (name + ".tmp")
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.rename(self.spool_dir / name)
+        dir_fd = os.open(self.spool_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    async def _replay_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._replay_now.wait(), self._retry_interval)
+            self._replay_now.clear()
+            if self.spooled_files or self._spool_files():
+                await self.replay_spool()
+
+    async def replay_spool(self) -> int:
+        """Write spooled files to Postgres, oldest first; return how many were written."""
+        written = 0
+        async with self._spool_lock:
+            files = self._spool_files()
+            self.spooled_files = len(files)
+            for path in files:
+                kind = path.stem.rsplit("-", 1)[-1]
+                decoder = _KINDS.get(kind)
+                if decoder is None:
+                    continue
+                try:
+                    data = await asyncio.to_thread(path.read_bytes)
+                    rows = [decoder.decode(line) for line in data.splitlines() if line.strip()]
+                except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    log.error(  # noqa: TRY400 - the reason is enough; no traceback in the log
+                        "audit_spool_unreadable", file=path.name, reason=type(exc).__name__
+                    )
+                    await asyncio.to_thread(path.rename, path.with_suffix(".bad"))
+                    self.spooled_files -= 1
+                    continue
+                try:
+                    await self._write(kind, rows)
+                except Exception as exc:  # noqa: BLE001 - sorted below: transient or not
+                    if _transient(exc):
+                        return written  # still down: try again later
+                    # Postgres refuses these rows for good: keep them for an operator.
+                    log.error(  # noqa: TRY400 - the reason is enough; no traceback in the log
+                        "audit_spool_rejected", file=path.name, reason=type(exc).__name__
+                    )
+                    await asyncio.to_thread(path.rename, path.with_suffix(".bad"))
+                    self.spooled_files -= 1
+                    continue
+                await asyncio.to_thread(path.unlink)
+                self.spooled_files -= 1
+                written += 1
+        if written:
+            log.info("audit_spool_replayed", files=written)
+        return written

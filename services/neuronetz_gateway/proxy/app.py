@@ -1,0 +1,188 @@
+"""The streaming proxy's app factory (Litestar, served by Granian).
+
+``create_app(settings, ...)`` takes its collaborators as optional arguments
+(tests may pass their own); the missing ones are opened in the lifespan:
+the asyncpg pool (``min_size=0``, so the proxy starts and serves while
+Postgres is down: audit rows spool), the Redis client, the one upstream
+session, the audit writer and the prompt-log purge task. Granian runs
+:func:`create_app_from_env` in every worker (``neuronetz-gateway serve proxy``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+from litestar import Litestar, MediaType, Request, Response, get
+from litestar.exceptions import HTTPException
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+from neuronetz_gateway.adapters.audit_writer import AuditWriter
+from neuronetz_gateway.adapters.ollama_client import OllamaClient
+from neuronetz_gateway.adapters.postgres.store import Store, open_pool
+from neuronetz_gateway.adapters.redis_limiter import Limiter, open_redis
+from neuronetz_gateway.domain.dialect import error_body
+from neuronetz_gateway.logging import configure_logging, get_logger
+from neuronetz_gateway.proxy.context import ProxyContext
+from neuronetz_gateway.proxy.discovery import ModelDiscovery
+from neuronetz_gateway.proxy.metrics import ProxyMetrics
+from neuronetz_gateway.proxy.routes import proxied_route_handlers
+from neuronetz_gateway.settings import Settings, load_settings
+
+__all__ = ["create_app", "create_app_from_env"]
+
+log = get_logger(__name__)
+
+_PROBE_TIMEOUT = 2.0
+
+
+async def _purge_prompts(store: Store, interval: float) -> None:
+    """Delete expired prompt logs every ``interval`` seconds (errors: try next time)."""
+    while True:
+        try:
+            deleted = await store.purge_prompts(datetime.now(UTC))
+            if deleted:
+                log.info("prompt_logs_purged", deleted=deleted)
+        except Exception as exc:  # noqa: BLE001 - Postgres may be away; the next round retries
+            log.warning("prompt_purge_failed", reason=type(exc).__name__)
+        await asyncio.sleep(interval)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    pool: asyncpg.Pool | None = None,
+    redis: Any = None,
+    ollama: OllamaClient | None = None,
+) -> Litestar:
+    """The proxy app; collaborators not given are opened (and closed) by its lifespan."""
+    metrics = ProxyMetrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            db = pool
+            if db is None:
+                db = await open_pool(settings.database_url, min_size=0, max_size=10)
+                stack.push_async_callback(db.close)
+            client = redis
+            if client is None:
+                client = open_redis(
+                    settings.redis_url, timeout_seconds=settings.decision_timeout_seconds
+                )
+                stack.push_async_callback(client.aclose)  # type: ignore[attr-defined]
+            upstream = ollama
+            if upstream is None:
+                upstream = OllamaClient(
+                    settings.ollama_url,
+                    connect_timeout=settings.upstream_connect_timeout_seconds,
+                    read_timeout=settings.upstream_read_timeout_seconds,
+                )
+            await upstream.open()
+            stack.push_async_callback(upstream.close)
+            store = Store(db)
+            audit = AuditWriter(
+                db,
+                settings.audit_spool_dir,
+                batch_size=settings.audit_batch_size,
+                flush_interval=settings.audit_flush_interval_seconds,
+            )
+            await audit.start()
+            stack.push_async_callback(audit.stop)  # runs before the pool closes
+            metrics.watch_audit(lambda: audit.queue_depth, lambda: audit.spooled_files)
+            app.state.proxy = ProxyContext(
+                settings=settings,
+                secret=settings.gateway_secret.encode(),
+                ollama=upstream,
+                limiter=Limiter(
+                    client,
+                    prefix=settings.redis_prefix,
+                    ledger=store,
+                    lease_ttl_seconds=settings.lease_ttl_seconds,
+                    timeout_seconds=settings.decision_timeout_seconds,
+                ),
+                discovery=ModelDiscovery(
+                    upstream,
+                    client,
+                    redis_key=f"{settings.redis_prefix}:models",
+                    ttl_seconds=settings.discovery_ttl_seconds,
+                ),
+                audit=audit,
+                metrics=metrics,
+            )
+            app.state.store = store
+            purge = asyncio.create_task(
+                _purge_prompts(store, settings.prompt_purge_interval_seconds), name="prompt-purge"
+            )
+            try:
+                yield
+            finally:
+                purge.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await purge
+
+    @get("/healthz", media_type=MediaType.JSON, sync_to_thread=False)
+    def healthz() -> dict[str, str]:
+        """Alive."""
+        return {"status": "ok"}
+
+    @get("/readyz", media_type=MediaType.JSON)
+    async def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
+        """Redis, Postgres and Ollama all answer; 503 otherwise."""
+        ctx: ProxyContext = request.app.state.proxy
+        store: Store = request.app.state.store
+        redis_ok, postgres_ok, ollama_ok = await asyncio.gather(
+            ctx.limiter.ping(), _postgres_ok(store), ctx.ollama.ping(_PROBE_TIMEOUT)
+        )
+        checks = {"redis": redis_ok, "postgres": postgres_ok, "ollama": ollama_ok}
+        ready = all(checks.values())
+        return Response(
+            {"status": "ready" if ready else "unavailable", "checks": checks},
+            status_code=200 if ready else 503,
+        )
+
+    @get("/metrics", media_type="text/plain; version=0.0.4; charset=utf-8", sync_to_thread=False)
+    def metrics_endpoint() -> bytes:
+        """Prometheus text format."""
+        return metrics.render()
+
+    return Litestar(
+        route_handlers=[*proxied_route_handlers(), healthz, readyz, metrics_endpoint],
+        lifespan=[lifespan],
+        exception_handlers={HTTPException: _dialect_error, Exception: _internal_error},
+        openapi_config=None,
+    )
+
+
+async def _postgres_ok(store: Store) -> bool:
+    try:
+        async with asyncio.timeout(_PROBE_TIMEOUT):
+            return bool(await store.pool.fetchval("SELECT 1") == 1)
+    except Exception:  # noqa: BLE001 - any failure means "not ready"
+        return False
+
+
+def _dialect_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    """404 / 405 and friends from the router, in the dialect of the path."""
+    status = exc.status_code
+    code = {404: "not_found", 405: "method_not_allowed"}.get(status, "invalid_request")
+    message = {404: "not found", 405: "method not allowed"}.get(status, str(exc.detail))
+    body = error_body(request.url.path, status, code, message)
+    return Response(body, status_code=status, media_type=MediaType.JSON)
+
+
+def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    log.error("proxy_internal_error", path=request.url.path, error=type(exc).__name__)
+    body = error_body(request.url.path, 500, "internal_error", "internal error")
+    return Response(body, status_code=HTTP_500_INTERNAL_SERVER_ERROR, media_type=MediaType.JSON)
+
+
+def create_app_from_env() -> Litestar:
+    """What Granian calls in each worker: settings from ``NZ_*``, logging, the app."""
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return create_app(settings)

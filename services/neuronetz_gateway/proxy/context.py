@@ -1,0 +1,27 @@
+"""The proxy's collaborators, shared by every request of one process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from neuronetz_gateway.adapters.audit_writer import AuditWriter
+from neuronetz_gateway.adapters.ollama_client import OllamaClient
+from neuronetz_gateway.adapters.redis_limiter import Limiter
+from neuronetz_gateway.proxy.discovery import ModelDiscovery
+from neuronetz_gateway.proxy.metrics import ProxyMetrics
+from neuronetz_gateway.settings import Settings
+
+__all__ = ["ProxyContext"]
+
+
+@dataclass(slots=True)
+class ProxyContext:
+    """Settings and open clients; built in the app's lifespan, read by the handlers."""
+
+    settings: Settings
+    secret: bytes
+    ollama: OllamaClient
+    limiter: Limiter
+    discovery: ModelDiscovery
+    audit: AuditWriter
+    metrics: ProxyMetrics

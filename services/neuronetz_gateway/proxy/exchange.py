@@ -1,0 +1,322 @@
+"""One proxied request's bookkeeping: model check, reservation, settlement, audit.
+
+An :class:`Exchange` is created once the identity has verified. Whatever
+happens afterwards (a refusal, an upstream failure, a client that leaves),
+:meth:`Exchange.finish` runs exactly once: it settles the reservation to the
+real count, releases the concurrency lease, queues the audit row (and the
+prompt row for keys that opted in), counts the metrics and writes the one
+log line. None of it carries prompt text except the opted-in prompt row.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+
+from neuronetz_gateway.adapters.redis_limiter import LimiterUnavailable
+from neuronetz_gateway.domain.accounting import AuditRow, PromptRow
+from neuronetz_gateway.domain.dialect import Surface
+from neuronetz_gateway.domain.identity import Allowance, Identity, Limits
+from neuronetz_gateway.domain.limits import ratelimit_headers
+from neuronetz_gateway.domain.models import canonical_model
+from neuronetz_gateway.logging import get_logger
+from neuronetz_gateway.proxy.asgi import Headers, Send, send_response
+from neuronetz_gateway.proxy.context import ProxyContext
+from neuronetz_gateway.proxy.discovery import Catalogue, DiscoveryFailed
+from neuronetz_gateway.proxy.refusals import Refusal, model_unavailable
+
+__all__ = ["Exchange", "counts_tokens"]
+
+log = get_logger("neuronetz_gateway.proxy")
+
+#: Without a retention the operator chose, opted-in prompt logs live this long.
+DEFAULT_PROMPT_TTL_DAYS = 30
+_TOKEN_FIELDS = (
+    "limit_tokens",
+    "remaining_tokens",
+    "remaining_daily_tokens",
+    "remaining_monthly_tokens",
+    "remaining_total_tokens",
+)
+
+
+def _counts(limits: Limits) -> bool:
+    return any(
+        v is not None
+        for v in (limits.tpm, limits.daily_tokens, limits.monthly_tokens, limits.total_tokens)
+    )
+
+
+def counts_tokens(identity: Identity) -> bool:
+    """Whether any token limit or budget applies (else reserve/settle are skipped)."""
+    return _counts(identity.key_limits) or _counts(identity.tenant_limits)
+
+
+def _merge_tokens(base: Allowance, update: Allowance) -> Allowance:
+    """``base`` with the token values ``update`` knows (requests stay as admitted)."""
+    changes = {f: getattr(update, f) for f in _TOKEN_FIELDS if getattr(update, f) is not None}
+    if not changes:
+        return base
+    values = {f: getattr(base, f) for f in base.__struct_fields__}
+    values.update(changes)
+    return Allowance(**values)
+
+
+class Exchange:
+    """The state of one request from verified identity to audit row."""
+
+    __slots__ = (
+        "allowance",
+        "canonical",
+        "completion_tokens",
+        "ctx",
+        "disconnected",
+        "estimated",
+        "identity",
+        "model",
+        "prompt_estimate",
+        "prompt_text",
+        "prompt_tokens",
+        "reserved",
+        "reserved_at",
+        "responded",
+        "response_text",
+        "route",
+        "settled",
+        "started",
+        "status",
+        "streamed",
+        "surface",
+        "ts",
+        "ttfb_ms",
+        "upstream_error",
+    )
+
+    def __init__(self, ctx: ProxyContext, identity: Identity, route: str, surface: Surface) -> None:
+        self.ctx = ctx
+        self.identity = identity
+        self.route = route
+        self.surface = surface
+        self.started = time.perf_counter()
+        self.ts = datetime.now(UTC)
+        self.allowance = identity.allowance
+        self.model: str | None = None
+        self.canonical: str | None = None
+        self.prompt_estimate = 0
+        self.reserved = 0
+        self.reserved_at = 0.0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.estimated = False
+        self.streamed = False
+        self.disconnected = False
+        self.settled = False
+        self.responded = False
+        self.status = 500
+        self.ttfb_ms: int | None = None
+        self.upstream_error: str | None = None
+        self.prompt_text: str | None = None
+        self.response_text: str | None = None
+
+    # -- headers ----------------------------------------------------------------
+
+    def headers(self, content_type: bytes) -> Headers:
+        """Response headers: content type, request id and the ``x-ratelimit-*`` values."""
+        headers: Headers = [
+            (b"content-type", content_type),
+            (b"x-request-id", self.identity.request_id.encode()),
+        ]
+        for name, value in ratelimit_headers(self.allowance).items():
+            headers.append((name.encode(), value.encode()))
+        return headers
+
+    async def respond(self, send: Send, status: int, body: bytes, content_type: bytes) -> None:
+        """A complete response with this exchange's headers."""
+        self.status = status
+        self.responded = True
+        await send_response(send, status, body, self.headers(content_type))
+
+    def mark_first_byte(self) -> None:
+        """Record the time to first byte (once)."""
+        if self.ttfb_ms is None:
+            elapsed = time.perf_counter() - self.started
+            self.ttfb_ms = int(elapsed * 1000)
+            self.ctx.metrics.ttfb.labels(self.route).observe(elapsed)
+
+    # -- models -------------------------------------------------------------------
+
+    async def catalogue(self) -> Catalogue:
+        """The installed models; 503 when Ollama cannot say (fail closed)."""
+        try:
+            return await self.ctx.discovery.catalogue()
+        except DiscoveryFailed:
+            self.ctx.metrics.upstream_errors.labels("discovery").inc()
+            raise Refusal(
+                503,
+                "service_unavailable",
+                "the model list is unavailable; try again shortly",
+                retry_after=1,
+            ) from None
+
+    async def check_model(self, model: str) -> str:
+        """The canonical name of an allowed, installed model, else the one identical 403."""
+        self.model = model[:200]
+        canonical = canonical_model(model)
+        if not canonical:
+            raise model_unavailable(model)
+        catalogue = await self.catalogue()
+        allowed = self.identity.models
+        if canonical not in catalogue.entries or (allowed is not None and canonical not in allowed):
+            raise model_unavailable(model)
+        self.canonical = canonical
+        return canonical
+
+    # -- tokens -----------------------------------------------------------------------
+
+    async def reserve(self, prompt_estimate: int, tokens: int) -> None:
+        """Reserve the request's maximum on both levels, or refuse (429 / 503)."""
+        self.prompt_estimate = prompt_estimate
+        identity = self.identity
+        if tokens <= 0 or not counts_tokens(identity):
+            return
+        reserved_at = time.time()
+        try:
+            decision = await self.ctx.limiter.reserve(
+                tenant_id=identity.tenant_id,
+                key_id=identity.key_id,
+                key_limits=identity.key_limits,
+                tenant_limits=identity.tenant_limits,
+                request_id=identity.request_id,
+                tokens=tokens,
+            )
+        except LimiterUnavailable:
+            raise Refusal(
+                503,
+                "service_unavailable",
+                "limits cannot be checked right now; try again shortly",
+                retry_after=1,
+            ) from None
+        self.allowance = _merge_tokens(self.allowance, decision.allowance)
+        if not decision.allowed:
+            code = decision.error_code or "rate_limit_exceeded"
+            what = "token budget" if code == "budget_exceeded" else "token rate limit"
+            raise Refusal(
+                429,
+                code,
+                f"{what} exceeded ({decision.reason}, {decision.level}); this request could "
+                f"use up to {tokens} tokens",
+                retry_after=decision.retry_after,
+            )
+        self.reserved = tokens
+        self.reserved_at = reserved_at
+
+    def charge(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """The real counts, from Ollama's final chunk or body."""
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
+        self.estimated = False
+
+    def charge_estimate(self, completion_chunks: int) -> None:
+        """A cut-off or count-less answer: the prompt estimate plus one token per chunk."""
+        self.prompt_tokens = self.prompt_estimate
+        self.completion_tokens = completion_chunks
+        self.estimated = True
+
+    async def settle(self) -> None:
+        """Correct the reservation to the charged count (once); budgets are then exact."""
+        if self.settled:
+            return
+        self.settled = True
+        if not self.reserved:
+            return
+        identity = self.identity
+        try:
+            allowance = await self.ctx.limiter.settle(
+                tenant_id=identity.tenant_id,
+                key_id=identity.key_id,
+                reserved=self.reserved,
+                actual=self.prompt_tokens + self.completion_tokens,
+                reserved_at=self.reserved_at,
+                key_limits=identity.key_limits,
+                tenant_limits=identity.tenant_limits,
+            )
+        except LimiterUnavailable as exc:
+            # The reservation stays charged (an over-count, never an under-count);
+            # the ledger row below has the truth for the next rebuild.
+            log.warning("settle_failed", request_id=identity.request_id, reason=str(exc))
+            return
+        self.allowance = _merge_tokens(self.allowance, allowance)
+
+    # -- the end ------------------------------------------------------------------------
+
+    async def finish(self) -> None:
+        """Settle, release the lease, queue the audit row, count and log (exactly once)."""
+        identity = self.identity
+        ctx = self.ctx
+        await self.settle()
+        if identity.lease_id is not None:
+            try:
+                await ctx.limiter.release_lease(
+                    tenant_id=identity.tenant_id, key_id=identity.key_id, lease_id=identity.lease_id
+                )
+            except LimiterUnavailable:
+                log.warning("lease_release_failed", request_id=identity.request_id)
+        duration_ms = int((time.perf_counter() - self.started) * 1000)
+        model = self.canonical or self.model
+        ctx.audit.submit(
+            AuditRow(
+                request_id=identity.request_id,
+                ts=self.ts,
+                tenant_id=identity.tenant_id,
+                key_id=identity.key_id,
+                key_prefix=identity.key_prefix,
+                route=self.route,
+                model=model,
+                status=self.status,
+                prompt_tokens=self.prompt_tokens,
+                completion_tokens=self.completion_tokens,
+                ttfb_ms=self.ttfb_ms,
+                duration_ms=duration_ms,
+                streamed=self.streamed,
+                client_disconnected=self.disconnected,
+                estimated=self.estimated,
+            )
+        )
+        if identity.log_prompts and self.prompt_text is not None:
+            days = identity.prompt_ttl_days or DEFAULT_PROMPT_TTL_DAYS
+            ctx.audit.submit(
+                PromptRow(
+                    request_id=identity.request_id,
+                    tenant_id=identity.tenant_id,
+                    key_id=identity.key_id,
+                    created_at=self.ts,
+                    expires_at=self.ts + timedelta(days=days),
+                    request_text=self.prompt_text,
+                    response_text=self.response_text or "",
+                )
+            )
+        metrics = ctx.metrics
+        metrics.requests.labels(self.route, str(self.status)).inc()
+        if self.prompt_tokens:
+            metrics.tokens.labels("prompt").inc(self.prompt_tokens)
+        if self.completion_tokens:
+            metrics.tokens.labels("completion").inc(self.completion_tokens)
+        if self.disconnected:
+            metrics.client_disconnects.inc()
+        log.info(
+            "proxy_request",
+            request_id=identity.request_id,
+            tenant=identity.tenant_name,
+            key_prefix=identity.key_prefix,
+            route=self.route,
+            model=model,
+            status=self.status,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            estimated=self.estimated,
+            streamed=self.streamed,
+            client_disconnected=self.disconnected,
+            upstream_error=self.upstream_error,
+            ttfb_ms=self.ttfb_ms,
+            duration_ms=duration_ms,
+        )

@@ -1,0 +1,46 @@
+"""What the proxy refuses, as one exception the request pipeline renders in the dialect."""
+
+from __future__ import annotations
+
+__all__ = ["ClientLeft", "Refusal", "model_unavailable", "upstream_unavailable"]
+
+
+class Refusal(Exception):
+    """An answer other than the upstream's: status, error code, message, maybe Retry-After."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after: int | None = None,
+        body: bytes | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.body = body  # a body already in the dialect (e.g. a translated upstream error)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+
+class ClientLeft(Exception):
+    """The client went away before its request was complete: nothing to answer."""
+
+
+def model_unavailable(model: str) -> Refusal:
+    """The one 403 for a model that is not allowed *or* not installed (indistinguishable)."""
+    return Refusal(
+        403,
+        "forbidden",
+        f"model '{model}' is not available to this key",
+        param="model",
+    )
+
+
+def upstream_unavailable(detail: str = "the model server is unavailable") -> Refusal:
+    """Ollama could not be reached (connection refused, reset, timeout)."""
+    return Refusal(502, "upstream_unavailable", detail, retry_after=1)

@@ -1,0 +1,170 @@
+"""The proxied routes (scope-docs/SPEC.md section 3) and the pipeline every one runs.
+
+Each route is a Litestar ``asgi`` handler of a few lines. :func:`serve`
+verifies the signed identity before anything else (401 otherwise, and
+nothing reaches Ollama), checks that the identity was issued for this very
+route, runs the route's work inside an :class:`Exchange`, renders any
+:class:`Refusal` in the dialect, and always finishes the exchange (settle,
+lease, audit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+from litestar.handlers import ASGIRouteHandler, asgi
+from litestar.types import Receive as LitestarReceive
+from litestar.types import Scope as LitestarScope
+from litestar.types import Send as LitestarSend
+
+from neuronetz_gateway.domain.dialect import NATIVE, OPENAI, Surface, error_body
+from neuronetz_gateway.domain.identity import IdentityError, verify_identity
+from neuronetz_gateway.logging import get_logger
+from neuronetz_gateway.proxy import native, openai
+from neuronetz_gateway.proxy.asgi import Receive, Scope, Send, request_header, send_response
+from neuronetz_gateway.proxy.context import ProxyContext
+from neuronetz_gateway.proxy.exchange import Exchange
+from neuronetz_gateway.proxy.refusals import ClientLeft, Refusal
+
+__all__ = ["proxied_route_handlers", "serve"]
+
+log = get_logger(__name__)
+
+RouteWork = Callable[[Exchange, Scope, Receive, Send], Awaitable[None]]
+
+_IDENTITY = b"x-nz-identity"
+#: Exchanges finishing after their request task was cancelled (kept referenced).
+_finishing: set[asyncio.Future[None]] = set()
+_JSON = b"application/json"
+_UNAUTHORISED = "invalid or missing gateway identity"
+
+
+def _surface(route: str) -> Surface:
+    return OPENAI if route.startswith("v1.") else NATIVE
+
+
+async def _unauthorised(ctx: ProxyContext, route: str, send: Send) -> None:
+    ctx.metrics.requests.labels(route, "401").inc()
+    body = error_body(_surface(route), 401, "invalid_api_key", _UNAUTHORISED)
+    await send_response(send, 401, body, [(b"content-type", _JSON)])
+
+
+async def _refuse(ex: Exchange, send: Send, refusal: Refusal) -> None:
+    if ex.responded:
+        return  # the answer is already on its way; the audit row records the failure
+    headers = ex.headers(_JSON)
+    if refusal.retry_after is not None:
+        headers.append((b"retry-after", str(refusal.retry_after).encode()))
+    body = refusal.body or error_body(
+        ex.surface, refusal.status, refusal.code, refusal.message, param=refusal.param
+    )
+    ex.status = refusal.status
+    ex.responded = True
+    await send_response(send, refusal.status, body, headers)
+
+
+async def serve(
+    route: str, method: str, work: RouteWork, scope: Scope, receive: Receive, send: Send
+) -> None:
+    """Verify, run ``work`` for ``route``, answer refusals in the dialect, finish."""
+    ctx: ProxyContext = scope["app"].state.proxy
+    try:
+        identity = verify_identity(
+            request_header(scope, _IDENTITY), ctx.secret, int(time.time() * 1000)
+        )
+    except IdentityError:
+        await _unauthorised(ctx, route, send)
+        return
+    if identity.route != route:
+        await _unauthorised(ctx, route, send)
+        return
+    ex = Exchange(ctx, identity, route, _surface(route))
+    if scope["method"] != method:
+        work = _wrong_method(method)
+    try:
+        await work(ex, scope, receive, send)
+    except Refusal as refusal:
+        await _refuse(ex, send, refusal)
+    except ClientLeft:
+        ex.disconnected = True
+        ex.status = 499  # nginx's "client closed request": nobody got an answer
+    except asyncio.CancelledError:
+        # The server gave up on this request (client gone, shutdown): the
+        # accounting must still happen, so it runs on in its own task.
+        ex.disconnected = True
+        task = asyncio.ensure_future(ex.finish())
+        _finishing.add(task)
+        task.add_done_callback(_finishing.discard)
+        raise
+    except Exception:
+        log.exception("proxy_failed", request_id=identity.request_id, route=route)
+        await _refuse(ex, send, Refusal(500, "internal_error", "internal error"))
+    await ex.finish()
+
+
+def _wrong_method(method: str) -> RouteWork:
+    async def refuse(ex: Exchange, scope: Scope, receive: Receive, send: Send) -> None:
+        raise Refusal(405, "method_not_allowed", f"use {method} for this route")
+
+    return refuse
+
+
+def _handler(path: str, route: str, method: str, work: RouteWork, mount: bool) -> ASGIRouteHandler:
+    async def handle(scope: LitestarScope, receive: LitestarReceive, send: LitestarSend) -> None:
+        await serve(route, method, work, scope, receive, send)  # type: ignore[arg-type]
+
+    handle.__name__ = f"proxy_{route.replace('.', '_')}"
+    return asgi(path, name=route, copy_scope=False, is_mount=mount)(handle)
+
+
+def _model_id(scope: Scope) -> str:
+    # A mount sees the rest of the path; Litestar appends a slash to it.
+    return str(scope["path"]).strip("/")
+
+
+async def _v1_models(scope: Scope, receive: Receive, send: Send) -> None:
+    """``/v1/models`` and ``/v1/models/{model}`` share one mount (model ids contain ``/``)."""
+    model_id = _model_id(scope)
+    if not model_id:
+        await serve("v1.models", "GET", openai.models, scope, receive, send)
+        return
+
+    async def one(ex: Exchange, scope: Scope, receive: Receive, send: Send) -> None:
+        await openai.model(ex, scope, receive, send, model_id)
+
+    await serve("v1.model", "GET", one, scope, receive, send)
+
+
+def proxied_route_handlers() -> list[ASGIRouteHandler]:
+    """One Litestar ``asgi`` handler per proxied route, each to its fixed upstream path."""
+    routes: list[tuple[str, str, str, RouteWork]] = [
+        ("/api/generate", "generate", "POST", partial(_native_model, path="/api/generate")),
+        ("/api/chat", "chat", "POST", partial(_native_model, path="/api/chat")),
+        ("/api/embed", "embed", "POST", partial(_native_model, path="/api/embed")),
+        ("/api/embeddings", "embeddings", "POST", partial(_native_model, path="/api/embeddings")),
+        ("/api/show", "show", "POST", partial(_native_model, path="/api/show")),
+        ("/api/tags", "tags", "GET", native.tags),
+        ("/api/ps", "ps", "GET", native.running_models),
+        ("/api/version", "version", "GET", native.version),
+        ("/v1/chat/completions", "v1.chat.completions", "POST", openai.chat_completions),
+        ("/v1/completions", "v1.completions", "POST", openai.completions),
+        ("/v1/embeddings", "v1.embeddings", "POST", openai.embeddings),
+    ]
+    handlers = [_handler(path, route, method, work, False) for path, route, method, work in routes]
+
+    async def v1_models(scope: LitestarScope, receive: LitestarReceive, send: LitestarSend) -> None:
+        await _v1_models(scope, receive, send)  # type: ignore[arg-type]
+
+    handlers.append(
+        asgi("/v1/models", name="v1.models", copy_scope=False, is_mount=True)(v1_models)
+    )
+    return handlers
+
+
+async def _native_model(
+    ex: Exchange, scope: Scope, receive: Receive, send: Send, *, path: str
+) -> None:
+    await native.model_request(ex, scope, receive, send, path)

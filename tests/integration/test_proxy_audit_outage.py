@@ -1,0 +1,93 @@
+"""Postgres down with warm caches: requests keep being served, audit rows wait on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import httpx
+
+from neuronetz_gateway.domain.identity import Limits
+from tests.support.identity import IDENTITY_HEADER, signed
+from tests.support.proxy_checks import eventually, new_ids
+from tests.support.proxy_stack import SimulatorServer, running_proxy
+from tests.support.servers import ThrowawayPostgres
+
+
+def _spooled(spool: Path) -> list[Path]:
+    return list(spool.glob("*.jsonl"))
+
+
+CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+
+pytest_plugins = ["tests.support.proxy_fixtures"]
+
+
+async def test_postgres_outage_loses_no_audit_row_and_writes_each_once(
+    sim: SimulatorServer, redis_test_url: str, redis_prefix: str
+) -> None:
+    pg = ThrowawayPostgres()
+    try:
+        conn = await asyncpg.connect(pg.admin_url)
+        await conn.execute("CREATE DATABASE nz_outage")
+        await conn.close()
+        url = pg.admin_url.rsplit("/", 1)[0] + "/nz_outage"
+        # In a subprocess: piccolo keeps the first engine it configured for the whole
+        # process, so migrating a second database here would break the session's.
+        await asyncio.to_thread(
+            subprocess.run,
+            [str(Path(sys.executable).parent / "neuronetz-gateway"), "migrate"],
+            env={**os.environ, "NZ_DATABASE_URL": url},
+            check=True,
+            capture_output=True,
+        )
+        ids = new_ids()
+        limits = Limits(daily_tokens=1_000_000)
+        with running_proxy(
+            database_url=url,
+            redis_url=redis_test_url,
+            redis_prefix=redis_prefix + "o",
+            ollama_url=sim.url,
+        ) as proxy:
+            async with httpx.AsyncClient(timeout=15) as client:
+
+                async def send(request_id: str) -> httpx.Response:
+                    token = signed("chat", request_id=request_id, key_limits=limits, **ids)
+                    return await client.post(
+                        f"{proxy.url}/api/chat", json=CHAT, headers={IDENTITY_HEADER: token}
+                    )
+
+                # warm: model list and budget counters (rebuilt from the ledger once)
+                assert (await send("req-warm")).status_code == 200
+                pg.stop()
+                request_ids = [f"req-out-{n}" for n in range(20)]
+                for request_id in request_ids:
+                    reply = await send(request_id)
+                    assert reply.status_code == 200, reply.text
+                assert await eventually(lambda: _spooled(proxy.spool), 10), "nothing spooled"
+                pg.start()
+                conn = await asyncpg.connect(url)
+                try:
+
+                    async def caught_up() -> bool:
+                        count = await conn.fetchval(
+                            "SELECT count(*) FROM usage_log WHERE request_id LIKE 'req-out-%'"
+                        )
+                        return bool(count >= 20 and not _spooled(proxy.spool))
+
+                    assert await eventually(caught_up, 20)
+                    rows = await conn.fetch(
+                        "SELECT request_id, count(*) AS n FROM usage_log GROUP BY request_id"
+                    )
+                finally:
+                    await conn.close()
+        written = {r["request_id"]: r["n"] for r in rows}
+        assert set(written) == {"req-warm", *request_ids}
+        assert set(written.values()) == {1}  # each exactly once
+        assert not _spooled(proxy.spool)
+    finally:
+        pg.destroy()
