@@ -26,6 +26,7 @@ from neuronetz_gateway.adapters.postgres.store import (
     models_list,
     open_pool,
 )
+from neuronetz_gateway.cli.dev import dev
 from neuronetz_gateway.cli.serve import serve
 from neuronetz_gateway.domain.errors import GatewayError, InvalidInput
 from neuronetz_gateway.domain.keys import generate_key, is_valid_prefix
@@ -529,6 +530,7 @@ def purge_prompts() -> None:
 DEFAULT_PROMPT_TTL_DAYS = 30
 
 app.command("serve")(serve)
+app.command("dev")(dev)
 
 
 def main() -> None:

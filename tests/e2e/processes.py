@@ -1,0 +1,169 @@
+"""The end-to-end stack as separate processes: simulator, auth x2, proxy x2, Caddy.
+
+Services are started with the same ``serve`` command line the Dockerfile's
+CMD uses (:func:`service_argv`; a unit test holds the two together), and
+Caddy runs the repository's Caddyfile from PATH.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from neuronetz_gateway.devstack.processes import ManagedProcess, http_status, wait_until
+from neuronetz_gateway.devstack.servers import free_port
+
+__all__ = ["CADDYFILE", "E2EStack", "require_caddy", "service_argv", "start_stack"]
+
+ROOT = Path(__file__).resolve().parents[2]
+CADDYFILE = ROOT / "caddy" / "Caddyfile"
+READY_TIMEOUT = 45.0
+
+
+def service_argv(service: str, host: str, port: int) -> list[str]:
+    """``neuronetz-gateway`` arguments that serve ``service`` (what the Dockerfile CMD runs)."""
+    return ["serve", service, "--host", host, "--port", str(port)]
+
+
+def require_caddy() -> str:
+    """Caddy from PATH; the e2e tests fail (never skip) without it."""
+    caddy = shutil.which("caddy")
+    if caddy is None:
+        pytest.fail(
+            "caddy is not on PATH: the end-to-end tests drive the stack through real Caddy "
+            "(Debian: apt install caddy; else https://caddyserver.com/docs/install)"
+        )
+    return caddy
+
+
+@dataclass
+class E2EStack:
+    """Where everything listens, and the processes (for log tails on failure)."""
+
+    url: str
+    simulator_url: str
+    auth_urls: list[str]
+    proxy_urls: list[str]
+    processes: list[ManagedProcess] = field(default_factory=list)
+
+    def logs(self) -> str:
+        """Every process's last log lines (attached to failures)."""
+        return "\n".join(f"--- {p.name}\n{p.log_tail(30)}" for p in self.processes)
+
+    def stop(self) -> None:
+        """Stop Caddy first, the simulator last."""
+        for proc in reversed(self.processes):
+            proc.stop(grace=10)
+
+
+def start_stack(*, env: Mapping[str, str], log_dir: Path, instances: int = 2) -> E2EStack:
+    """Start the simulator, ``instances`` auth and proxy services each, and Caddy."""
+    caddy = require_caddy()
+    python = sys.executable
+    gateway = [python, "-P", "-c", "from neuronetz_gateway.cli.main import main; main()"]
+    procs: list[ManagedProcess] = []
+
+    def spawn(name: str, argv: list[str], extra: Mapping[str, str] | None = None) -> ManagedProcess:
+        proc = ManagedProcess(
+            name,
+            argv,
+            env={**env, **(extra or {})},
+            log_path=log_dir / f"{name}.log",
+            cwd=log_dir,
+        )
+        procs.append(proc)
+        return proc
+
+    sim_port = free_port()
+    simulator_url = f"http://127.0.0.1:{sim_port}"
+    auth_ports = [free_port() for _ in range(instances)]
+    proxy_ports = [free_port() for _ in range(instances)]
+    caddy_port = free_port()
+    stack = E2EStack(
+        url=f"http://127.0.0.1:{caddy_port}",
+        simulator_url=simulator_url,
+        auth_urls=[f"http://127.0.0.1:{p}" for p in auth_ports],
+        proxy_urls=[f"http://127.0.0.1:{p}" for p in proxy_ports],
+        processes=procs,
+    )
+    try:
+        spawn(
+            "simulator",
+            [
+                python,
+                "-m",
+                "neuronetz_gateway.simulator",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(sim_port),
+            ],
+        )
+        service_env = {"NZ_OLLAMA_URL": simulator_url}
+        for i, port in enumerate(auth_ports):
+            spawn(f"auth{i + 1}", [*gateway, *service_argv("auth", "127.0.0.1", port)], service_env)
+        for i, port in enumerate(proxy_ports):
+            spawn(
+                f"proxy{i + 1}", [*gateway, *service_argv("proxy", "127.0.0.1", port)], service_env
+            )
+        for url in [simulator_url + "/api/version"] + [
+            u + "/readyz" for u in stack.auth_urls + stack.proxy_urls
+        ]:
+            wait_until(
+                lambda url=url: http_status(url) == 200,
+                what=url,
+                timeout=READY_TIMEOUT,
+                watch=procs,
+            )
+        spawn(
+            "caddy",
+            [caddy, "run", "--adapter", "caddyfile", "--config", str(CADDYFILE)],
+            {
+                "NZ_SITE_ADDRESS": stack.url,
+                "NZ_CADDY_ADMIN": "off",
+                "NZ_CADDY_BIND": "loopback",
+                "NZ_AUTH_UPSTREAM": " ".join(f"127.0.0.1:{p}" for p in auth_ports),
+                "NZ_PROXY_UPSTREAM": " ".join(f"127.0.0.1:{p}" for p in proxy_ports),
+                "NZ_MAX_BODY": "1MB",
+                "XDG_CONFIG_HOME": str(log_dir / "caddy-config"),
+                "XDG_DATA_HOME": str(log_dir / "caddy-data"),
+            },
+        )
+        wait_until(
+            lambda: http_status(stack.url + "/api/version") == 401,
+            what="Caddy",
+            timeout=READY_TIMEOUT,
+            watch=procs,
+        )
+    except BaseException:
+        logs = stack.logs()
+        stack.stop()
+        print(logs)
+        raise
+    return stack
+
+
+def sim_requests(stack: E2EStack) -> list[dict[str, object]]:
+    """What the simulator has recorded (the requests that reached "Ollama")."""
+    data = httpx.get(stack.simulator_url + "/_sim/requests", timeout=5).json()
+    assert isinstance(data, list)
+    return data
+
+
+def sim_clear(stack: E2EStack) -> None:
+    """Forget the recorded requests."""
+    httpx.delete(stack.simulator_url + "/_sim/requests", timeout=5).raise_for_status()
+
+
+def sim_configure(stack: E2EStack, **changes: object) -> None:
+    """Change the simulator's configuration (chunks, chunk_delay_ms, ...)."""
+    httpx.post(stack.simulator_url + "/_sim/config", json=changes, timeout=5).raise_for_status()
+
+
+__all__ += ["sim_clear", "sim_configure", "sim_requests"]
