@@ -48,7 +48,7 @@ def new_id() -> int:
 
 
 @pytest.fixture
-async def redis_client(redis_test_url: str) -> AsyncIterator[aioredis.Redis[Any]]:
+async def redis_client(redis_test_url: str) -> AsyncIterator[aioredis.Redis]:
     client = open_redis(redis_test_url)
     try:
         yield client
@@ -60,7 +60,7 @@ MakeLimiter = Callable[..., Limiter]
 
 
 @pytest.fixture
-def make_limiter(redis_client: aioredis.Redis[Any], redis_prefix: str, store: Store) -> MakeLimiter:
+def make_limiter(redis_client: aioredis.Redis, redis_prefix: str, store: Store) -> MakeLimiter:
     def make(clock: Callable[[], float] = time.time, **options: Any) -> Limiter:
         # these tests are about exactness, not latency: a loaded CI box opening 50
         # connections at once must not turn into LimiterUnavailable
@@ -254,7 +254,7 @@ async def test_unreleased_lease_comes_back_after_ttl_unless_renewed(
 
 
 async def test_no_limits_means_no_state(
-    make_limiter: MakeLimiter, redis_client: aioredis.Redis[Any], redis_prefix: str
+    make_limiter: MakeLimiter, redis_client: aioredis.Redis, redis_prefix: str
 ) -> None:
     limiter = make_limiter()
     tenant, key = new_id(), new_id()
@@ -480,7 +480,7 @@ async def test_settle_never_drives_a_counter_negative(make_limiter: MakeLimiter)
 
 
 async def test_redis_layout_and_expiries(
-    make_limiter: MakeLimiter, redis_client: aioredis.Redis[Any], redis_prefix: str
+    make_limiter: MakeLimiter, redis_client: aioredis.Redis, redis_prefix: str
 ) -> None:
     limiter = make_limiter()
     tenant, key = new_id(), new_id()
@@ -572,7 +572,7 @@ class CountingLedger:
 
 
 async def test_concurrent_rebuilds_share_one_ledger_query_per_level(
-    store: Store, redis_client: aioredis.Redis[Any], redis_prefix: str
+    store: Store, redis_client: aioredis.Redis, redis_prefix: str
 ) -> None:
     ledger = CountingLedger(store)
     limiter = Limiter(
@@ -595,7 +595,7 @@ async def test_concurrent_rebuilds_share_one_ledger_query_per_level(
 async def test_rebuild_fails_closed_when_the_ledger_is_down(
     make_limiter: MakeLimiter,
     database_url: str,
-    redis_client: aioredis.Redis[Any],
+    redis_client: aioredis.Redis,
     redis_prefix: str,
 ) -> None:
     pool = await open_pool(database_url, min_size=1, max_size=1)
@@ -668,7 +668,7 @@ async def test_redis_that_never_answers_times_out(store: Store, redis_prefix: st
     server = await asyncio.start_server(swallow, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     # socket timeouts far beyond ours: only the limiter's own bound can end the wait
-    client: aioredis.Redis[Any] = aioredis.Redis(
+    client: aioredis.Redis = aioredis.Redis(
         host="127.0.0.1", port=port, socket_timeout=30, socket_connect_timeout=30
     )
     limiter = Limiter(client, prefix=redis_prefix, ledger=store, timeout_seconds=0.3)

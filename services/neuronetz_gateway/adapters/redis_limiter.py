@@ -90,7 +90,7 @@ class LedgerSource(Protocol):
         ...
 
 
-def open_redis(url: str, *, timeout_seconds: float = 1.0) -> aioredis.Redis[Any]:
+def open_redis(url: str, *, timeout_seconds: float = 1.0) -> aioredis.Redis:
     """A client suited to the limiter: short socket timeouts, no retry loops.
 
     redis-py's default retries with backoff would hold a request for seconds
@@ -98,7 +98,7 @@ def open_redis(url: str, *, timeout_seconds: float = 1.0) -> aioredis.Redis[Any]
     answer 503. Broken connections are replaced on the next call, so the
     client recovers by itself when Redis comes back.
     """
-    client: aioredis.Redis[Any] = aioredis.Redis.from_url(
+    client: aioredis.Redis = aioredis.Redis.from_url(
         url,
         socket_timeout=timeout_seconds,
         socket_connect_timeout=timeout_seconds,
@@ -175,7 +175,7 @@ class Limiter:
 
     def __init__(
         self,
-        redis: aioredis.Redis[Any],
+        redis: aioredis.Redis,
         *,
         prefix: str = "nz",
         ledger: LedgerSource,

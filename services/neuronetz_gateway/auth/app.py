@@ -55,7 +55,7 @@ class AuthService:
         self.settings = settings
         self.metrics = metrics
         self.store: Store | None = None
-        self.redis: aioredis.Redis[Any] | None = None
+        self.redis: aioredis.Redis | None = None
         self.verifier: KeyVerifier | None = None
         self.authorizer: Authorizer | None = None
         self.listener: KeyEventListener | None = None
@@ -65,7 +65,7 @@ def create_app(
     settings: Settings,
     *,
     store: Store | None = None,
-    redis: aioredis.Redis[Any] | None = None,
+    redis: aioredis.Redis | None = None,
     hasher: KeyHasher | None = None,
     limiter: Limiter | None = None,
     metrics: AuthMetrics | None = None,
@@ -125,7 +125,7 @@ async def _wire(
     service: AuthService,
     stack: AsyncExitStack,
     store: Store | None,
-    redis: aioredis.Redis[Any] | None,
+    redis: aioredis.Redis | None,
     hasher: KeyHasher | None,
     limiter: Limiter | None,
     clock: Callable[[], float],
@@ -190,7 +190,7 @@ async def _wire(
         await listener.wait_listening(_LISTENER_STARTUP_WAIT_SECONDS)
 
 
-def open_shared_redis(url: str, timeout_seconds: float) -> aioredis.Redis[Any]:
+def open_shared_redis(url: str, timeout_seconds: float) -> aioredis.Redis:
     """A Redis client for many concurrent decisions: callers queue for a connection.
 
     redis-py's default pool raises "Too many connections" at once when its
@@ -198,7 +198,7 @@ def open_shared_redis(url: str, timeout_seconds: float) -> aioredis.Redis[Any]:
     blocking pool makes the extra callers wait (within the decision timeout).
     No retry loops: a failing Redis must fail the decision fast (503).
     """
-    pool: aioredis.BlockingConnectionPool[Any] = aioredis.BlockingConnectionPool.from_url(
+    pool: aioredis.BlockingConnectionPool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=_REDIS_MAX_CONNECTIONS,
         timeout=timeout_seconds,
@@ -206,13 +206,13 @@ def open_shared_redis(url: str, timeout_seconds: float) -> aioredis.Redis[Any]:
         socket_connect_timeout=timeout_seconds,
         health_check_interval=30,
     )
-    client: aioredis.Redis[Any] = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+    client: aioredis.Redis = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
     return client
 
 
-async def _close_redis(client: aioredis.Redis[Any]) -> None:
+async def _close_redis(client: aioredis.Redis) -> None:
     # the pool was passed in, so the client would leave its connections open
-    await client.aclose(close_connection_pool=True)  # type: ignore[attr-defined]  # old stubs
+    await client.aclose(close_connection_pool=True)
 
 
 def _set_use_local(verifier: KeyVerifier) -> Callable[[bool], None]:

@@ -170,7 +170,7 @@ _MARKER_TTL_MS = 120_000  # longer than any lookup may take (decision timeout, A
 class RedisKeyCache:
     """The verified-key cache in Redis, shared by every auth replica."""
 
-    def __init__(self, redis: aioredis.Redis[Any], *, prefix: str, ttl_seconds: float) -> None:
+    def __init__(self, redis: aioredis.Redis, *, prefix: str, ttl_seconds: float) -> None:
         self._redis = redis
         self._base = f"{prefix}:{{kc}}"
         self._ttl_ms = int(ttl_seconds * 1000)

@@ -74,7 +74,7 @@ def create_app(
                 client = open_redis(
                     settings.redis_url, timeout_seconds=settings.decision_timeout_seconds
                 )
-                stack.push_async_callback(client.aclose)  # type: ignore[attr-defined]
+                stack.push_async_callback(client.aclose)
             upstream = ollama
             if upstream is None:
                 upstream = OllamaClient(
