@@ -205,34 +205,25 @@ def migrate() -> None:
     typer.echo(f"applied {applied} migration(s)" if applied else "schema up to date")
 
 
-def _policy_options(
-    rpm: int | None,
-    tpm: int | None,
-    concurrency: int | None,
-    daily_tokens: int | None,
-    monthly_tokens: int | None,
-    total_tokens: int | None,
-    models: str | None,
-    allow_all_models: bool,
-    max_num_ctx: int | None,
-    max_num_predict: int | None,
-    allow_keep_alive: bool | None,
-) -> dict[str, object]:
-    """Validate the shared options, turning InvalidInput into a one-line failure."""
+_POLICY_OPTIONS = (
+    "rpm",
+    "tpm",
+    "concurrency",
+    "daily_tokens",
+    "monthly_tokens",
+    "total_tokens",
+    "models",
+    "allow_all_models",
+    "max_num_ctx",
+    "max_num_predict",
+    "allow_keep_alive",
+)
+
+
+def _policy_options(command_parameters: dict[str, Any]) -> dict[str, object]:
+    """The shared limit/budget/model options of a command (its ``locals()``), validated."""
     try:
-        return _policy(
-            rpm=rpm,
-            tpm=tpm,
-            concurrency=concurrency,
-            daily_tokens=daily_tokens,
-            monthly_tokens=monthly_tokens,
-            total_tokens=total_tokens,
-            models=models,
-            allow_all_models=allow_all_models,
-            max_num_ctx=max_num_ctx,
-            max_num_predict=max_num_predict,
-            allow_keep_alive=allow_keep_alive,
-        )
+        return _policy(**{name: command_parameters[name] for name in _POLICY_OPTIONS})
     except GatewayError as exc:
         _fail(str(exc))
 
@@ -254,10 +245,7 @@ def create_tenant(
     as_json: AsJson = False,
 ) -> None:
     """Create a tenant with its limits, budgets and models (unset = unlimited / all)."""
-    changes = _policy_options(
-        rpm, tpm, concurrency, daily_tokens, monthly_tokens, total_tokens,
-        models, allow_all_models, max_num_ctx, max_num_predict, allow_keep_alive,
-    )  # fmt: skip
+    changes = _policy_options(locals())
     policy = PolicySettings().updated(changes)
     tenant = _run(lambda store: store.create_tenant(name, policy))
     if as_json:
@@ -294,10 +282,7 @@ def create_key(
     as_json: AsJson = False,
 ) -> None:
     """Create an API key; the full key is printed once and never again."""
-    changes = _policy_options(
-        rpm, tpm, concurrency, daily_tokens, monthly_tokens, total_tokens,
-        models, allow_all_models, max_num_ctx, max_num_predict, allow_keep_alive,
-    )  # fmt: skip
+    changes = _policy_options(locals())
     if prompt_ttl_days is not None and not log_prompts:
         _fail("--prompt-ttl-days goes with --log-prompts")
     if prompt_ttl_days is not None and prompt_ttl_days <= 0:
@@ -431,10 +416,7 @@ def set_limits(
     """Change limits, budgets, models or caps of a tenant or a key."""
     if (tenant is None) == (prefix is None):
         _fail("give exactly one of --tenant or --prefix")
-    changes = _policy_options(
-        rpm, tpm, concurrency, daily_tokens, monthly_tokens, total_tokens,
-        models, allow_all_models, max_num_ctx, max_num_predict, allow_keep_alive,
-    )  # fmt: skip
+    changes = _policy_options(locals())
     for raw in (clear or "").split(","):
         field = raw.strip().replace("-", "_")
         if not field:
