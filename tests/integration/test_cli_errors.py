@@ -7,15 +7,15 @@ import asyncio
 import pytest
 
 from tests.conftest import unique
-from tests.support.cli import run_cli
+from tests.support.cli import run_cli, run_cli_json
 
 
 @pytest.fixture(scope="module")
-def tenant(database_url: str) -> str:
+def tenant_and_prefix(database_url: str) -> tuple[str, str]:
     name = unique("errs")
     run_cli(database_url, "create-tenant", "--name", name)
-    run_cli(database_url, "create-key", "--tenant", name, "--name", "taken")
-    return name
+    created = run_cli_json(database_url, "create-key", "--tenant", name, "--name", "taken")
+    return name, created["prefix"]
 
 
 CASES = [
@@ -40,15 +40,40 @@ CASES = [
     (["set-limits", "--tenant", "{tenant}", "--clear", "bogus"], "unknown setting"),
     (["set-limits", "--tenant", "{tenant}", "--tpm", "-3"], "must not be negative"),
     (["usage", "--tenant", "{tenant}", "--since", "yesterday"], "ISO 8601"),
+    (["create-tenant", "--name", "z", "--rpm", "0"], "at least 1"),
+    (["create-tenant", "--name", "z", "--concurrency", "0"], "at least 1"),
+    (["create-tenant", "--name", "z", "--rpm", "3000000000"], "at most 2147483647"),
+    (["create-tenant", "--name", "x" * 101], "at most 100 characters"),
+    (["create-tenant", "--name", "bell\x07"], "control characters"),
+    (["set-limits", "--tenant", "{tenant}", "--tpm", "0"], "at least 1"),
+    (
+        ["create-key", "--tenant", "{tenant}", "--name", "k4", "--expires-in-days", "9999999999"],
+        "at most 36500",
+    ),
+    (
+        [
+            "create-key",
+            "--tenant",
+            "{tenant}",
+            "--name",
+            "k5",
+            "--log-prompts",
+            "--prompt-ttl-days",
+            "99999999999",
+        ],
+        "between 1 and 36500",
+    ),
+    (["rotate-key", "--prefix", "{prefix}", "--grace-seconds", "99999999999999"], "at most"),
     (["audit", "--tenant", "{tenant}", "--limit", "0"], "positive"),
 ]
 
 
 @pytest.mark.parametrize(("args", "message"), CASES)
 async def test_bad_input_is_one_line_and_non_zero(
-    database_url: str, tenant: str, args: list[str], message: str
+    database_url: str, tenant_and_prefix: tuple[str, str], args: list[str], message: str
 ) -> None:
-    argv = [a.replace("{tenant}", tenant) for a in args]
+    tenant, prefix = tenant_and_prefix
+    argv = [a.replace("{tenant}", tenant).replace("{prefix}", prefix) for a in args]
     result = await asyncio.to_thread(run_cli, database_url, *argv, check=False)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr + result.stdout

@@ -6,10 +6,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from neuronetz_gateway.domain.errors import InvalidInput
 from neuronetz_gateway.domain.identity import Limits
 from neuronetz_gateway.domain.models import canonical_model, effective_models, is_model_allowed
 from neuronetz_gateway.domain.policy import (
     PolicySettings,
+    check_name,
+    check_policy_value,
     key_state_refusal,
     merge_models,
     resolve_policy,
@@ -79,3 +82,40 @@ def test_key_state() -> None:
     assert key_state_refusal(now, revoked_at=None, expires_at=now) == "expired"
     later = now + timedelta(seconds=1)
     assert key_state_refusal(now, revoked_at=later, expires_at=later) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("rpm", -1, "must not be negative"),
+        ("rpm", 0, "at least 1"),
+        ("concurrency", 0, "at least 1"),
+        ("rpm", 2**31, "at most 2147483647"),
+        ("daily_tokens", 2**63, "at most"),
+    ],
+)
+def test_policy_values_out_of_range(name: str, value: int, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        check_policy_value(name, value)
+
+
+def test_policy_values_in_range() -> None:
+    check_policy_value("daily_tokens", 0)  # a zero budget is a real (if harsh) policy
+    check_policy_value("tpm", 2**40)
+    check_policy_value("rpm", 2**31 - 1)
+    check_policy_value("allow_keep_alive_override", True)
+    check_policy_value("models", ("a",))
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [(" ", "empty"), ("x" * 101, "at most 100"), ("a\x00b", "control"), ("tab\there", "control")],
+)
+def test_bad_names(name: str, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        check_name("tenant", name)
+
+
+def test_good_names() -> None:
+    check_name("tenant", "Acme GmbH – Zürich")
+    check_name("key", "x" * 100)

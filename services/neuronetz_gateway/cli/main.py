@@ -19,6 +19,7 @@ import typer
 from neuronetz_gateway.adapters.hashing import KeyHasher
 from neuronetz_gateway.adapters.postgres.migrate import MigrationFailed, apply_migrations
 from neuronetz_gateway.adapters.postgres.store import (
+    MAX_DAYS,
     KeyRecord,
     Store,
     TenantRecord,
@@ -30,7 +31,7 @@ from neuronetz_gateway.cli.dev import dev
 from neuronetz_gateway.cli.serve import serve
 from neuronetz_gateway.domain.errors import GatewayError, InvalidInput
 from neuronetz_gateway.domain.keys import generate_key, is_valid_prefix
-from neuronetz_gateway.domain.policy import POLICY_FIELDS, PolicySettings
+from neuronetz_gateway.domain.policy import POLICY_FIELDS, PolicySettings, check_policy_value
 from neuronetz_gateway.settings import SettingsError, load_database_url
 
 __all__ = ["app", "main"]
@@ -97,6 +98,8 @@ def _run(work: Callable[[Store], Awaitable[T]]) -> T:
         _fail(str(exc))
     except SettingsError as exc:
         _fail(str(exc))
+    except OverflowError as exc:
+        _fail(f"value out of range: {exc}")
     except asyncpg.UndefinedTableError:
         _fail("the database is not migrated; run `neuronetz-gateway migrate` first")
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -136,8 +139,7 @@ def _policy(
         if value is not None
     }
     for name, value in given.items():
-        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
-            raise InvalidInput(f"--{name.replace('_', '-')} must not be negative")
+        check_policy_value(name, value)
     if models is not None:
         given["models"] = models_list(models)
     if allow_all_models:
@@ -285,8 +287,8 @@ def create_key(
     changes = _policy_options(locals())
     if prompt_ttl_days is not None and not log_prompts:
         _fail("--prompt-ttl-days goes with --log-prompts")
-    if prompt_ttl_days is not None and prompt_ttl_days <= 0:
-        _fail("--prompt-ttl-days must be positive")
+    if prompt_ttl_days is not None and not 0 < prompt_ttl_days <= MAX_DAYS:
+        _fail(f"--prompt-ttl-days must be between 1 and {MAX_DAYS}")
     ttl = (prompt_ttl_days or DEFAULT_PROMPT_TTL_DAYS) if log_prompts else None
     key = generate_key()
     secret_hash = KeyHasher().hash(key.full)

@@ -10,14 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from datetime import datetime
 
+from neuronetz_gateway.domain.errors import InvalidInput
 from neuronetz_gateway.domain.identity import Limits, OptionCaps
 from neuronetz_gateway.domain.models import canonical_model
 
 __all__ = [
     "LIMIT_FIELDS",
+    "NAME_MAX_LENGTH",
     "POLICY_FIELDS",
     "PolicySettings",
     "ResolvedPolicy",
+    "check_name",
+    "check_policy_value",
     "merge_models",
     "resolve_policy",
 ]
@@ -30,6 +34,39 @@ POLICY_FIELDS = (
     "max_num_predict",
     "allow_keep_alive_override",
 )
+
+
+_INT32_MAX = 2**31 - 1
+_INT64_MAX = 2**63 - 1
+# Rates of 0 would refuse everything forever: revoke the key instead.
+_AT_LEAST_ONE = frozenset({"rpm", "tpm", "concurrency", "max_num_ctx", "max_num_predict"})
+# The columns that are 32-bit in Postgres; the others are 64-bit.
+_INT32_FIELDS = frozenset({"rpm", "concurrency", "max_num_ctx", "max_num_predict"})
+NAME_MAX_LENGTH = 100
+
+
+def check_policy_value(name: str, value: object) -> None:
+    """Raise :class:`InvalidInput` (naming the option) for a value out of range."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return
+    option = "--" + name.replace("_", "-")
+    if value < 0:
+        raise InvalidInput(f"{option} must not be negative")
+    if value == 0 and name in _AT_LEAST_ONE:
+        raise InvalidInput(f"{option} must be at least 1 (to block a key, revoke it)")
+    ceiling = _INT32_MAX if name in _INT32_FIELDS else _INT64_MAX
+    if value > ceiling:
+        raise InvalidInput(f"{option} must be at most {ceiling}")
+
+
+def check_name(kind: str, name: str) -> None:
+    """Tenant and key names: 1-100 printable characters."""
+    if not name.strip():
+        raise InvalidInput(f"{kind} name must not be empty")
+    if len(name) > NAME_MAX_LENGTH:
+        raise InvalidInput(f"{kind} name must be at most {NAME_MAX_LENGTH} characters")
+    if not name.isprintable():
+        raise InvalidInput(f"{kind} name must not contain control characters")
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from typing import Any, cast
 import asyncpg
 
 from neuronetz_gateway.domain.errors import Conflict, InvalidInput, NotFound
-from neuronetz_gateway.domain.policy import PolicySettings
+from neuronetz_gateway.domain.policy import PolicySettings, check_name, check_policy_value
 
 __all__ = [
     "POLICY_COLUMNS",
@@ -147,8 +147,7 @@ def _check_policy(policy: PolicySettings | Mapping[str, object]) -> None:
         else ((c, getattr(policy, c)) for c in POLICY_COLUMNS)
     )
     for column, value in items:
-        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
-            raise InvalidInput(f"{column.replace('_', '-')} must not be negative")
+        check_policy_value(column, value)
 
 
 class Store:
@@ -160,8 +159,7 @@ class Store:
     # tenants -----------------------------------------------------------------
 
     async def create_tenant(self, name: str, policy: PolicySettings) -> TenantRecord:
-        if not name.strip():
-            raise InvalidInput("tenant name must not be empty")
+        check_name("tenant", name)
         _check_policy(policy)
         columns = ", ".join(POLICY_COLUMNS)
         params = ", ".join(f"${i + 2}" for i in range(len(POLICY_COLUMNS)))
@@ -205,8 +203,7 @@ class Store:
         log_prompts: bool,
         prompt_ttl_days: int | None,
     ) -> KeyRecord:
-        if not name.strip():
-            raise InvalidInput("key name must not be empty")
+        check_name("key", name)
         _check_policy(policy)
         tenant = await self.get_tenant(tenant_name)
         columns = ", ".join(POLICY_COLUMNS)
@@ -279,6 +276,8 @@ class Store:
         """Replace the secret; the old one stays valid ``grace_seconds`` (0 = not at all)."""
         if grace_seconds < 0:
             raise InvalidInput("grace-seconds must not be negative")
+        if grace_seconds > MAX_GRACE_SECONDS:
+            raise InvalidInput(f"grace-seconds must be at most {MAX_GRACE_SECONDS} (one year)")
         key = await self.get_key(prefix)
         if key.revoked_at is not None:
             raise InvalidInput(f"key {prefix} is revoked; create a new key instead")
@@ -391,12 +390,18 @@ class Store:
         return int(status.rsplit(maxsplit=1)[-1])
 
 
+MAX_GRACE_SECONDS = 366 * 86_400
+MAX_DAYS = 36_500  # a hundred years: beyond that, "never" is the honest answer
+
+
 def expiry_from_days(now: datetime, days: int | None) -> datetime | None:
-    """``now + days`` (``None`` for no expiry); ``days`` must be positive."""
+    """``now + days`` (``None`` for no expiry); ``days`` must be 1..36500."""
     if days is None:
         return None
     if days <= 0:
         raise InvalidInput("expires-in-days must be positive")
+    if days > MAX_DAYS:
+        raise InvalidInput(f"expires-in-days must be at most {MAX_DAYS}")
     return now + timedelta(days=days)
 
 
@@ -410,4 +415,4 @@ def models_list(raw: str | None) -> tuple[str, ...] | None:
     return items
 
 
-__all__ += ["expiry_from_days", "models_list"]
+__all__ += ["MAX_DAYS", "MAX_GRACE_SECONDS", "expiry_from_days", "models_list"]
