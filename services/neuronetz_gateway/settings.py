@@ -53,6 +53,19 @@ def _env(name: str) -> str:
     return "NZ_" + name.upper()
 
 
+def default_spool_dir(environ: Mapping[str, str] | None = None) -> str:
+    """Where audit rows wait while Postgres is down, unless ``NZ_AUDIT_SPOOL_DIR`` says.
+
+    ``/var/lib/neuronetz-gateway/spool`` for root (and in the images); for
+    anyone else the user's state directory, so the proxy starts without root.
+    """
+    env = os.environ if environ is None else environ
+    if os.geteuid() == 0:
+        return "/var/lib/neuronetz-gateway/spool"
+    state = env.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state, "neuronetz-gateway", "spool")
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """All configuration, one struct; env name = ``NZ_`` + field name upper-cased."""
@@ -77,7 +90,7 @@ class Settings:
     upstream_connect_timeout_seconds: float = 5.0
     upstream_read_timeout_seconds: float = 600.0
     discovery_ttl_seconds: float = 10.0
-    audit_spool_dir: str = "/var/lib/neuronetz-gateway/spool"
+    audit_spool_dir: str = field(default_factory=default_spool_dir)
     audit_batch_size: int = 200
     audit_flush_interval_seconds: float = 0.5
     shutdown_grace_seconds: float = 30.0
@@ -89,10 +102,10 @@ class Settings:
         _check_url("database_url", self.database_url, ("postgresql", "postgres"))
         _check_url("redis_url", self.redis_url, ("redis", "rediss", "unix"))
         _check_url("ollama_url", self.ollama_url, ("http", "https"))
-        if len(self.gateway_secret.get()) < 32:
+        if not self.gateway_secret.get().strip():
             raise SettingsError(
-                f"{_env('gateway_secret')} must be set to at least 32 characters "
-                "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`)"
+                f"{_env('gateway_secret')} must be set (e.g. to the output of "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(48))'`)"
             )
         if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
             raise SettingsError(f"{_env('log_level')} must be debug, info, warning or error")
@@ -110,6 +123,34 @@ def _check_url(name: str, value: str, schemes: tuple[str, ...]) -> None:
         raise SettingsError(
             f"{_env(name)} must be a URL with scheme {' or '.join(schemes)}, got {value!r}"
         )
+
+
+RECOMMENDED_SECRET_LENGTH = 32
+
+
+def secret_warnings(settings: Settings) -> list[str]:
+    """Advice an entry point prints at start-up (a short secret still works)."""
+    if len(settings.gateway_secret.get()) < RECOMMENDED_SECRET_LENGTH:
+        return [
+            f"{_env('gateway_secret')} is shorter than {RECOMMENDED_SECRET_LENGTH} characters: "
+            "use a long random value in production"
+        ]
+    return []
+
+
+def check_spool_dir(path: str) -> None:
+    """Create the spool directory if needed and prove it writable, or name the variable."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.unlink(probe)
+    except OSError as exc:
+        raise SettingsError(
+            f"{_env('audit_spool_dir')}={path!r} is not a writable directory ({exc.strerror}); "
+            "audit rows wait there while Postgres is down"
+        ) from None
 
 
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -152,4 +193,4 @@ def load_database_url(environ: Mapping[str, str] | None = None) -> str:
     return url
 
 
-__all__ += ["load_database_url"]
+__all__ += ["check_spool_dir", "default_spool_dir", "load_database_url", "secret_warnings"]

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from neuronetz_gateway.settings import SettingsError, load_database_url, load_settings
+from neuronetz_gateway.settings import (
+    SettingsError,
+    check_spool_dir,
+    default_spool_dir,
+    load_database_url,
+    load_settings,
+    secret_warnings,
+)
 
 GOOD = {"NZ_GATEWAY_SECRET": "s" * 40}
 
@@ -22,6 +31,7 @@ def test_defaults_and_types() -> None:
     ("env", "named"),
     [
         ({}, "NZ_GATEWAY_SECRET"),
+        ({"NZ_GATEWAY_SECRET": "   "}, "NZ_GATEWAY_SECRET"),
         ({**GOOD, "NZ_DATABASE_URL": "mysql://x"}, "NZ_DATABASE_URL"),
         ({**GOOD, "NZ_REDIS_URL": "nope"}, "NZ_REDIS_URL"),
         ({**GOOD, "NZ_OLLAMA_URL": "ftp://x"}, "NZ_OLLAMA_URL"),
@@ -46,3 +56,27 @@ def test_database_url_alone() -> None:
     assert load_database_url({"NZ_DATABASE_URL": "postgresql://u@h:1/d"}) == "postgresql://u@h:1/d"
     with pytest.raises(SettingsError, match="NZ_DATABASE_URL"):
         load_database_url({"NZ_DATABASE_URL": "http://x"})
+
+
+def test_short_secret_works_with_a_warning() -> None:
+    assert secret_warnings(load_settings({"NZ_GATEWAY_SECRET": "short"})) != []
+    assert secret_warnings(load_settings(GOOD)) == []
+
+
+def test_spool_dir_default_needs_no_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    assert default_spool_dir({"XDG_STATE_HOME": "/home/u/.state"}) == (
+        "/home/u/.state/neuronetz-gateway/spool"
+    )
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    assert default_spool_dir({}) == "/var/lib/neuronetz-gateway/spool"
+
+
+def test_spool_dir_is_checked_and_named(tmp_path: Path) -> None:
+    check_spool_dir(str(tmp_path / "a" / "b"))
+    assert (tmp_path / "a" / "b").is_dir()
+    assert list((tmp_path / "a" / "b").iterdir()) == []
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SettingsError, match="NZ_AUDIT_SPOOL_DIR"):
+        check_spool_dir(str(blocker / "spool"))

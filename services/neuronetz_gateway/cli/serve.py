@@ -13,7 +13,12 @@ from typing import Annotated
 import typer
 
 from neuronetz_gateway.logging import configure_logging
-from neuronetz_gateway.settings import SettingsError, load_settings
+from neuronetz_gateway.settings import (
+    SettingsError,
+    check_spool_dir,
+    load_settings,
+    secret_warnings,
+)
 
 __all__ = ["Service", "serve"]
 
@@ -42,6 +47,8 @@ def serve(
     """Serve the auth decision service or the streaming proxy with Granian (ASGI)."""
     try:
         settings = load_settings()
+        if service is Service.proxy:
+            check_spool_dir(settings.audit_spool_dir)
     except SettingsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -49,6 +56,8 @@ def serve(
         typer.echo("error: --workers must be at least 1", err=True)
         raise typer.Exit(2)
     configure_logging(settings.log_level, settings.log_format)
+    for warning in secret_warnings(settings):
+        typer.echo(f"warning: {warning}", err=True)
     from granian import Granian
     from granian.constants import Interfaces
 
