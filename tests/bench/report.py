@@ -1,0 +1,591 @@
+"""From raw results to ``docs/benchmarks.{json,md,png}``: headline ratios, tables, chart.
+
+Every ratio is computed round by round (round i of one variant over round i
+of the other, which cancels noise that hit both) and reported as the median
+with the lowest and highest round, so the noise of a shared machine shows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.bench.stats import Spread, ratio_spread, spread
+
+__all__ = ["Headline", "finite", "headlines", "write_chart", "write_json", "write_markdown"]
+
+Cells = Sequence[Mapping[str, Any]]
+
+
+def _series(cells: Cells, metric: str, **where: Any) -> list[float]:
+    """``metric`` per round for the cells matching ``where`` (NaN where a round failed)."""
+    by_round: dict[int, float] = {}
+    for cell in cells:
+        if all(cell.get(k) == v for k, v in where.items()):
+            ok = metric in cell and not cell.get("error")
+            by_round[cell["round"]] = _num(cell[metric]) if ok else math.nan
+    return [by_round[r] for r in sorted(by_round)]
+
+
+def _cpu_series(cells: Cells, service: str, **where: Any) -> list[float]:
+    out = []
+    for cell in cells:
+        if all(cell.get(k) == v for k, v in where.items()) and not cell.get("error"):
+            value = (cell.get("cpu_ms_per_request") or {}).get(service)
+            if value is not None:
+                out.append(float(value))
+    return out
+
+
+def _cpu_total_series(cells: Cells, **where: Any) -> list[float]:
+    """Per round: every process's CPU ms per request (servers, simulator, wrk) added up.
+
+    When the machine is the bottleneck, throughput ~ cores / this, so the ratio
+    of two variants' totals predicts their throughput ratio on an idle machine.
+    """
+    by_round: dict[int, float] = {}
+    for cell in cells:
+        if not all(cell.get(k) == v for k, v in where.items()):
+            continue
+        per_request = cell.get("cpu_ms_per_request") or {}
+        requests = cell.get("requests") or 0
+        if cell.get("error") or not requests:
+            by_round[cell["round"]] = math.nan
+            continue
+        loadgen = 1000 * _num(cell.get("loadgen_cpu_seconds")) / requests
+        by_round[cell["round"]] = sum(_num(v) for v in per_request.values()) + loadgen
+    return [by_round[r] for r in sorted(by_round)]
+
+
+def _num(value: Any) -> float:
+    """A number from the (JSON-cleaned) results: None stands for "not measured"."""
+    return math.nan if value is None else float(value)
+
+
+def _minus(a: Sequence[float], b: Sequence[float]) -> list[float]:
+    return [x - y for x, y in zip(a, b, strict=False)]
+
+
+@dataclass(frozen=True, slots=True)
+class Headline:
+    """One headline ratio with its target."""
+
+    name: str
+    detail: str
+    value: Spread
+    target: str
+    passed: bool | None  # None: could not be measured
+    #: For throughput ratios: the same ratio predicted from CPU time per request,
+    #: which other users of a shared machine disturb far less than req/s.
+    cpu_estimate: Spread | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return {
+            "name": self.name,
+            "detail": self.detail,
+            "value": self.value.as_dict(),
+            "target": self.target,
+            "passed": self.passed,
+            "cpu_estimate": self.cpu_estimate.as_dict() if self.cpu_estimate else None,
+        }
+
+
+def _check(value: Spread, op: str, bound: float) -> bool | None:
+    if value.n == 0 or math.isnan(value.median):
+        return None
+    return value.median >= bound if op == ">=" else value.median <= bound
+
+
+def headlines(results: Mapping[str, Any]) -> list[Headline]:
+    """The ratios the issue asks for, each against its target (median of rounds)."""
+    m = results.get("matrix", [])
+    out: list[Headline] = []
+
+    def rps(variant: str, workload: str, c: int) -> list[float]:
+        return _series(m, "rps", variant=variant, workload=workload, concurrency=c)
+
+    def p50(variant: str, workload: str) -> list[float]:
+        return _series(m, "p50_ms", variant=variant, workload=workload, concurrency=1)
+
+    def cpu(variant: str, cells: Cells = m, workload: str = "stream") -> list[float]:
+        return _cpu_total_series(cells, variant=variant, workload=workload, concurrency=32)
+
+    value = ratio_spread(rps("gateway_native", "stream", 32), rps("caddy", "stream", 32))
+    out.append(
+        Headline(
+            "full gateway ÷ Caddy-only, throughput",
+            "20-chunk streaming /api/chat, concurrency 32 (gateway native passthrough vs "
+            "Caddy reverse_proxy to the simulator)",
+            value,
+            ">= 0.5",
+            _check(value, ">=", 0.5),
+            ratio_spread(cpu("caddy"), cpu("gateway_native")),
+        )
+    )
+    value = ratio_spread(rps("gateway_openai", "stream", 32), rps("litellm", "stream", 32))
+    out.append(
+        Headline(
+            "full gateway ÷ LiteLLM, throughput",
+            "20-chunk streaming /v1/chat/completions, concurrency 32 (both translate to the "
+            "simulator's native /api/chat)",
+            value,
+            ">= 25",
+            _check(value, ">=", 25),
+        )
+    )
+    floor = p50("simulator", "chat")
+    ours = _minus(p50("gateway_openai", "chat"), floor)
+    theirs = _minus(p50("litellm", "chat"), floor)
+    value = ratio_spread(ours, theirs)
+    out.append(
+        Headline(
+            "added latency, ours ÷ LiteLLM's",
+            "p50 at concurrency 1, small non-streaming /v1/chat/completions; added = variant p50 "
+            "- simulator-direct p50 (same round)",
+            value,
+            "<= 0.15",
+            _check(value, "<=", 0.15),
+        )
+    )
+    a = results.get("authorize", [])
+    value = ratio_spread(
+        _series(a, "rps", variant="authorize", concurrency=32),
+        _series(a, "rps", variant="trivial", concurrency=32),
+    )
+    out.append(
+        Headline(
+            "/authorize ÷ trivial handler, throughput",
+            "GET /authorize with a cached valid key (limits checked in Redis) vs a no-op Litestar "
+            "handler, same Granian settings, concurrency 32",
+            value,
+            ">= 0.6",
+            _check(value, ">=", 0.6),
+            # Each side is one Granian worker, so one core bounds it: its own CPU per
+            # request predicts its throughput.
+            ratio_spread(
+                _cpu_series(a, "trivial", variant="trivial", concurrency=32),
+                _cpu_series(a, "auth", variant="authorize", concurrency=32),
+            ),
+        )
+    )
+    fid = (results.get("fidelity") or {}).get("variants", {})
+    if "gateway_native" in fid and "simulator" in fid:
+        value = spread(
+            _minus(
+                [_num(v) for v in fid["gateway_native"]["gap_ms"].get("p99_by_round", [])],
+                [_num(v) for v in fid["simulator"]["gap_ms"].get("p99_by_round", [])],
+            )
+        )
+    else:
+        value = Spread(math.nan, math.nan, math.nan, 0)
+    out.append(
+        Headline(
+            "added inter-chunk gap p99 (ms)",
+            "chunk every 20 ms, concurrency 1: gateway /api/chat gap p99 - simulator-direct "
+            "gap p99, per round (requests interleaved)",
+            value,
+            "<= 5 ms",
+            _check(value, "<=", 5.0),
+        )
+    )
+    f = results.get("flood", [])
+    base = _series(f, "rps", condition="none")
+    for condition, label in (
+        ("same_prefix", "wrong secrets on the real key's prefix"),
+        ("random_prefix", "unknown prefixes"),
+    ):
+        value = ratio_spread(_series(f, "rps", condition=condition), base)
+        out.append(
+            Headline(
+                f"valid throughput under wrong-key flood ({label}) ÷ without",
+                "20-chunk streaming /api/chat through the gateway at concurrency 32, beside a "
+                "flood of checksum-valid wrong keys",
+                value,
+                ">= 0.8",
+                _check(value, ">=", 0.8),
+            )
+        )
+    return out
+
+
+# ---------------------------------------------------------------------- formatting
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+def _fmt_spread(s: Spread, digits: int = 2) -> str:
+    if s.n == 0:
+        return "n/a"
+    if s.n == 1:
+        return _fmt(s.median, digits)
+    return f"{_fmt(s.median, digits)} ({_fmt(s.low, digits)}-{_fmt(s.high, digits)})"
+
+
+def _verdict(passed: bool | None) -> str:
+    return {True: "met", False: "**missed**", None: "not measured"}[passed]
+
+
+def _matrix_rows(results: Mapping[str, Any]) -> list[str]:
+    m = results.get("matrix", [])
+    labels = results.get("variants", {})
+    rows = [
+        "| variant | path | workload | conc. | req/s | p50 ms | p99 ms | server CPU ms/req "
+        "| simulator CPU ms/req | wrk CPU | machine busy | other load |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    seen: list[tuple[str, str, int]] = []
+    for cell in m:
+        key = (cell.get("variant", ""), cell.get("workload", ""), cell.get("concurrency", 0))
+        if key not in seen:
+            seen.append(key)
+    order = list(labels)
+    seen.sort(key=lambda k: (k[1], k[2], order.index(k[0]) if k[0] in order else 99))
+    for variant, workload, c in seen:
+        where = {"variant": variant, "workload": workload, "concurrency": c}
+        errors = [
+            x["error"] for x in m if all(x.get(k) == v for k, v in where.items()) and x.get("error")
+        ]
+        rps = spread(_series(m, "rps", **where))
+        p50 = spread(_series(m, "p50_ms", **where))
+        p99 = spread(_series(m, "p99_ms", **where))
+        cpu = spread(_series(m, "server_cpu_ms_per_request", **where))
+        sim = spread(_cpu_series(m, "simulator", **where))
+        wrk = spread(_series(m, "loadgen_cpu_share", **where))
+        busy = spread(_series(m, "machine_busy", **where))
+        other = spread(_series(m, "other_load_cores", **where))
+        info = labels.get(variant, {})
+        name = variant + (" ⚠" if errors else "")
+        rows.append(
+            f"| {name} | `{info.get('path', '')}` | {workload} | {c} | {_fmt_spread(rps, 0)} | "
+            f"{_fmt_spread(p50)} | {_fmt_spread(p99)} | "
+            f"{_fmt(cpu.median, 3) if cpu.n else 'n/a'} | "
+            f"{_fmt(sim.median, 3) if sim.n else 'n/a'} | "
+            f"{_fmt(100 * wrk.median, 0) + ' %' if wrk.n else 'n/a'} | "
+            f"{_fmt(100 * busy.median, 0) + ' %' if busy.n else 'n/a'} | "
+            f"{_fmt(other.median) if other.n else 'n/a'} |"
+        )
+    return rows
+
+
+def _authorize_rows(results: Mapping[str, Any]) -> list[str]:
+    a = results.get("authorize", [])
+    rows = [
+        "| handler | conc. | req/s | p50 ms | p99 ms | CPU ms/req |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for variant, service in (("authorize", "auth"), ("trivial", "trivial")):
+        for c in sorted({x["concurrency"] for x in a}):
+            where = {"variant": variant, "concurrency": c}
+            if not any(all(x.get(k) == v for k, v in where.items()) for x in a):
+                continue
+            rows.append(
+                f"| {variant} | {c} | {_fmt_spread(spread(_series(a, 'rps', **where)), 0)} | "
+                f"{_fmt_spread(spread(_series(a, 'p50_ms', **where)))} | "
+                f"{_fmt_spread(spread(_series(a, 'p99_ms', **where)))} | "
+                f"{_fmt(spread(_cpu_series(a, service, **where)).median, 3)} |"
+            )
+    return rows
+
+
+def _fidelity_rows(results: Mapping[str, Any]) -> list[str]:
+    fid = results.get("fidelity") or {}
+    variants = fid.get("variants", {})
+    if not variants:
+        return ["Not measured."]
+    sim = variants.get("simulator")
+    rows = [
+        "| variant | requests | first chunk p50 / p99 ms | added first chunk p50 ms "
+        "| gap p50 / p99 / max ms | added gap p50 / p99 ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for vid, v in variants.items():
+        fc, gap = v["first_chunk_ms"], v["gap_ms"]
+        if sim and vid != "simulator":
+            added_fc = _fmt(_num(fc["p50"]) - _num(sim["first_chunk_ms"]["p50"]))
+            added_p50 = _num(gap["p50"]) - _num(sim["gap_ms"]["p50"])
+            added_gap = f"{_fmt(added_p50)} / {_fmt(_num(gap['p99']) - _num(sim['gap_ms']['p99']))}"
+        else:
+            added_fc = added_gap = "—"
+        note = f" ⚠ {v['error']}" if v.get("error") else ""
+        rows.append(
+            f"| {vid}{note} | {v['requests']} | {_fmt(fc['p50'])} / {_fmt(fc['p99'])} | "
+            f"{added_fc} | "
+            f"{_fmt(gap['p50'])} / {_fmt(gap['p99'])} / {_fmt(gap['max'])} | {added_gap} |"
+        )
+    return rows
+
+
+def _flood_rows(results: Mapping[str, Any]) -> list[str]:
+    f = results.get("flood", [])
+    if not f:
+        return ["Not measured."]
+    rows = [
+        "| flood | valid req/s | valid p99 ms | flood req/s | flood refused / admitted "
+        "| Argon2 verifications | Argon2 throttled | key-cache negative hits |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for condition in ("none", "same_prefix", "random_prefix"):
+        cells = [c for c in f if c.get("condition") == condition]
+        if not cells:
+            continue
+        flood = [c.get("flood") or {} for c in cells]
+        counters = [c.get("auth_counters") or {} for c in cells]
+
+        def total(name: str, counters: list[dict[str, float]] = counters) -> str:
+            return _fmt(sum(x.get(name, 0) for x in counters), 0)
+
+        flood_rps = spread([x["rps"] for x in flood if "rps" in x])
+        refused = sum(x.get("refused", 0) for x in flood)
+        admitted = sum(x.get("admitted", 0) for x in flood)
+        rows.append(
+            f"| {condition} | {_fmt_spread(spread(_series(f, 'rps', condition=condition)), 0)} | "
+            f"{_fmt_spread(spread(_series(f, 'p99_ms', condition=condition)))} | "
+            f"{_fmt_spread(flood_rps, 0) if flood_rps.n else '—'} | "
+            f"{f'{refused} / {admitted}' if flood_rps.n else '—'} | "
+            f"{total('nz_auth_argon2_verifications_total')} | "
+            f"{total('nz_auth_argon2_throttled_total')} | "
+            f"{total('nz_auth_key_cache_total:negative_hit')} |"
+        )
+    return rows
+
+
+def _memory_rows(results: Mapping[str, Any]) -> list[str]:
+    mem = results.get("memory") or {}
+    peaks, hwm = mem.get("peak_rss_bytes", {}), mem.get("hwm_bytes", {})
+    rows = [
+        "| service | peak RSS under concurrency-32 runs (MiB) | lifetime VmHWM (MiB) |",
+        "| --- | ---: | ---: |",
+    ]
+    for name in sorted(set(peaks) | set(hwm)):
+        rows.append(
+            f"| {name} | {_fmt(peaks.get(name, math.nan) / 2**20, 1)} | "
+            f"{_fmt(hwm.get(name, math.nan) / 2**20, 1)} |"
+        )
+    return rows
+
+
+def _share_table(title: str, rows: Sequence[Sequence[Any]]) -> list[str]:
+    if not rows:
+        return []
+    out = [f"| share | {title} |", "| ---: | --- |"]
+    out += [f"| {float(share):.1%} | `{name}` |" for name, share in rows]
+    return [*out, ""]
+
+
+def _profile_lines(results: Mapping[str, Any]) -> list[str]:
+    profiles = results.get("profiles") or {}
+    if not profiles:
+        return []
+    lines = ["", "## Profiles (py-spy)", ""]
+    if profiles.get("error"):
+        lines.append(f"py-spy could not run: {profiles['error']}")
+        return lines
+    for run in profiles.get("runs", []):
+        lines += ["", f"### {run['title']}", "", run.get("workload", "")]
+        calls = run.get("redis_calls_per_request")
+        if calls:
+            listed = ", ".join(f"`{name}` {n:.2f}" for name, n in calls.items())
+            lines += ["", f"Redis commands per request during this run: {listed}."]
+        for service, prof in run.get("services", {}).items():
+            lines += ["", f"#### {service} ({prof.get('samples', 0)} busy samples)", ""]
+            if prof.get("error"):
+                lines.append(f"error: {prof['error']}")
+                continue
+            lines += _share_table("own time by package", prof.get("packages", []))
+            lines += _share_table("own time by function", prof.get("self", []))
+            lines += _share_table("inclusive, our code", prof.get("ours", []))
+            lines += _share_table("inclusive, libraries", prof.get("inclusive", []))
+            if prof.get("file"):
+                lines += [f"Raw collapsed stacks: `{prof['file']}` (not committed).", ""]
+    return lines
+
+
+def write_markdown(results: Mapping[str, Any], path: Path, chart_name: str) -> None:
+    """``docs/benchmarks.md``: headline ratios first, then every table."""
+    meta = results.get("meta", {})
+    heads = headlines(results)
+    delay_ms = (results.get("fidelity") or {}).get("chunk_delay_ms", 20)
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `task bench` (`python -m tests.bench.run`) on {meta.get('date', '?')}, "
+        f"{meta.get('cpus', '?')} CPUs ({meta.get('cpu_model', '?')}), "
+        f"{meta.get('rounds', '?')} rounds x {meta.get('seconds', '?')} s per cell, "
+        f"run time {_fmt(meta.get('elapsed_seconds', math.nan), 0)} s. "
+        "Figures are the median of the rounds with (lowest-highest round): this is a shared "
+        "2-core machine and the spread is the noise. Raw numbers: `benchmarks.json`.",
+        "",
+        "## Headline ratios",
+        "",
+        "| ratio | measured: median (min-max over rounds) | target | verdict "
+        "| CPU-bound estimate | what exactly |",
+        "| --- | ---: | ---: | --- | ---: | --- |",
+    ]
+    lines += [
+        f"| {h.name} | {_fmt_spread(h.value)} | {h.target} | {_verdict(h.passed)} | "
+        f"{_fmt_spread(h.cpu_estimate) if h.cpu_estimate else ''} | {h.detail} |"
+        for h in heads
+    ]
+    lines += [
+        "",
+        "*CPU-bound estimate*: the same throughput ratio predicted from CPU time per request, "
+        "since throughput is proportional to 1 / CPU per request when the CPU is the limit: "
+        "for gateway ÷ Caddy, all processes of each variant (simulator and wrk included) "
+        "sharing the machine's cores; for `/authorize` ÷ trivial, the one Granian worker of "
+        "each (one core each). Other users of this shared machine move req/s a lot and CPU per "
+        "request little, so where the two disagree the estimate is the better guide to an idle "
+        "machine. None for LiteLLM: one Python worker, bound by one core while our three "
+        "processes use two. The verdict uses the measured value.",
+    ]
+    unavailable = results.get("unavailable") or {}
+    if unavailable:
+        lines += ["", "### Could not run", ""]
+        for name, reason in unavailable.items():
+            lines += [
+                f"- **{name}**:",
+                "",
+                "  ```",
+                *["  " + x for x in str(reason).splitlines()[-12:]],
+                "  ```",
+            ]
+    lines += [
+        "",
+        f"![throughput and latency by variant]({chart_name})",
+        "",
+        "## Setup",
+        "",
+        "Everything runs on this one machine, on 127.0.0.1, against one bundled Ollama "
+        f"simulator (one Granian worker, {meta.get('chunks', 20)} one-token chunks per answer, "
+        "no delay except in the fidelity test). Variants, and the path each is measured on:",
+        "",
+    ]
+    for vid, info in (results.get("variants") or {}).items():
+        lines.append(f"- `{vid}`: {info.get('label', '')}.")
+    lines += [
+        "",
+        "The full gateway is the repository's `caddy/Caddyfile` (with its JSON access log, "
+        "sent to /dev/null) + `neuronetz-gateway serve auth` + `serve proxy` (one Granian "
+        "worker each, JSON logs at info level), throwaway Postgres and Redis, and a real key "
+        "whose tenant and key limits (RPM, TPM, concurrency, daily/monthly/total budgets) are "
+        "all set, far above what the run reaches. LiteLLM "
+        f"{meta.get('litellm_version', '')} runs from its own venv (`.bench/litellm-venv`) "
+        "with a master key, one worker, model `ollama_chat/llama3.2` on the simulator.",
+        "",
+        "Load: `wrk` (one thread, keep-alive connections; its CPU is the `wrk CPU` column, in "
+        "% of one core) for throughput and latency; an aiohttp client for chunk timing. CPU per "
+        "request is `utime + stime` of the variant's process trees (for the gateway: Caddy, "
+        "auth, proxy, Redis, Postgres) from `/proc/<pid>/stat` before/after, divided by the "
+        "requests completed; the simulator is reported apart. `machine busy` is all cores, "
+        "from `/proc/stat`: near 100 % the machine, not a server, is the limit. `other load` "
+        "is the CPU (in cores) used meanwhile by processes that are not part of the run "
+        "(other users of a shared machine): all busy time minus every process of ours and wrk.",
+        "",
+        "## Chat: every variant",
+        "",
+        "`chat` = small non-streaming chat (`stream: false`), `stream` = 20-chunk streaming "
+        "chat. Concurrency 1 measures latency, 32 throughput. ⚠ = some requests failed "
+        "(see JSON).",
+        "",
+        *_matrix_rows(results),
+        "",
+        "## `/authorize` alone",
+        "",
+        *_authorize_rows(results),
+        "",
+        "## Streaming fidelity",
+        "",
+        f"The simulator emits a chunk every {delay_ms} ms; one request at a time, requests "
+        "interleaved across variants. Gaps are measured between the 20 content chunks as the "
+        "client receives them.",
+        "",
+        *_fidelity_rows(results),
+        "",
+        "## Invalid-key flood",
+        "",
+        "Valid 20-chunk streaming traffic through the full gateway at concurrency 32, alone and "
+        "beside a paced flood (wrk, "
+        f"{meta.get('flood_connections', '?')} connections, one request per "
+        f"{meta.get('flood_delay_ms', '?')} ms each) of well-formed, checksum-valid wrong keys "
+        "(`generate_key()`, fresh every round): `same_prefix` reuses the real key's prefix with "
+        "wrong secrets, `random_prefix` uses unknown prefixes. Counters are the auth service's "
+        "`/metrics` deltas over the cell, summed over rounds.",
+        "",
+        *_flood_rows(results),
+        "",
+        "## Memory",
+        "",
+        *_memory_rows(results),
+        *_profile_lines(results),
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def finite(value: Any) -> Any:
+    """A copy with NaN/inf turned into None, so the JSON is strict."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def write_json(results: Mapping[str, Any], path: Path) -> None:
+    """The raw results plus the computed headlines."""
+    payload = finite({**results, "headlines": [h.as_dict() for h in headlines(results)]})
+    path.write_text(json.dumps(payload, indent=1, default=str, allow_nan=False) + "\n")
+
+
+def write_chart(results: Mapping[str, Any], path: Path) -> None:
+    """Throughput at concurrency 32 and p50 at concurrency 1, per variant (log scales)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = results.get("matrix", [])
+    variants = [v for v in (results.get("variants") or {}) if any(c.get("variant") == v for c in m)]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    panels = (
+        ("rps", 32, "throughput at concurrency 32 (req/s, log)"),
+        ("p50_ms", 1, "p50 latency at concurrency 1 (ms, log)"),
+        ("server_cpu_ms_per_request", 32, "server CPU per request at conc. 32 (ms, log)"),
+    )
+    width = 0.38
+    for ax, (metric, c, title) in zip(axes, panels, strict=True):
+        plotted = False
+        for i, (workload, colour) in enumerate((("chat", "#4C72B0"), ("stream", "#DD8452"))):
+            medians, lows, highs = [], [], []
+            for v in variants:
+                s = spread(_series(m, metric, variant=v, workload=workload, concurrency=c))
+                ok = s.n > 0
+                medians.append(s.median if ok else 0)
+                lows.append(s.median - s.low if ok else 0)
+                highs.append(s.high - s.median if ok else 0)
+            xs = [x + (i - 0.5) * width for x in range(len(variants))]
+            ax.bar(xs, medians, width, yerr=[lows, highs], capsize=3, label=workload, color=colour)
+            plotted = plotted or any(v > 0 for v in medians)
+        if plotted:  # a log scale of nothing warns
+            ax.set_yscale("log")
+        ax.set_xticks(range(len(variants)))
+        ax.set_xticklabels([v.replace("_", "\n") for v in variants], fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("neuronetz-gateway vs baselines (median of rounds, bars = min-max)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,349 @@
+"""Every process the benchmark measures, started on 127.0.0.1 and stopped again.
+
+- ``simulator``: the bundled Ollama simulator (one Granian worker, recording off);
+- ``caddy_direct``: Caddy with a minimal generated Caddyfile, ``reverse_proxy``
+  straight to the simulator with ``flush_interval -1``;
+- the full gateway: throwaway Postgres and Redis, migrations, a tenant and key
+  with every limit and budget set high but on, ``serve auth``, ``serve proxy``
+  and Caddy with the repository's ``caddy/Caddyfile``;
+- ``trivial``: the no-op Litestar handler on the auth service's Granian settings;
+- ``litellm``: LiteLLM's proxy from its own venv.
+
+A part that cannot start is recorded in :attr:`BenchStack.unavailable` with
+the reason (and its log's tail), and the run goes on without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import asyncpg
+import httpx
+import redis
+
+from neuronetz_gateway.adapters.hashing import KeyHasher
+from neuronetz_gateway.adapters.postgres.migrate import apply_migrations
+from neuronetz_gateway.adapters.postgres.store import Store, open_pool
+from neuronetz_gateway.devstack.servers import ThrowawayPostgres, ThrowawayRedis, free_port
+from neuronetz_gateway.domain.keys import generate_key
+from neuronetz_gateway.domain.policy import PolicySettings
+from tests.bench.litellm_peer import (
+    LiteLLMInstall,
+    litellm_command,
+    litellm_config,
+    litellm_env,
+)
+from tests.bench.procs import ServiceProcess
+
+__all__ = ["HIGH_LIMITS", "REPO_ROOT", "BenchStack", "StartFailed"]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CADDYFILE = REPO_ROOT / "caddy" / "Caddyfile"
+BENCH_TENANT = "bench"
+#: Every limit and budget on, far above what a run can reach: the checks run, none refuses.
+HIGH_LIMITS = PolicySettings(
+    rpm=1_000_000_000,
+    tpm=10**15,
+    concurrency=1_000_000,
+    daily_tokens=10**15,
+    monthly_tokens=10**15,
+    total_tokens=10**15,
+)
+_READY_TIMEOUT = 60.0
+
+
+class StartFailed(RuntimeError):
+    """A part of the stack did not come up; the message says why."""
+
+
+class _Child:
+    """One child process in its own session, so stopping it stops its workers too."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        log_path: Path,
+        *,
+        quiet_stdout: bool = False,
+    ) -> None:
+        self.name = name
+        self.log_path = log_path
+        with log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                list(argv),
+                env=dict(env),
+                cwd=REPO_ROOT,
+                stdin=subprocess.DEVNULL,
+                # Caddy's access log goes to stdout; writing 100 MB of it to disk is
+                # not part of what we measure, its JSON encoding still is.
+                stdout=subprocess.DEVNULL if quiet_stdout else log,
+                stderr=log,
+                start_new_session=True,
+            )
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, lines: int = 12) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # Granian workers must not outlive it
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+
+
+def _status(url: str, headers: Mapping[str, str] | None = None) -> int:
+    try:
+        return httpx.get(url, timeout=1.0, headers=dict(headers or {})).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+def _answers(url: str, status: int) -> bool:
+    return _status(url) == status
+
+
+def _minimal_caddyfile(port: int, upstream: str) -> str:
+    return (
+        "{\n\tadmin off\n}\n"
+        f"http://127.0.0.1:{port} {{\n"
+        f"\treverse_proxy {upstream} {{\n\t\tflush_interval -1\n\t}}\n"
+        "}\n"
+    )
+
+
+class BenchStack:
+    """Starts the measured processes; ``stop()`` undoes everything it started."""
+
+    def __init__(self, state_dir: Path, *, say: Callable[[str], None]) -> None:
+        self.state_dir = state_dir
+        self.logs = state_dir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self._say = say
+        self._children: list[_Child] = []
+        self._postgres: ThrowawayPostgres | None = None
+        self._redis: ThrowawayRedis | None = None
+        self.services: dict[str, ServiceProcess] = {}
+        self.unavailable: dict[str, str] = {}
+        self.urls: dict[str, str] = {}
+        self.key = ""
+        self.key_prefix = ""
+        self.python = sys.executable
+
+    # ------------------------------------------------------------------ helpers
+
+    def _spawn(
+        self, name: str, argv: Sequence[str], env: Mapping[str, str], *, quiet_stdout: bool = False
+    ) -> _Child:
+        child = _Child(name, argv, env, self.logs / f"{name}.log", quiet_stdout=quiet_stdout)
+        self._children.append(child)
+        self.services[name] = ServiceProcess(name, child.proc.pid)
+        return child
+
+    def _wait(self, child: _Child, ready: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + _READY_TIMEOUT
+        while not ready():
+            if not child.alive():
+                raise StartFailed(f"{what} exited with {child.proc.returncode}:\n{child.tail()}")
+            if time.monotonic() > deadline:
+                raise StartFailed(f"{what} not ready after {_READY_TIMEOUT:.0f}s:\n{child.tail()}")
+            time.sleep(0.1)
+
+    def _base_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NZ_")}
+        env["PYTHONPATH"] = str(REPO_ROOT)
+        return env
+
+    # ------------------------------------------------------------------ parts
+
+    def start_simulator(self, chunks: int) -> str:
+        """The bundled Ollama simulator; returns its URL."""
+        port = free_port()
+        env = {**self._base_env(), "NZ_SIM_CHUNKS": str(chunks), "NZ_SIM_RECORD": "0"}
+        argv = [self.python, "-m", "neuronetz_gateway.simulator", "--port", str(port)]
+        child = self._spawn("simulator", [*argv, "--no-record"], env)
+        url = f"http://127.0.0.1:{port}"
+        self._wait(child, lambda: _status(f"{url}/api/version") == 200, "the simulator")
+        self.urls["simulator"] = url
+        return url
+
+    def start_caddy_direct(self) -> None:
+        """Caddy alone in front of the simulator (a generated minimal Caddyfile)."""
+        try:
+            caddy = self._caddy()
+            port = free_port()
+            upstream = self.urls["simulator"].removeprefix("http://")
+            path = self.state_dir / "Caddyfile.direct"
+            path.write_text(_minimal_caddyfile(port, upstream))
+            env = {**self._base_env(), **self._caddy_dirs("direct")}
+            argv = [caddy, "run", "--adapter", "caddyfile", "--config", str(path)]
+            child = self._spawn("caddy_direct", argv, env)
+            url = f"http://127.0.0.1:{port}"
+            self._wait(child, lambda: _status(f"{url}/api/version") == 200, "Caddy (direct)")
+            self.urls["caddy_direct"] = url
+        except StartFailed as exc:
+            self.unavailable["caddy_direct"] = str(exc)
+
+    def start_trivial(self) -> None:
+        """The no-op Litestar ``/authorize`` on the auth service's Granian settings."""
+        try:
+            port = free_port()
+            argv = [self.python, "-m", "tests.bench.trivial_app", "--port", str(port)]
+            child = self._spawn("trivial", argv, self._base_env())
+            url = f"http://127.0.0.1:{port}"
+            self._wait(child, lambda: _status(f"{url}/authorize") == 200, "the trivial handler")
+            self.urls["trivial"] = url
+        except StartFailed as exc:
+            self.unavailable["trivial"] = str(exc)
+
+    def start_gateway(self) -> None:
+        """Postgres, Redis, a key with high limits, auth, proxy and the repository's Caddy."""
+        try:
+            self._start_gateway()
+        except (StartFailed, OSError, asyncpg.PostgresError, RuntimeError) as exc:
+            self.unavailable["gateway"] = f"{type(exc).__name__}: {exc}"
+
+    def _start_gateway(self) -> None:
+        self._say("gateway: throwaway Postgres and Redis")
+        self._postgres = ThrowawayPostgres(detach=True)
+        self._redis = ThrowawayRedis(detach=True)
+        admin = self._postgres.admin_url
+        database_url = admin.rsplit("/", 1)[0] + "/neuronetz"
+        asyncio.run(self._prepare_database(admin, database_url))
+        self.services["postgres"] = ServiceProcess("postgres", self._postmaster_pid())
+        info = redis.Redis.from_url(self._redis.url).info("server")
+        self.services["redis"] = ServiceProcess("redis", int(info["process_id"]))
+        self.urls["redis"] = self._redis.url
+
+        env = {
+            **self._base_env(),
+            "NZ_DATABASE_URL": database_url,
+            "NZ_REDIS_URL": self._redis.url,
+            "NZ_OLLAMA_URL": self.urls["simulator"],
+            "NZ_GATEWAY_SECRET": secrets.token_urlsafe(48),
+            "NZ_AUDIT_SPOOL_DIR": str(self.state_dir / "spool"),
+            "NZ_REDIS_PREFIX": "nzbench",
+            "NZ_LOG_FORMAT": "json",
+        }
+        ports = {}
+        for service in ("auth", "proxy"):
+            ports[service] = free_port()
+            argv = [self.python, "-m", "neuronetz_gateway.cli", "serve", service]
+            self._spawn(service, [*argv, "--port", str(ports[service])], env)
+        for service in ("auth", "proxy"):
+            url = f"http://127.0.0.1:{ports[service]}"
+            child = next(c for c in self._children if c.name == service)
+            ready = functools.partial(_answers, f"{url}/readyz", 200)
+            self._wait(child, ready, f"the {service} service")
+            self.urls[service] = url
+
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        caddy_env = {
+            **self._base_env(),
+            **self._caddy_dirs("gateway"),
+            "NZ_SITE_ADDRESS": url,
+            "NZ_CADDY_ADMIN": "off",
+            "NZ_UPSTREAM_DISCOVERY": "static",
+            "NZ_AUTH_UPSTREAM": f"127.0.0.1:{ports['auth']}",
+            "NZ_PROXY_UPSTREAM": f"127.0.0.1:{ports['proxy']}",
+        }
+        argv = [self._caddy(), "run", "--adapter", "caddyfile", "--config", str(CADDYFILE)]
+        child = self._spawn("caddy_gateway", argv, caddy_env, quiet_stdout=True)
+        # No key: a 401 proves Caddy -> auth works.
+        self._wait(child, lambda: _status(f"{url}/api/version") == 401, "Caddy (gateway)")
+        self.urls["gateway"] = url
+
+    async def _prepare_database(self, admin_url: str, database_url: str) -> None:
+        conn = await asyncpg.connect(admin_url)
+        try:
+            await conn.execute('CREATE DATABASE "neuronetz"')
+        finally:
+            await conn.close()
+        await apply_migrations(database_url)
+        pool = await open_pool(database_url, min_size=1, max_size=2)
+        try:
+            store = Store(pool)
+            await store.create_tenant(BENCH_TENANT, HIGH_LIMITS)
+            key = generate_key()
+            await store.create_key(
+                tenant_name=BENCH_TENANT,
+                name="bench-1",
+                prefix=key.prefix,
+                secret_hash=KeyHasher().hash(key.full),
+                policy=HIGH_LIMITS,
+                expires_at=None,
+                log_prompts=False,
+                prompt_ttl_days=None,
+            )
+        finally:
+            await pool.close()
+        self.key, self.key_prefix = key.full, key.prefix
+
+    def _postmaster_pid(self) -> int:
+        assert self._postgres is not None
+        return int((self._postgres.data / "postmaster.pid").read_text().split("\n", 1)[0])
+
+    def start_litellm(self, install: LiteLLMInstall) -> None:
+        """LiteLLM's proxy on the simulator (its install must be finished)."""
+        try:
+            config = self.state_dir / "litellm.yaml"
+            config.write_text(litellm_config(self.urls["simulator"]))
+            port = free_port()
+            argv = litellm_command(install, config, port)
+            child = self._spawn("litellm", argv, litellm_env(dict(os.environ)))
+            url = f"http://127.0.0.1:{port}"
+            self._wait(child, lambda: _status(f"{url}/health/liveliness") == 200, "LiteLLM")
+            self.urls["litellm"] = url
+        except StartFailed as exc:
+            self.unavailable["litellm"] = str(exc)
+
+    def _caddy(self) -> str:
+        caddy = shutil.which("caddy")
+        if caddy is None:
+            raise StartFailed("caddy not found on PATH")
+        return caddy
+
+    def _caddy_dirs(self, name: str) -> dict[str, str]:
+        return {
+            "XDG_CONFIG_HOME": str(self.state_dir / f"caddy-{name}" / "config"),
+            "XDG_DATA_HOME": str(self.state_dir / f"caddy-{name}" / "data"),
+        }
+
+    # ------------------------------------------------------------------ stop
+
+    def stop(self) -> None:
+        """Stop every child (newest first), then Redis and Postgres."""
+        for child in reversed(self._children):
+            child.stop()
+        self._children.clear()
+        if self._redis is not None:
+            self._redis.destroy()
+            self._redis = None
+        if self._postgres is not None:
+            self._postgres.destroy()
+            self._postgres = None
