@@ -16,25 +16,27 @@ the reason (and its log's tail), and the run goes on without it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import os
 import secrets
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import asyncpg
-import httpx
 import redis
 
 from neuronetz_gateway.adapters.hashing import KeyHasher
 from neuronetz_gateway.adapters.postgres.migrate import apply_migrations
 from neuronetz_gateway.adapters.postgres.store import Store, open_pool
+from neuronetz_gateway.devstack.processes import (
+    ManagedProcess,
+    ProcessDied,
+    StartupTimeout,
+    http_status,
+    wait_until,
+)
 from neuronetz_gateway.devstack.servers import ThrowawayPostgres, ThrowawayRedis, free_port
 from neuronetz_gateway.domain.keys import generate_key
 from neuronetz_gateway.domain.policy import PolicySettings
@@ -67,64 +69,8 @@ class StartFailed(RuntimeError):
     """A part of the stack did not come up; the message says why."""
 
 
-class _Child:
-    """One child process in its own session, so stopping it stops its workers too."""
-
-    def __init__(
-        self,
-        name: str,
-        argv: Sequence[str],
-        env: Mapping[str, str],
-        log_path: Path,
-        *,
-        quiet_stdout: bool = False,
-    ) -> None:
-        self.name = name
-        self.log_path = log_path
-        with log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                list(argv),
-                env=dict(env),
-                cwd=REPO_ROOT,
-                stdin=subprocess.DEVNULL,
-                # Caddy's access log goes to stdout; writing 100 MB of it to disk is
-                # not part of what we measure, its JSON encoding still is.
-                stdout=subprocess.DEVNULL if quiet_stdout else log,
-                stderr=log,
-                start_new_session=True,
-            )
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def tail(self, lines: int = 12) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(10)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # Granian workers must not outlive it
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(5)
-
-
-def _status(url: str, headers: Mapping[str, str] | None = None) -> int:
-    try:
-        return httpx.get(url, timeout=1.0, headers=dict(headers or {})).status_code
-    except httpx.HTTPError:
-        return 0
-
-
 def _answers(url: str, status: int) -> bool:
-    return _status(url) == status
+    return http_status(url) == status
 
 
 def _minimal_caddyfile(port: int, upstream: str) -> str:
@@ -144,7 +90,7 @@ class BenchStack:
         self.logs = state_dir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self._say = say
-        self._children: list[_Child] = []
+        self._children: list[ManagedProcess] = []
         self._postgres: ThrowawayPostgres | None = None
         self._redis: ThrowawayRedis | None = None
         self.services: dict[str, ServiceProcess] = {}
@@ -158,20 +104,26 @@ class BenchStack:
 
     def _spawn(
         self, name: str, argv: Sequence[str], env: Mapping[str, str], *, quiet_stdout: bool = False
-    ) -> _Child:
-        child = _Child(name, argv, env, self.logs / f"{name}.log", quiet_stdout=quiet_stdout)
+    ) -> ManagedProcess:
+        child = ManagedProcess(
+            name,
+            argv,
+            env=env,
+            log_path=self.logs / f"{name}.log",
+            cwd=REPO_ROOT,
+            quiet_stdout=quiet_stdout,
+        )
         self._children.append(child)
-        self.services[name] = ServiceProcess(name, child.proc.pid)
+        self.services[name] = ServiceProcess(name, child.pid)
         return child
 
-    def _wait(self, child: _Child, ready: Callable[[], bool], what: str) -> None:
-        deadline = time.monotonic() + _READY_TIMEOUT
-        while not ready():
-            if not child.alive():
-                raise StartFailed(f"{what} exited with {child.proc.returncode}:\n{child.tail()}")
-            if time.monotonic() > deadline:
-                raise StartFailed(f"{what} not ready after {_READY_TIMEOUT:.0f}s:\n{child.tail()}")
-            time.sleep(0.1)
+    def _wait(self, child: ManagedProcess, ready: Callable[[], bool], what: str) -> None:
+        try:
+            wait_until(ready, what=what, timeout=_READY_TIMEOUT, watch=[child])
+        except ProcessDied as exc:
+            raise StartFailed(str(exc)) from None
+        except StartupTimeout as exc:
+            raise StartFailed(f"{exc}:\n{child.log_tail()}") from None
 
     def _base_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("NZ_")}
@@ -187,7 +139,7 @@ class BenchStack:
         argv = [self.python, "-m", "neuronetz_gateway.simulator", "--port", str(port)]
         child = self._spawn("simulator", [*argv, "--no-record"], env)
         url = f"http://127.0.0.1:{port}"
-        self._wait(child, lambda: _status(f"{url}/api/version") == 200, "the simulator")
+        self._wait(child, lambda: http_status(f"{url}/api/version") == 200, "the simulator")
         self.urls["simulator"] = url
         return url
 
@@ -203,7 +155,7 @@ class BenchStack:
             argv = [caddy, "run", "--adapter", "caddyfile", "--config", str(path)]
             child = self._spawn("caddy_direct", argv, env)
             url = f"http://127.0.0.1:{port}"
-            self._wait(child, lambda: _status(f"{url}/api/version") == 200, "Caddy (direct)")
+            self._wait(child, lambda: http_status(f"{url}/api/version") == 200, "Caddy (direct)")
             self.urls["caddy_direct"] = url
         except StartFailed as exc:
             self.unavailable["caddy_direct"] = str(exc)
@@ -215,7 +167,7 @@ class BenchStack:
             argv = [self.python, "-m", "tests.bench.trivial_app", "--port", str(port)]
             child = self._spawn("trivial", argv, self._base_env())
             url = f"http://127.0.0.1:{port}"
-            self._wait(child, lambda: _status(f"{url}/authorize") == 200, "the trivial handler")
+            self._wait(child, lambda: http_status(f"{url}/authorize") == 200, "the trivial handler")
             self.urls["trivial"] = url
         except StartFailed as exc:
             self.unavailable["trivial"] = str(exc)
@@ -275,7 +227,7 @@ class BenchStack:
         argv = [self._caddy(), "run", "--adapter", "caddyfile", "--config", str(CADDYFILE)]
         child = self._spawn("caddy_gateway", argv, caddy_env, quiet_stdout=True)
         # No key: a 401 proves Caddy -> auth works.
-        self._wait(child, lambda: _status(f"{url}/api/version") == 401, "Caddy (gateway)")
+        self._wait(child, lambda: http_status(f"{url}/api/version") == 401, "Caddy (gateway)")
         self.urls["gateway"] = url
 
     async def _prepare_database(self, admin_url: str, database_url: str) -> None:
@@ -317,7 +269,7 @@ class BenchStack:
             argv = litellm_command(install, config, port)
             child = self._spawn("litellm", argv, litellm_env(dict(os.environ)))
             url = f"http://127.0.0.1:{port}"
-            self._wait(child, lambda: _status(f"{url}/health/liveliness") == 200, "LiteLLM")
+            self._wait(child, lambda: http_status(f"{url}/health/liveliness") == 200, "LiteLLM")
             self.urls["litellm"] = url
         except StartFailed as exc:
             self.unavailable["litellm"] = str(exc)

@@ -71,7 +71,9 @@ class ManagedProcess:
         env: Mapping[str, str],
         log_path: Path,
         cwd: Path | None = None,
+        quiet_stdout: bool = False,
     ) -> None:
+        """``quiet_stdout`` drops stdout (e.g. Caddy's access log under load), keeps stderr."""
         self.name = name
         self.log_path = log_path
         with log_path.open("ab") as log:
@@ -80,8 +82,8 @@ class ManagedProcess:
                 env=dict(env),
                 cwd=cwd,
                 stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
+                stdout=subprocess.DEVNULL if quiet_stdout else log,
+                stderr=log if quiet_stdout else subprocess.STDOUT,
                 start_new_session=True,
             )
 
@@ -93,6 +95,11 @@ class ManagedProcess:
     def running(self) -> bool:
         """Whether the child is still alive."""
         return self._proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once the child has exited."""
+        return self._proc.returncode
 
     def log_tail(self, lines: int = 20) -> str:
         """The last lines of the child's output, for error messages."""
