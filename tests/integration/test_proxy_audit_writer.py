@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +36,10 @@ def _row(request_id: str) -> AuditRow:
 
 def _put(path: Path, data: bytes) -> None:
     path.write_bytes(data)
+
+
+def _read(path: Path) -> bytes:
+    return path.read_bytes()
 
 
 def _names(folder: Path) -> list[str]:
@@ -75,9 +80,66 @@ async def test_replaying_a_spool_file_twice_writes_each_row_once(
 async def test_rows_postgres_rejects_are_set_aside_not_retried_forever(
     store: Store, tmp_path: Path
 ) -> None:
-    bad = msgspec.json.encode(_row("x" * 100))  # longer than request_id's varchar(64)
+    bad = msgspec.json.encode(msgspec.structs.replace(_row("req-bad"), status=2**40))
     _put(tmp_path / "00000000000000000001-cccc-audit.jsonl", bad + b"\n")
     writer = AuditWriter(store.pool, tmp_path)
-    assert await writer.replay_spool() == 0
+    assert await writer.replay_spool() == 1
     assert [Path(n).suffix for n in _names(tmp_path)] == [".bad"]
     assert writer.spooled_files == 0
+    assert await writer.replay_spool() == 0  # set aside: not tried again
+
+
+async def test_one_refused_row_costs_the_others_nothing(store: Store, tmp_path: Path) -> None:
+    """A row Postgres refuses for good is isolated; its batch mates land (and no row is lost)."""
+    writer = AuditWriter(store.pool, tmp_path, flush_interval=60)
+    await writer.start()
+    ids = [f"req-batch-{secrets.token_hex(4)}" for _ in range(9)]
+    refused = msgspec.structs.replace(_row("req-refused-" + secrets.token_hex(4)), status=2**40)
+    for i, request_id in enumerate(ids):
+        writer.submit(_row(request_id))
+        if i == 4:
+            writer.submit(refused)
+    await writer.stop()
+    assert await _count(store, ids) == 9
+    set_aside = [n for n in _names(tmp_path) if n.endswith(".bad")]
+    assert len(set_aside) == 1
+    assert refused.request_id.encode() in _read(tmp_path / set_aside[0])
+
+
+async def test_text_postgres_cannot_store_is_cleaned_not_lost(store: Store, tmp_path: Path) -> None:
+    """NUL, lone surrogates and over-long model names (client input) must not refuse a batch."""
+    writer = AuditWriter(store.pool, tmp_path, flush_interval=60)
+    await writer.start()
+    poisoned = [
+        msgspec.structs.replace(_row(f"req-nul-{secrets.token_hex(4)}"), model="llama\x00x"),
+        msgspec.structs.replace(_row(f"req-sur-{secrets.token_hex(4)}"), model="m\ud800"),
+        msgspec.structs.replace(_row(f"req-long-{secrets.token_hex(4)}"), model="m" * 5000),
+    ]
+    good = [f"req-good-{secrets.token_hex(4)}" for _ in range(5)]
+    for row in poisoned:
+        writer.submit(row)
+    for request_id in good:
+        writer.submit(_row(request_id))
+    await writer.stop()
+    assert await _count(store, good + [r.request_id for r in poisoned]) == 8
+    assert _names(tmp_path) == []
+    models = await store.pool.fetch(
+        "SELECT model FROM usage_log WHERE request_id = ANY($1::text[]) ORDER BY request_id",
+        [r.request_id for r in poisoned],
+    )
+    assert all("\x00" not in m["model"] and len(m["model"]) <= 200 for m in models)
+
+
+async def test_writers_sharing_a_spool_replay_each_file_once(store: Store, tmp_path: Path) -> None:
+    """Two processes on one spool volume: no crash, every row exactly once."""
+    ids = []
+    for n in range(6):
+        batch = [f"req-shared-{n}-{secrets.token_hex(3)}" for _ in range(3)]
+        ids += batch
+        data = b"".join(msgspec.json.encode(_row(i)) + b"\n" for i in batch)
+        _put(tmp_path / f"{n:020d}-{secrets.token_hex(4)}-audit.jsonl", data)
+    first, second = AuditWriter(store.pool, tmp_path), AuditWriter(store.pool, tmp_path)
+    results = await asyncio.gather(first.replay_spool(), second.replay_spool())
+    assert sum(results) >= 6
+    assert await _count(store, ids) == 18
+    assert _names(tmp_path) == []

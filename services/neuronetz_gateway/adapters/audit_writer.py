@@ -11,6 +11,13 @@ back, oldest first, and deletes each once written; replaying twice is
 harmless because ``request_id`` is unique in ``usage_log`` and prompt rows
 are inserted only when absent. On shutdown the queue is flushed (to
 Postgres, or to the spool).
+
+A row Postgres refuses for good (it should not happen: text is cleaned of
+what Postgres cannot store, and lengths are cut to the columns) is isolated
+by splitting its batch, so one bad row never costs the others their place
+in the ledger; it is set aside in a ``.bad`` file for an operator. Several
+processes may share one spool directory (``--workers``, replicas on one
+volume): a file another one already replayed is simply gone, which is fine.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import msgspec
 from neuronetz_gateway.domain.accounting import AuditRow, PromptRow
 from neuronetz_gateway.logging import get_logger
 
-__all__ = ["AuditWriter"]
+__all__ = ["AuditWriter", "clean_text"]
 
 log = get_logger(__name__)
 
@@ -55,15 +62,30 @@ _prompt_decoder = msgspec.json.Decoder(PromptRow)
 _KINDS: dict[str, Any] = {"audit": _audit_decoder, "prompt": _prompt_decoder}
 
 
+# Column widths of usage_log (adapters/postgres/tables.py).
+_REQUEST_ID_MAX, _KEY_PREFIX_MAX, _ROUTE_MAX, _MODEL_MAX = 64, 11, 64, 200
+
+
+def clean_text(text: str) -> str:
+    """Text Postgres can store: no NUL, no lone surrogates (both would refuse a whole batch)."""
+    if "\x00" not in text and text.isascii():
+        return text
+    return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+
+
+def _column(text: str, width: int) -> str:
+    return clean_text(text)[:width]
+
+
 def _audit_args(row: AuditRow) -> tuple[Any, ...]:
     return (
-        row.request_id,
+        _column(row.request_id, _REQUEST_ID_MAX),
         row.ts,
         row.tenant_id,
         row.key_id,
-        row.key_prefix,
-        row.route,
-        row.model,
+        _column(row.key_prefix, _KEY_PREFIX_MAX),
+        _column(row.route, _ROUTE_MAX),
+        None if row.model is None else _column(row.model, _MODEL_MAX),
         row.status,
         row.prompt_tokens,
         row.completion_tokens,
@@ -77,13 +99,13 @@ def _audit_args(row: AuditRow) -> tuple[Any, ...]:
 
 def _prompt_args(row: PromptRow) -> tuple[Any, ...]:
     return (
-        row.request_id,
+        _column(row.request_id, _REQUEST_ID_MAX),
         row.tenant_id,
         row.key_id,
         row.created_at,
         row.expires_at,
-        row.request_text,
-        row.response_text,
+        clean_text(row.request_text),
+        clean_text(row.response_text),
     )
 
 
@@ -201,12 +223,42 @@ class AuditWriter:
             if not rows:
                 continue
             try:
-                await self._write(kind, rows)
+                rejected = await self._store(kind, rows)
             except Exception as exc:  # noqa: BLE001 - any failure to write means: keep it on disk
                 log.warning("audit_spooled", kind=kind, rows=len(rows), reason=type(exc).__name__)
                 await self._spool(kind, rows)
+                continue
+            if rejected:
+                await self._set_aside(kind, rejected)
         if self.spooled_files:
             self._replay_now.set()
+
+    async def _store(
+        self, kind: str, rows: Sequence[AuditRow] | Sequence[PromptRow]
+    ) -> list[AuditRow | PromptRow]:
+        """Write ``rows``; return those Postgres refuses for good (isolated by halving).
+
+        A transient failure (Postgres away) propagates: the caller keeps the
+        whole batch, and rewriting the rows already written is harmless.
+        """
+        try:
+            await self._write(kind, rows)
+        except Exception as exc:
+            if _transient(exc):
+                raise
+            if len(rows) == 1:
+                log.error(  # noqa: TRY400 - the reason is enough; no traceback in the log
+                    "audit_row_rejected", kind=kind, reason=type(exc).__name__
+                )
+                return list(rows)
+        else:
+            return []
+        middle = len(rows) // 2
+        return [*await self._store(kind, rows[:middle]), *await self._store(kind, rows[middle:])]
+
+    async def _set_aside(self, kind: str, rows: Sequence[AuditRow | PromptRow]) -> None:
+        data = b"".join(_encoder.encode(r) + b"\n" for r in rows)
+        await asyncio.to_thread(self._write_spool_file, kind, data, ".bad")
 
     async def _write(self, kind: str, rows: Sequence[AuditRow] | Sequence[PromptRow]) -> None:
         statement = _INSERT_AUDIT if kind == "audit" else _INSERT_PROMPT
@@ -224,9 +276,9 @@ class AuditWriter:
         await asyncio.to_thread(self._write_spool_file, kind, data)
         self.spooled_files += 1
 
-    def _write_spool_file(self, kind: str, data: bytes) -> None:
+    def _write_spool_file(self, kind: str, data: bytes, suffix: str = ".jsonl") -> None:
         # time first so that a sorted listing replays oldest first
-        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}-{kind}.jsonl"
+        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}-{kind}{suffix}"
         tmp = self.spool_dir / (name + ".tmp")
         with tmp.open("wb") as f:
             f.write(data)
@@ -259,30 +311,39 @@ class AuditWriter:
                 if decoder is None:
                     continue
                 try:
-                    data = await asyncio.to_thread(path.read_bytes)
-                    rows = [decoder.decode(line) for line in data.splitlines() if line.strip()]
-                except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    log.error(  # noqa: TRY400 - the reason is enough; no traceback in the log
-                        "audit_spool_unreadable", file=path.name, reason=type(exc).__name__
-                    )
-                    await asyncio.to_thread(path.rename, path.with_suffix(".bad"))
-                    self.spooled_files -= 1
-                    continue
-                try:
-                    await self._write(kind, rows)
-                except Exception as exc:  # noqa: BLE001 - sorted below: transient or not
-                    if _transient(exc):
-                        return written  # still down: try again later
-                    # Postgres refuses these rows for good: keep them for an operator.
-                    log.error(  # noqa: TRY400 - the reason is enough; no traceback in the log
-                        "audit_spool_rejected", file=path.name, reason=type(exc).__name__
-                    )
-                    await asyncio.to_thread(path.rename, path.with_suffix(".bad"))
-                    self.spooled_files -= 1
-                    continue
-                await asyncio.to_thread(path.unlink)
+                    done = await self._replay_file(path, kind, decoder)
+                except FileNotFoundError:
+                    done = True  # another process sharing the spool replayed it
+                if done is None:
+                    return written  # Postgres is still away: try again later
                 self.spooled_files -= 1
-                written += 1
+                written += int(done)
         if written:
             log.info("audit_spool_replayed", files=written)
         return written
+
+    async def _replay_file(self, path: Path, kind: str, decoder: Any) -> bool | None:
+        """Write one spool file; True when written, False when set aside, None to retry."""
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            log.warning("audit_spool_unreadable_now", file=path.name, reason=type(exc).__name__)
+            return None
+        try:
+            rows = [decoder.decode(line) for line in data.splitlines() if line.strip()]
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.error(  # noqa: TRY400 - the reason is enough; no traceback in the log
+                "audit_spool_unreadable", file=path.name, reason=type(exc).__name__
+            )
+            await asyncio.to_thread(path.rename, path.with_suffix(".bad"))
+            return False
+        try:
+            rejected = await self._store(kind, rows)
+        except Exception:  # noqa: BLE001 - only transient failures reach here
+            return None
+        if rejected:
+            await self._set_aside(kind, rejected)
+        await asyncio.to_thread(path.unlink)
+        return True
