@@ -8,7 +8,7 @@ import httpx
 
 from neuronetz_gateway.adapters.postgres.store import Store
 from neuronetz_gateway.domain.accounting import estimate_prompt_tokens
-from neuronetz_gateway.domain.identity import Limits
+from neuronetz_gateway.domain.identity import Allowance, Limits
 from neuronetz_gateway.simulator import PROMPT_OVERHEAD
 from tests.support.identity import IDENTITY_HEADER, signed
 from tests.support.proxy_checks import new_ids, wait_audit_rows
@@ -85,3 +85,70 @@ async def test_streaming_success_carries_ratelimit_headers(
     remaining = int(headers["x-ratelimit-remaining-tokens"])
     assert 100_000 - 2048 - 10 <= remaining < 100_000  # this request's reservation is counted
     assert int(headers["x-ratelimit-remaining-daily-tokens"]) < 50_000
+
+
+async def test_a_small_budget_is_usable_without_max_tokens(
+    proxy: ProxyServer, sim: SimulatorServer, store: Store
+) -> None:
+    """No client cap: the output is sized to the room left and forwarded as num_predict."""
+    sim.configure(chunk_delay_ms=0)
+    sim.clear()
+    ids = new_ids()
+    budget = 200
+    limits = Limits(daily_tokens=budget, tpm=1000)
+    served = spent = 0
+    async with httpx.AsyncClient(timeout=30) as client:
+        for n in range(20):
+            # what the auth service would have signed: the room Redis had left
+            allowance = Allowance(
+                remaining_daily_tokens=budget - spent, remaining_tokens=1000 - spent
+            )
+            token = signed(
+                "chat",
+                request_id=f"req-small-{ids['key_id']}-{n}",
+                key_limits=limits,
+                allowance=allowance,
+                **ids,
+            )
+            reply = await client.post(
+                f"{proxy.url}/api/chat",
+                json={
+                    "model": "llama3.2",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "stream": False,
+                },
+                headers={IDENTITY_HEADER: token},
+            )
+            if reply.status_code == 429:
+                break
+            assert reply.status_code == 200, reply.text
+            spent += reply.json()["prompt_eval_count"] + reply.json()["eval_count"]
+            served += 1
+    assert served >= 2  # a 2048-token default reservation would have refused the first one
+    forwarded = [r["body"]["options"]["num_predict"] for r in sim.requests()]
+    assert all(0 < n <= budget for n in forwarded)
+    rows = await wait_audit_rows(store, [f"req-small-{ids['key_id']}-{n}" for n in range(served)])
+    assert sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows.values()) <= budget
+
+
+async def test_deeply_nested_json_is_a_400_in_both_dialects(
+    proxy: ProxyServer, sim: SimulatorServer
+) -> None:
+    sim.clear()
+    deep = b'{"model":"llama3.2","x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    ids = new_ids()
+    async with httpx.AsyncClient(timeout=30) as client:
+        for route, path in (("chat", "/api/chat"), ("v1.chat.completions", "/v1/chat/completions")):
+            reply = await client.post(
+                f"{proxy.url}{path}",
+                content=deep,
+                headers={IDENTITY_HEADER: signed(route, **ids), "content-type": "application/json"},
+            )
+            assert reply.status_code == 400, reply.text
+            error = reply.json()["error"]
+            assert (
+                ("not valid JSON" in error)
+                if path.startswith("/api")
+                else (error["type"] == "invalid_request_error")
+            )
+    assert sim.requests() == []

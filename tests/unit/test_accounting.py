@@ -9,6 +9,7 @@ from neuronetz_gateway.domain.accounting import (
     PER_MESSAGE_TOKENS,
     PER_REQUEST_TOKENS,
     CapRefusal,
+    OutputPlan,
     apply_native_caps,
     capped_num_predict,
     decode_final_counts,
@@ -16,10 +17,11 @@ from neuronetz_gateway.domain.accounting import (
     estimate_prompt_tokens,
     keep_alive_seconds,
     native_num_predict,
-    reservation_tokens,
+    plan_output,
     response_text,
+    token_room,
 )
-from neuronetz_gateway.domain.identity import OptionCaps
+from neuronetz_gateway.domain.identity import Allowance, OptionCaps
 from neuronetz_gateway.proxy.relay import NdjsonScan
 
 
@@ -47,9 +49,24 @@ def test_native_estimates_per_route() -> None:
 
 
 def test_reservation_uses_the_default_when_unbounded() -> None:
-    assert reservation_tokens(10, 20, 2048) == 30
-    assert reservation_tokens(10, None, 2048) == 2058
-    assert reservation_tokens(10, -1, 2048) == 2058
+    # the client's own cap is kept, whatever the room
+    assert plan_output(20, 2048, 10, room=5) == OutputPlan(20, forward_cap=False)
+    assert plan_output(0, 2048, 10, room=None) == OutputPlan(0, forward_cap=False)
+    # no token limit: nothing to bound, nothing forwarded
+    assert plan_output(None, 2048, 10, room=None) == OutputPlan(2048, forward_cap=False)
+    assert plan_output(-1, 2048, 10, room=None) == OutputPlan(2048, forward_cap=False)
+    # a limit applies: the default, shrunk to the room after the prompt, forwarded
+    assert plan_output(None, 2048, 10, room=10_000) == OutputPlan(2048, forward_cap=True)
+    assert plan_output(None, 2048, 10, room=200) == OutputPlan(190, forward_cap=True)
+    assert plan_output(-1, 2048, 10, room=200) == OutputPlan(190, forward_cap=True)
+    assert plan_output(None, 2048, 10, room=5) == OutputPlan(1, forward_cap=True)
+
+
+def test_token_room_is_the_tightest_remaining_allowance() -> None:
+    assert token_room(Allowance()) is None
+    assert token_room(Allowance(remaining_requests=3)) is None
+    assert token_room(Allowance(remaining_tokens=500, remaining_daily_tokens=90)) == 90
+    assert token_room(Allowance(remaining_monthly_tokens=7, remaining_total_tokens=9)) == 7
     assert native_num_predict({"options": {"num_predict": 12.0}}) == 12
     assert native_num_predict({"options": "x"}) is None
 

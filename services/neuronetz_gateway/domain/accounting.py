@@ -2,7 +2,9 @@
 
 - :func:`estimate_prompt_tokens` / :func:`estimate_native_prompt`: what a
   prompt will cost before the model has seen it (the reservation's input);
-- :func:`reservation_tokens`: the request's maximum (prompt estimate + its
+- :func:`plan_output`: how many output tokens to reserve (and to forward as the
+  request's cap when the client gave none), within the room budgets and TPM
+  leave; the request's maximum is then the prompt estimate + that (its
   output cap, or the configured default when it has none);
 - :func:`apply_native_caps` / :func:`capped_num_predict`: per-key caps on the
   Ollama options that cost shared GPU (``num_ctx``, ``num_predict``,
@@ -27,7 +29,7 @@ from typing import Any
 
 import msgspec
 
-from neuronetz_gateway.domain.identity import OptionCaps
+from neuronetz_gateway.domain.identity import Allowance, OptionCaps
 
 __all__ = [
     "CHARS_PER_TOKEN",
@@ -37,6 +39,7 @@ __all__ = [
     "AuditRow",
     "CapRefusal",
     "FinalCounts",
+    "OutputPlan",
     "PromptRow",
     "apply_native_caps",
     "capped_num_predict",
@@ -45,8 +48,9 @@ __all__ = [
     "estimate_prompt_tokens",
     "keep_alive_seconds",
     "native_num_predict",
-    "reservation_tokens",
+    "plan_output",
     "response_text",
+    "token_room",
 ]
 
 #: A rough, deliberately generous ratio: the estimate should not undershoot.
@@ -110,10 +114,46 @@ def estimate_native_prompt(route: str, body: dict[str, Any]) -> int:
     return 0
 
 
-def reservation_tokens(prompt_estimate: int, max_output: int | None, default_max: int) -> int:
-    """The request's maximum: prompt estimate + output cap (``default_max`` when unbounded)."""
-    output = default_max if max_output is None or max_output < 0 else max_output
-    return prompt_estimate + output
+def token_room(allowance: Allowance) -> int | None:
+    """The most tokens a request can still be granted; ``None`` when no token limit applies."""
+    remaining = [
+        value
+        for value in (
+            allowance.remaining_tokens,
+            allowance.remaining_daily_tokens,
+            allowance.remaining_monthly_tokens,
+            allowance.remaining_total_tokens,
+        )
+        if value is not None
+    ]
+    return min(remaining) if remaining else None
+
+
+class OutputPlan(msgspec.Struct, frozen=True):
+    """Output tokens to reserve; ``forward_cap``: send them as the request's own cap."""
+
+    output: int
+    forward_cap: bool
+
+
+def plan_output(
+    max_output: int | None, default_max: int, prompt_estimate: int, room: int | None
+) -> OutputPlan:
+    """The output a request may use, so that what is reserved bounds what is charged.
+
+    A client's own cap (``num_predict``/``max_tokens`` >= 0) is kept: it is
+    reserved as asked, and refused if it does not fit. Without one, and when
+    a token budget or TPM applies (``room`` is known), the output is
+    ``default_max`` shrunk to what the room leaves after the prompt (at least
+    1) and forwarded as ``num_predict``: otherwise the model could run past
+    the reservation, and a small budget could never be used at all. Without
+    any token limit nothing is reserved or forwarded.
+    """
+    if max_output is not None and max_output >= 0:
+        return OutputPlan(output=max_output, forward_cap=False)
+    if room is None:
+        return OutputPlan(output=default_max, forward_cap=False)
+    return OutputPlan(output=max(1, min(default_max, room - prompt_estimate)), forward_cap=True)
 
 
 def native_num_predict(body: dict[str, Any]) -> int | None:

@@ -348,7 +348,8 @@ def _decode_openai(decoder: msgspec.json.Decoder[_T], body: bytes) -> _T:
     except msgspec.ValidationError as exc:
         message, param = _split_validation_error(str(exc))
         raise TranslationError(message, param) from None
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
+        # RecursionError: nesting deeper than any real request (a 100k-deep array)
         raise TranslationError(
             "We could not parse the JSON body of your request: it is not valid JSON."
         ) from None
@@ -533,7 +534,7 @@ def _tool_arguments(arguments: str | dict[str, Any], param: str) -> dict[str, An
         return {}
     try:
         return _arguments_decoder.decode(arguments)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         raise TranslationError(
             "Tool call arguments must be a JSON object encoded as a string.",
             f"{param}.function.arguments",

@@ -20,7 +20,8 @@ from neuronetz_gateway.domain.accounting import (
     decode_final_counts,
     estimate_native_prompt,
     native_num_predict,
-    reservation_tokens,
+    plan_output,
+    token_room,
 )
 from neuronetz_gateway.domain.models import canonical_model
 from neuronetz_gateway.proxy.asgi import BodyTooLarge, Receive, Scope, Send, read_body
@@ -68,7 +69,8 @@ def parse_object(body: bytes) -> dict[str, Any]:
     """The body as a JSON object, or a 400."""
     try:
         value = _decoder.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
+        # RecursionError: nesting deeper than any real request (a 100k-deep array)
         raise Refusal(400, "invalid_request", "the request body is not valid JSON") from None
     if not isinstance(value, dict):
         raise Refusal(400, "invalid_request", "the request body must be a JSON object")
@@ -76,6 +78,15 @@ def parse_object(body: bytes) -> dict[str, Any]:
         if not key.isascii() or key != key.lower():
             raise Refusal(400, "invalid_request", f"unknown field {key!r}", param=key)
     return value
+
+
+def _set_num_predict(body: dict[str, Any], value: int) -> None:
+    options = body.get("options")
+    if options is None:
+        body["options"] = {"num_predict": value}
+    elif isinstance(options, dict):
+        options["num_predict"] = value
+    # any other ``options`` is malformed: Ollama answers it with its own 400
 
 
 def _model_of(route: str, body: dict[str, Any]) -> str:
@@ -105,9 +116,15 @@ async def model_request(
     elif route in _NO_OUTPUT:
         tokens = estimate
     else:
-        tokens = reservation_tokens(
-            estimate, native_num_predict(body), ex.ctx.settings.default_max_tokens
+        plan = plan_output(
+            native_num_predict(body),
+            ex.ctx.settings.default_max_tokens,
+            estimate,
+            token_room(ex.identity.allowance),
         )
+        if plan.forward_cap:
+            _set_num_predict(body, plan.output)
+        tokens = estimate + plan.output
     await ex.reserve(estimate, tokens)
     if ex.identity.log_prompts:
         ex.prompt_text = raw.decode("utf-8", "replace")

@@ -15,7 +15,8 @@ import msgspec
 from neuronetz_gateway.domain.accounting import (
     capped_num_predict,
     estimate_prompt_tokens,
-    reservation_tokens,
+    plan_output,
+    token_room,
 )
 from neuronetz_gateway.domain.models import canonical_model
 from neuronetz_gateway.domain.openai_compat import (
@@ -77,8 +78,22 @@ def _cap(ex: Exchange, request: OllamaChatRequest | OllamaGenerateRequest) -> in
     return capped
 
 
-def _reservation(ex: Exchange, estimate: int, output: int | None) -> int:
-    return reservation_tokens(estimate, output, ex.ctx.settings.default_max_tokens)
+def _reservation(
+    ex: Exchange,
+    request: OllamaChatRequest | OllamaGenerateRequest,
+    estimate: int,
+    output: int | None,
+) -> int:
+    """Tokens to reserve; without a client cap, the planned one is forwarded as num_predict."""
+    plan = plan_output(
+        output, ex.ctx.settings.default_max_tokens, estimate, token_room(ex.identity.allowance)
+    )
+    if plan.forward_cap:
+        if request.options is None:
+            request.options = OllamaOptions(num_predict=plan.output)
+        else:
+            request.options.num_predict = plan.output
+    return estimate + plan.output
 
 
 async def chat_completions(ex: Exchange, scope: Scope, receive: Receive, send: Send) -> None:
@@ -93,7 +108,7 @@ async def chat_completions(ex: Exchange, scope: Scope, receive: Receive, send: S
         texts.append(_encoder.encode(request.tools).decode())
     images = sum(len(m.images or ()) for m in request.messages)
     estimate = estimate_prompt_tokens(texts, messages=len(request.messages), images=images)
-    await ex.reserve(estimate, _reservation(ex, estimate, output))
+    await ex.reserve(estimate, _reservation(ex, request, estimate, output))
     if ex.identity.log_prompts:
         ex.prompt_text = raw.decode("utf-8", "replace")
     upstream = await forward(ex, "POST", "/api/chat", encode_ollama_request(request))
@@ -124,7 +139,7 @@ async def completions(ex: Exchange, scope: Scope, receive: Receive, send: Send) 
     await ex.check_model(request.model)
     output = _cap(ex, request)
     estimate = estimate_prompt_tokens([request.prompt, request.suffix or ""])
-    await ex.reserve(estimate, _reservation(ex, estimate, output))
+    await ex.reserve(estimate, _reservation(ex, request, estimate, output))
     if ex.identity.log_prompts:
         ex.prompt_text = raw.decode("utf-8", "replace")
     upstream = await forward(ex, "POST", "/api/generate", encode_ollama_request(request))
