@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 
+import httpx
 import msgspec
 import pytest
 from structlog.testing import capture_logs
 
 from neuronetz_gateway.adapters.hashing import KeyHasher
 from neuronetz_gateway.adapters.postgres.store import Store
+from neuronetz_gateway.auth.authorize import new_request_id
 from neuronetz_gateway.domain.identity import (
     IDENTITY_HEADER,
     Identity,
@@ -264,3 +267,46 @@ async def test_one_log_line_per_decision_and_never_the_key(
     for entry in logs:
         assert secret_part not in repr(entry)
         assert "Bearer" not in repr(entry)
+
+
+def test_request_ids_are_fresh_uuid4_hex() -> None:
+    ids = {new_request_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    for request_id in list(ids)[:100]:
+        parsed = uuid.UUID(hex=request_id)
+        assert (parsed.version, parsed.variant, parsed.hex) == (4, uuid.RFC_4122, request_id)
+
+
+async def test_the_fast_path_and_litestars_route_decide_alike(
+    settings: Settings, store: Store
+) -> None:
+    made = await make_key(store, key=PolicySettings(rpm=1000))
+    headers = {"x-forwarded-method": "POST", "x-forwarded-uri": "/api/chat"}
+    async with running_app(settings, store) as (client, _):
+        fast = await client.get("/authorize", headers=headers)  # no key: the 401
+        routed = await client.get("/authorize/", headers=headers)  # through Litestar
+        assert (
+            (fast.status_code, fast.content)
+            == (routed.status_code, routed.content)
+            == (
+                401,
+                fast.content,
+            )
+        )
+        assert fast.headers == routed.headers
+        for path in ("/authorize", "/authorize/"):
+            ok = await authorize_at(client, path, made.full)
+            assert ok.status_code == 200
+            identity = verify_identity(
+                ok.headers[IDENTITY_HEADER], TEST_SECRET.encode(), int(time.time() * 1000)
+            )
+            assert identity.key_prefix == made.full[:11]
+
+
+async def authorize_at(client: httpx.AsyncClient, path: str, key: str) -> httpx.Response:
+    headers = {
+        "x-forwarded-method": "POST",
+        "x-forwarded-uri": "/api/chat",
+        "authorization": f"Bearer {key}",
+    }
+    return await client.get(path, headers=headers)

@@ -101,8 +101,8 @@ async def test_a_spent_budget_refuses_until_the_next_utc_day(
 ) -> None:
     made = await make_key(store, key=PolicySettings(daily_tokens=100))
     redis = open_redis(redis_test_url)
+    limiter = Limiter(redis, prefix=settings.redis_prefix, ledger=store)
     try:
-        limiter = Limiter(redis, prefix=settings.redis_prefix, ledger=store)
         async with running_app(settings, store) as (client, _):
             ok = await authorize(client, made.full, uri="/v1/embeddings")
             assert ok.status_code == 200
@@ -117,6 +117,7 @@ async def test_a_spent_budget_refuses_until_the_next_utc_day(
             assert spent.allowed
             refused = await authorize(client, made.full, uri="/v1/embeddings")
     finally:
+        await limiter.aclose()
         await redis.aclose()
     assert refused.status_code == 429
     error = json.loads(refused.content)["error"]

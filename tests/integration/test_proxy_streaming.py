@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -12,6 +13,7 @@ import pytest
 from neuronetz_gateway.adapters.postgres.store import Store
 from neuronetz_gateway.adapters.redis_limiter import Limiter, open_redis
 from neuronetz_gateway.domain.identity import Limits
+from neuronetz_gateway.proxy.relay import ClientWatch
 from neuronetz_gateway.simulator.app import BUSY_MESSAGE, MIDSTREAM_ERROR_MESSAGE
 from tests.support.identity import IDENTITY_HEADER, signed
 from tests.support.proxy_checks import eventually, new_ids, wait_audit_rows
@@ -26,7 +28,9 @@ pytest_plugins = ["tests.support.proxy_fixtures"]
 @pytest.fixture
 async def limiter(redis_test_url: str, redis_prefix: str, store: Store) -> AsyncIterator[Limiter]:
     redis = open_redis(redis_test_url)
-    yield Limiter(redis, prefix=redis_prefix, ledger=store)
+    limiter = Limiter(redis, prefix=redis_prefix, ledger=store)
+    yield limiter
+    await limiter.aclose()
     await redis.aclose()
 
 
@@ -212,3 +216,53 @@ def test_unreachable_upstream_is_502_or_503_never_a_hang(
         assert chat.status_code == 503  # no model list: fail closed
         assert chat.json()["error"]["code"] == "service_unavailable"
         assert chat.headers["retry-after"] == "1"
+
+
+async def test_client_watch_renews_while_the_answer_runs_and_sees_the_client_leave() -> None:
+    messages: asyncio.Queue[dict[str, object]] = asyncio.Queue()
+    renewals: list[float] = []
+    left: list[bool] = []
+
+    async def receive() -> dict[str, object]:
+        return await messages.get()
+
+    async def renew() -> None:
+        renewals.append(time.monotonic())
+
+    started = time.monotonic()
+    watch = ClientWatch(receive, lambda: left.append(True), renew, renew_every=0.05)
+    await asyncio.sleep(0.28)
+    assert 3 <= len(renewals) <= 6  # every 0.05 s while it runs
+    assert all(r - started >= 0.05 for r in renewals)
+    await messages.put({"type": "http.request", "body": b"", "more_body": False})
+    await asyncio.sleep(0.01)
+    assert not watch.left  # a stray body message is not a disconnect
+    await messages.put({"type": "http.disconnect"})
+    await asyncio.sleep(0.01)
+    assert watch.left
+    assert left == [True]
+    count = len(renewals)
+    await asyncio.sleep(0.12)
+    assert len(renewals) == count  # a client that left gets no more renewals
+    await watch.close()
+
+
+async def test_client_watch_close_stops_everything() -> None:
+    renewals: list[int] = []
+    never: asyncio.Future[dict[str, object]] = asyncio.get_running_loop().create_future()
+
+    async def receive() -> dict[str, object]:
+        return await never
+
+    async def renew() -> None:
+        renewals.append(1)
+
+    watch = ClientWatch(receive, lambda: None, renew, renew_every=0.03)
+    await watch.close()
+    await asyncio.sleep(0.1)
+    assert renewals == []
+    assert not watch.left
+    # without a lease there is nothing to renew, and closing is as quiet
+    quiet = ClientWatch(receive, lambda: None, None, renew_every=0.01)
+    await asyncio.sleep(0.03)
+    await quiet.close()

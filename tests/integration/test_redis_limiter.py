@@ -60,14 +60,22 @@ MakeLimiter = Callable[..., Limiter]
 
 
 @pytest.fixture
-def make_limiter(redis_client: aioredis.Redis, redis_prefix: str, store: Store) -> MakeLimiter:
+async def make_limiter(
+    redis_client: aioredis.Redis, redis_prefix: str, store: Store
+) -> AsyncIterator[MakeLimiter]:
+    made: list[Limiter] = []
+
     def make(clock: Callable[[], float] = time.time, **options: Any) -> Limiter:
         # these tests are about exactness, not latency: a loaded CI box opening 50
         # connections at once must not turn into LimiterUnavailable
         options.setdefault("timeout_seconds", 10.0)
-        return Limiter(redis_client, prefix=redis_prefix, ledger=store, clock=clock, **options)
+        limiter = Limiter(redis_client, prefix=redis_prefix, ledger=store, clock=clock, **options)
+        made.append(limiter)
+        return limiter
 
-    return make
+    yield make
+    for limiter in made:
+        await limiter.aclose()
 
 
 async def admit(
@@ -231,6 +239,36 @@ async def test_tenant_concurrency_lease_is_released_at_both_levels(
     assert (refused.reason, refused.level) == ("concurrency", "tenant")
     await limiter.release_lease(tenant_id=tenant, key_id=key_a, lease_id=held.lease_id)
     assert (await admit(limiter, tenant, key_b, key_limits, tenant_limits)).allowed
+
+
+async def test_settle_releases_the_lease_in_the_same_round_trip(
+    make_limiter: MakeLimiter, redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    limiter = make_limiter(clock=Clock(NOON))
+    tenant, key = new_id(), new_id()
+    key_limits, tenant_limits = Limits(concurrency=1, daily_tokens=100), Limits(concurrency=1)
+    held = await admit(limiter, tenant, key, key_limits, tenant_limits)
+    assert held.allowed
+    assert held.lease_id is not None
+    assert (await reserve(limiter, tenant, key, 50, key_limits, tenant_limits)).allowed
+    assert not (await admit(limiter, tenant, key, key_limits, tenant_limits)).allowed
+    base = f"{redis_prefix}:{{t{tenant}}}"
+    assert await redis_client.zcard(f"{base}:conc:k{key}") == 1
+    assert await redis_client.zcard(f"{base}:conc:t") == 1
+    allowance = await limiter.settle(
+        tenant_id=tenant,
+        key_id=key,
+        reserved=50,
+        actual=20,
+        reserved_at=NOON,
+        release_lease_id=held.lease_id,
+    )
+    assert allowance.remaining_daily_tokens is None  # no limits passed: not read back
+    assert await redis_client.zcard(f"{base}:conc:k{key}") == 0
+    assert await redis_client.zcard(f"{base}:conc:t") == 0
+    again = await admit(limiter, tenant, key, key_limits, tenant_limits)
+    assert again.allowed
+    assert again.allowance.remaining_daily_tokens == 80  # and the settlement happened
 
 
 async def test_unreleased_lease_comes_back_after_ttl_unless_renewed(
@@ -552,6 +590,7 @@ async def test_budget_survives_flushall_through_the_ledger(
         assert (other.reason, other.level) == ("monthly_tokens", "tenant")
         assert (await reserve(limiter, tenant, other_key, 50, key_limits, tenant_limits)).allowed
     finally:
+        await limiter.aclose()
         await client.aclose()
 
 
@@ -581,9 +620,12 @@ async def test_concurrent_rebuilds_share_one_ledger_query_per_level(
     tenant, key = new_id(), new_id()
     await insert_ledger_row(store, tenant, key, datetime.fromtimestamp(NOON - 3600, UTC), 30, 0)
     key_limits, tenant_limits = Limits(daily_tokens=100), Limits(total_tokens=1000)
-    decisions = await asyncio.gather(
-        *(reserve(limiter, tenant, key, 10, key_limits, tenant_limits) for _ in range(30))
-    )
+    try:
+        decisions = await asyncio.gather(
+            *(reserve(limiter, tenant, key, 10, key_limits, tenant_limits) for _ in range(30))
+        )
+    finally:
+        await limiter.aclose()
     assert sum(d.allowed for d in decisions) == 7  # 30 already spent per the ledger
     # callers that saw the counters missing while the first rebuild was in flight
     # waited for it; without that it would be 30 queries per level
@@ -602,10 +644,13 @@ async def test_rebuild_fails_closed_when_the_ledger_is_down(
     await pool.close()  # a ledger that cannot answer
     limiter = Limiter(redis_client, prefix=redis_prefix, ledger=Store(pool))
     tenant, key = new_id(), new_id()
-    with pytest.raises(LimiterUnavailable, match="ledger"):
-        await admit(limiter, tenant, key, Limits(daily_tokens=10))
-    # limits that need no ledger still work
-    assert (await admit(limiter, tenant, key, Limits(rpm=10))).allowed
+    try:
+        with pytest.raises(LimiterUnavailable, match="ledger"):
+            await admit(limiter, tenant, key, Limits(daily_tokens=10))
+        # limits that need no ledger still work
+        assert (await admit(limiter, tenant, key, Limits(rpm=10))).allowed
+    finally:
+        await limiter.aclose()
 
 
 # outages -------------------------------------------------------------------------------
@@ -655,6 +700,7 @@ async def test_redis_down_fails_closed_fast_and_recovers_without_restart(
         assert ok.allowed
         assert ok.lease_id is not None
     finally:
+        await limiter.aclose()
         await client.aclose()
         server.destroy()
 
@@ -677,6 +723,7 @@ async def test_redis_that_never_answers_times_out(store: Store, redis_prefix: st
         assert elapsed < 1.5
         assert not await limiter.ping()
     finally:
+        await limiter.aclose()
         await client.aclose()
         for writer in hung:
             writer.close()

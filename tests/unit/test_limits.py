@@ -19,6 +19,7 @@ from neuronetz_gateway.domain.limits import (
     decide,
     month_id,
     month_start,
+    period_ids,
     ratelimit_headers,
     rpm_retry_after,
     seconds_until_next_day,
@@ -223,3 +224,19 @@ def test_retry_after_stays_within_one_window_under_clock_skew() -> None:
     # a hit / bucket stamped 2 s ahead of our clock (a concurrent request, another replica)
     assert rpm_retry_after(now_ms + 2000, now_ms) == 60
     assert tpm_retry_after({1002: 100}, now_ms, tpm=100, incoming=1) == 60
+
+
+@pytest.mark.parametrize(
+    "now",
+    [
+        utc(2026, 11, 26, 23, 59, 59, microsecond=999_999),
+        utc(2026, 11, 27),
+        utc(2026, 12, 31, 23, 59, 59),
+        utc(2027, 1, 1),
+        utc(2028, 2, 29, 12),
+        utc(1970, 1, 1),
+        utc(1969, 12, 31, 23, 59, 59),
+    ],
+)
+def test_period_ids_of_a_unix_time_match_the_datetime_ones(now: datetime) -> None:
+    assert period_ids(now.timestamp()) == (day_id(now), month_id(now))

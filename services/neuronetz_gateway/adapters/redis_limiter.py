@@ -26,9 +26,10 @@ Errors::
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import itertools
 import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from importlib.resources import files
@@ -37,9 +38,10 @@ from typing import Any, Protocol, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from neuronetz_gateway.adapters.postgres.store import LedgerTotals
+from neuronetz_gateway.adapters.redis_pipeline import PipelinedRedis, RedisArg
 from neuronetz_gateway.domain.identity import Allowance, Limits
 from neuronetz_gateway.domain.limits import (
     Decision,
@@ -47,11 +49,10 @@ from neuronetz_gateway.domain.limits import (
     Refusal,
     budget_retry_after,
     compute_allowance,
-    day_id,
     day_start,
     decide,
-    month_id,
     month_start,
+    period_ids,
     rpm_retry_after,
     tpm_retry_after,
 )
@@ -71,9 +72,22 @@ def _lua(name: str) -> str:
     return files("neuronetz_gateway.adapters").joinpath("lua").joinpath(name).read_text("utf-8")
 
 
-_DECIDE_LUA = _lua("decide.lua")
-_SETTLE_LUA = _lua("settle.lua")
-_LEASE_LUA = _lua("lease.lua")
+class _Script:
+    """A Lua script's text and the SHA-1 Redis knows it by."""
+
+    __slots__ = ("sha", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()  # noqa: S324 - Redis's script id
+
+
+_DECIDE = _Script(_lua("decide.lua"))
+_SETTLE = _Script(_lua("settle.lua"))
+_LEASE = _Script(_lua("lease.lua"))
+
+#: Key-name sets kept per (tenant, key); a busy process sees few distinct keys.
+_MAX_CACHED_KEYS = 4096
 
 
 class LimiterUnavailable(Exception):
@@ -108,70 +122,126 @@ def open_redis(url: str, *, timeout_seconds: float = 1.0) -> aioredis.Redis:
     return client
 
 
+class _Commands(Protocol):
+    """What the limiter sends: any command, and scripts by SHA."""
+
+    async def execute(self, *args: RedisArg) -> Any: ...
+
+    async def evalsha(
+        self, sha: str, script: str, keys: Sequence[RedisArg], args: Sequence[RedisArg]
+    ) -> Any: ...
+
+    async def aclose(self) -> None: ...
+
+
+class _RedisPyCommands:
+    """The same through redis-py, for set-ups the pipelined client does not speak (TLS...)."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._client = client
+
+    async def execute(self, *args: RedisArg) -> Any:
+        return await self._client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+    async def evalsha(
+        self, sha: str, script: str, keys: Sequence[RedisArg], args: Sequence[RedisArg]
+    ) -> Any:
+        run = self._client.execute_command
+        try:
+            return await run("EVALSHA", sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+        except NoScriptError:
+            return await run("EVAL", script, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+
+    async def aclose(self) -> None:
+        """The client belongs to the caller."""
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _usage(stats: Sequence[Any]) -> LevelUsage:
     """Script stats ``{requests, window_tokens, daily, monthly, total}``; -1 = not counted."""
-    values = [None if int(v) < 0 else int(v) for v in stats]
+    requests, window, daily, monthly, total = (int(v) for v in stats)
     return LevelUsage(
-        requests=values[0],
-        window_tokens=values[1],
-        daily=values[2],
-        monthly=values[3],
-        total=values[4],
+        requests=None if requests < 0 else requests,
+        window_tokens=None if window < 0 else window,
+        daily=None if daily < 0 else daily,
+        monthly=None if monthly < 0 else monthly,
+        total=None if total < 0 else total,
     )
 
 
-def _limit_args(limits: Limits) -> list[int]:
-    return [
-        -1 if v is None else v
-        for v in (
-            limits.rpm,
-            limits.tpm,
-            limits.concurrency,
-            limits.daily_tokens,
-            limits.monthly_tokens,
-            limits.total_tokens,
-        )
-    ]
+def _limit_args(limits: Limits) -> tuple[int, ...]:
+    return (
+        -1 if limits.rpm is None else limits.rpm,
+        -1 if limits.tpm is None else limits.tpm,
+        -1 if limits.concurrency is None else limits.concurrency,
+        -1 if limits.daily_tokens is None else limits.daily_tokens,
+        -1 if limits.monthly_tokens is None else limits.monthly_tokens,
+        -1 if limits.total_tokens is None else limits.total_tokens,
+    )
 
 
 class _Keys:
-    """Redis key names of one key and its tenant."""
+    """Redis key names of one key and its tenant, built once per (tenant, key).
+
+    The script key lists depend on the UTC day and month too; the last one
+    built is kept, so a decision normally builds no string at all.
+    """
+
+    __slots__ = ("_budget", "_decide", "_settle", "conc", "rpm", "tpm")
 
     def __init__(self, prefix: str, tenant_id: int, key_id: int) -> None:
-        self._base = f"{prefix}:{{t{tenant_id}}}"
-        self._owners = (f"k{key_id}", "t")
+        base = f"{prefix}:{{t{tenant_id}}}"
+        owners = (f"k{key_id}", "t")
+        self.rpm = tuple(f"{base}:rpm:{owner}" for owner in owners)
+        self.conc = tuple(f"{base}:conc:{owner}" for owner in owners)
+        self.tpm = tuple(f"{base}:tpm:{owner}" for owner in owners)
+        self._budget = tuple(f"{base}:bud:{owner}" for owner in owners)
+        self._decide: tuple[str, str, list[str]] = ("", "", [])
+        self._settle: tuple[tuple[str, str, str, str], list[str]] = (("", "", "", ""), [])
 
-    def _each(self, kind: str) -> list[str]:
-        return [f"{self._base}:{kind}:{owner}" for owner in self._owners]
+    def budgets(self, day: str, month: str) -> list[tuple[str, str, str]]:
+        """Per level: (daily, monthly, total) counter names for that day and month."""
+        return [(f"{b}:d:{day}", f"{b}:m:{month}", f"{b}:total") for b in self._budget]
 
-    def rpm(self) -> list[str]:
-        return self._each("rpm")
+    def decide_keys(self, day: str, month: str) -> list[str]:
+        """``decide.lua``'s KEYS: per level rpm, conc, tpm, daily, monthly, total."""
+        cached_day, cached_month, keys = self._decide
+        if cached_day == day and cached_month == month:
+            return keys
+        keys = []
+        for level, budgets in enumerate(self.budgets(day, month)):
+            keys += [self.rpm[level], self.conc[level], self.tpm[level], *budgets]
+        self._decide = (day, month, keys)
+        return keys
 
-    def conc(self) -> list[str]:
-        return self._each("conc")
-
-    def tpm(self) -> list[str]:
-        return self._each("tpm")
-
-    def budgets(self, at: datetime) -> list[tuple[str, str, str]]:
-        """Per level: (daily, monthly, total) counter names for ``at``'s periods."""
-        day, month = day_id(at), month_id(at)
-        return [
-            (
-                f"{self._base}:bud:{owner}:d:{day}",
-                f"{self._base}:bud:{owner}:m:{month}",
-                f"{self._base}:bud:{owner}:total",
-            )
-            for owner in self._owners
-        ]
+    def settle_keys(self, then: tuple[str, str], now: tuple[str, str]) -> list[str]:
+        """``settle.lua``'s KEYS for a reservation made in period ``then``, settled in ``now``."""
+        periods = (*then, *now)
+        cached, keys = self._settle
+        if cached == periods:
+            return keys
+        reserved, current = self.budgets(*then), self.budgets(*now)
+        keys = []
+        for level in range(2):
+            d_then, m_then, total = reserved[level]
+            d_now, m_now, _ = current[level]
+            keys += [self.rpm[level], self.tpm[level], d_then, m_then, total, d_now, m_now]
+        keys += self.conc
+        self._settle = (periods, keys)
+        return keys
 
 
 class Limiter:
-    """RPM / TPM / concurrency limits and token budgets, per key and per tenant, in Redis."""
+    """RPM / TPM / concurrency limits and token budgets, per key and per tenant, in Redis.
+
+    Commands go over one pipelined connection per limiter
+    (:class:`~neuronetz_gateway.adapters.redis_pipeline.PipelinedRedis`, to
+    the server ``redis`` is configured for) when that client can speak to it,
+    else through ``redis`` itself. Call :meth:`aclose` when done.
+    """
 
     def __init__(
         self,
@@ -187,6 +257,9 @@ class Limiter:
         if lease_ttl_seconds <= 0 or timeout_seconds <= 0 or ledger_timeout_seconds <= 0:
             raise ValueError("lease TTL and timeouts must be positive")
         self._redis = redis
+        pipelined = PipelinedRedis.for_client(redis, timeout_seconds)
+        self._commands: _Commands = pipelined if pipelined is not None else _RedisPyCommands(redis)
+        self._bounded = pipelined is not None  # it enforces the timeout per command
         self._prefix = prefix
         self._ledger = ledger
         self._clock = clock
@@ -196,11 +269,21 @@ class Limiter:
         self._ledger_flights: dict[
             tuple[int, int | None, str, str], asyncio.Future[LedgerTotals]
         ] = {}
-        self._decide_script = redis.register_script(_DECIDE_LUA)
-        self._settle_script = redis.register_script(_SETTLE_LUA)
-        self._lease_script = redis.register_script(_LEASE_LUA)
+        self._keys: dict[tuple[int, int], _Keys] = {}
+        # RPM hit members and lease ids: unique per process (random) and per call (counter)
+        self._unique = secrets.token_hex(8)
+        self._sequence = itertools.count()
 
     # public API -----------------------------------------------------------------
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether commands go over the pipelined connection (else through redis-py)."""
+        return isinstance(self._commands, PipelinedRedis)
+
+    async def aclose(self) -> None:
+        """Close the limiter's own connection (the redis-py client stays the caller's)."""
+        await self._commands.aclose()
 
     async def admit(
         self,
@@ -218,7 +301,7 @@ class Limiter:
         renewed while the request runs and released when it ends.
         """
         needs_lease = key_limits.concurrency is not None or tenant_limits.concurrency is not None
-        lease_id = uuid.uuid4().hex if needs_lease else None
+        lease_id = f"{self._unique}{next(self._sequence):x}" if needs_lease else None
         return await self._decide(
             "admit", tenant_id, key_id, key_limits, tenant_limits, request_id, 0, lease_id
         )
@@ -233,7 +316,11 @@ class Limiter:
         request_id: str,
         tokens: int,
     ) -> Decision:
-        """Add ``tokens`` to both levels' budgets and TPM window if all stay within limits."""
+        """Add ``tokens`` to both levels' budgets and TPM window if all stay within limits.
+
+        The allowance carries the token values only (requests were counted by
+        ``admit`` and are not counted again).
+        """
         if tokens < 0:
             raise ValueError("tokens to reserve must not be negative")
         return await self._decide(
@@ -250,33 +337,36 @@ class Limiter:
         reserved_at: float,
         key_limits: Limits | None = None,
         tenant_limits: Limits | None = None,
+        release_lease_id: str | None = None,
     ) -> Allowance:
         """Correct a reservation to the real count (``actual - reserved``, may be negative).
 
         Adjusts the budget counters of ``reserved_at``'s periods and its TPM
         bucket (if still in the window). Returns the remaining allowance; pass
-        the limits to get it, without them every value is ``None``.
+        the limits to get it, without them every value is ``None`` (and Redis
+        does less work). ``release_lease_id`` also releases that concurrency
+        lease, in the same round trip.
         """
+        want_stats = key_limits is not None or tenant_limits is not None
+        delta = actual - reserved
+        if not delta and not want_stats and release_lease_id is None:
+            return Allowance()
         now_ms = self._now_ms()
         now_s = now_ms // 1000
-        keys = _Keys(self._prefix, tenant_id, key_id)
-        reserved_budgets = keys.budgets(datetime.fromtimestamp(reserved_at, UTC))
-        current_budgets = keys.budgets(datetime.fromtimestamp(now_ms / 1000, UTC))
-        script_keys: list[str] = []
-        for level in range(2):
-            d_then, m_then, total = reserved_budgets[level]
-            d_now, m_now, _ = current_budgets[level]
-            script_keys += [
-                keys.rpm()[level],
-                keys.tpm()[level],
-                d_then,
-                m_then,
-                total,
-                d_now,
-                m_now,
-            ]
-        args = [actual - reserved, int(reserved_at), now_ms, now_s]
-        reply = await self._call(lambda: self._settle_script(keys=script_keys, args=args))
+        keys = self._keys_of(tenant_id, key_id).settle_keys(
+            period_ids(reserved_at), period_ids(now_s)
+        )
+        args = (
+            delta,
+            int(reserved_at),
+            now_ms,
+            now_s,
+            release_lease_id or "",
+            "1" if want_stats else "0",
+        )
+        reply = await self._call(self._commands.evalsha(_SETTLE.sha, _SETTLE.text, keys, args))
+        if not want_stats:
+            return Allowance()
         return compute_allowance(
             key_limits or Limits(),
             tenant_limits or Limits(),
@@ -295,7 +385,7 @@ class Limiter:
     async def ping(self) -> bool:
         """Whether Redis answers within the timeout (for readiness probes); never raises."""
         try:
-            return bool(await self._call(self._redis.ping))
+            return bool(await self._call(self._commands.execute("PING")))
         except LimiterUnavailable:
             return False
 
@@ -304,11 +394,25 @@ class Limiter:
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
 
-    async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
-        """Run one Redis call, bounded in time; any failure becomes LimiterUnavailable."""
+    def _keys_of(self, tenant_id: int, key_id: int) -> _Keys:
+        keys = self._keys.get((tenant_id, key_id))
+        if keys is None:
+            if len(self._keys) >= _MAX_CACHED_KEYS:
+                self._keys.clear()  # cheap to rebuild; a bound, not an LRU
+            keys = self._keys[(tenant_id, key_id)] = _Keys(self._prefix, tenant_id, key_id)
+        return keys
+
+    async def _call(self, call: Awaitable[T]) -> T:
+        """Await one Redis call, bounded in time; any failure becomes LimiterUnavailable.
+
+        The pipelined client bounds every command by the same timeout itself
+        (one timer for all of them); redis-py gets a timeout per call.
+        """
         try:
+            if self._bounded:
+                return await call
             async with asyncio.timeout(self._timeout):
-                return await call()
+                return await call
         except TimeoutError:
             raise LimiterUnavailable("redis did not answer in time") from None
         except (RedisError, OSError) as exc:
@@ -316,9 +420,9 @@ class Limiter:
 
     async def _lease(self, action: str, tenant_id: int, key_id: int, lease_id: str) -> None:
         expiry_ms = self._now_ms() + self._lease_ttl_ms
-        keys = _Keys(self._prefix, tenant_id, key_id).conc()
-        args: list[int | str] = [action, lease_id, expiry_ms, self._lease_ttl_ms + 1000]
-        await self._call(lambda: self._lease_script(keys=keys, args=args))
+        keys = self._keys_of(tenant_id, key_id).conc
+        args = (action, lease_id, expiry_ms, self._lease_ttl_ms + 1000)
+        await self._call(self._commands.evalsha(_LEASE.sha, _LEASE.text, keys, args))
 
     async def _decide(
         self,
@@ -333,31 +437,29 @@ class Limiter:
     ) -> Decision:
         now_ms = self._now_ms()
         now_s = now_ms // 1000
-        now = datetime.fromtimestamp(now_ms / 1000, UTC)
-        keys = _Keys(self._prefix, tenant_id, key_id)
-        budgets = keys.budgets(now)
-        script_keys: list[str] = []
-        for level in range(2):
-            script_keys += [keys.rpm()[level], keys.conc()[level], keys.tpm()[level]]
-            script_keys += budgets[level]
-        args: list[int | str] = [
+        day, month = period_ids(now_s)
+        script_keys = self._keys_of(tenant_id, key_id).decide_keys(day, month)
+        args: tuple[RedisArg, ...] = (
             mode,
             now_ms,
             now_s,
             # unique per hit, so hits with one request id or in one millisecond all count
-            f"{request_id}:{secrets.token_hex(6)}",
+            f"{request_id}:{self._unique}{next(self._sequence):x}",
             lease_id or "",
             now_ms + self._lease_ttl_ms,
             self._lease_ttl_ms + 1000,
             tokens,
             *_limit_args(key_limits),
             *_limit_args(tenant_limits),
-        ]
-        reply = await self._call(lambda: self._decide_script(keys=script_keys, args=args))
+        )
+        commands = self._commands
+        reply = await self._call(commands.evalsha(_DECIDE.sha, _DECIDE.text, script_keys, args))
         if _text(reply[0]) == "missing":
             missing = [_text(m) for m in reply[1]]
+            now = datetime.fromtimestamp(now_ms / 1000, UTC)
+            budgets = self._keys_of(tenant_id, key_id).budgets(day, month)
             await self._rebuild_budgets(tenant_id, key_id, now, budgets, missing)
-            reply = await self._call(lambda: self._decide_script(keys=script_keys, args=args))
+            reply = await self._call(commands.evalsha(_DECIDE.sha, _DECIDE.text, script_keys, args))
             if _text(reply[0]) == "missing":
                 # evicted again at once: deciding without it would not be a check
                 raise LimiterUnavailable("budget counters could not be rebuilt")
@@ -369,6 +471,7 @@ class Limiter:
             return decide((), allowance, lease_id)
         need = 1 if mode == "admit" else tokens
         limits = {"key": key_limits, "tenant": tenant_limits}
+        now = datetime.fromtimestamp(now_ms / 1000, UTC)
         refusals = [self._refusal(raw, limits, now_ms, now, need) for raw in raw_refusals]
         return decide(refusals, allowance)
 
@@ -413,13 +516,18 @@ class Limiter:
             # the budget cannot be checked without its counter: fail closed
             raise LimiterUnavailable(f"ledger unavailable: {type(exc).__name__}") from exc
 
-        pipe = self._redis.pipeline(transaction=False)
+        writes: list[Awaitable[Any]] = []
         for level, ledger in zip(levels, found, strict=True):
             values = (ledger.daily, ledger.monthly, ledger.total)
             for b, name in enumerate(_BUDGET_NAMES):
                 if (_LEVELS[level], name) in wanted:
-                    pipe.set(budgets[level][b], values[b], nx=True, ex=_BUDGET_TTLS[b])
-        await self._call(pipe.execute)
+                    ttl = _BUDGET_TTLS[b]
+                    expiry: tuple[RedisArg, ...] = () if ttl is None else ("EX", ttl)
+                    writes.append(
+                        self._commands.execute("SET", budgets[level][b], values[b], "NX", *expiry)
+                    )
+        # pipelined: they leave together and come back in one read
+        await self._call(asyncio.gather(*writes))
 
     async def _ledger_totals(
         self, tenant_id: int, key_id: int | None, now: datetime
@@ -429,7 +537,8 @@ class Limiter:
         After a Redis restart every request of a busy tenant finds its counters
         missing at once; they wait for one query instead of each sending one.
         """
-        flight = (tenant_id, key_id, day_id(now), month_id(now))
+        day, month = period_ids(now.timestamp())
+        flight = (tenant_id, key_id, day, month)
         task = self._ledger_flights.get(flight)
         if task is None:
             task = asyncio.ensure_future(

@@ -44,7 +44,13 @@ from neuronetz_gateway.adapters.hashing import KeyHasher
 from neuronetz_gateway.adapters.postgres.store import AuthKeyRecord, Store
 from neuronetz_gateway.auth.key_cache import LocalKeyCache, RedisKeyCache, VerifiedKey
 from neuronetz_gateway.auth.metrics import AuthMetrics
-from neuronetz_gateway.domain.keys import PREFIX_LENGTH, InvalidKeyFormat, fingerprint, parse_key
+from neuronetz_gateway.domain.keys import (
+    KEY_LENGTH,
+    PREFIX_LENGTH,
+    InvalidKeyFormat,
+    fingerprint,
+    parse_key,
+)
 from neuronetz_gateway.domain.policy import key_state_refusal, resolve_policy
 from neuronetz_gateway.logging import get_logger
 
@@ -130,18 +136,21 @@ class KeyVerifier:
         """Check one presented key; raises :class:`KeyStoreUnavailable` when it cannot."""
         if not presented:
             return _MISSING
+        if len(presented) != KEY_LENGTH:
+            return _MALFORMED  # what parse_key would say, without hashing a long string
+        fp = fingerprint(presented, self._secret)
+        if self.use_local:
+            cached = self._local.get(fp)
+            if cached is not None:
+                # only a key that parsed is ever cached, so this one parses: skip it
+                if cached.valid_at(self._clock()):
+                    self._metrics.key_cache("local_hit")
+                    return KeyCheck(cached, "ok", presented[:PREFIX_LENGTH])
+                self._local.drop(fp)
         try:
             parsed = parse_key(presented)
         except InvalidKeyFormat:
             return _MALFORMED
-        fp = fingerprint(parsed.full, self._secret)
-        if self.use_local:
-            cached = self._local.get(fp)
-            if cached is not None:
-                if cached.valid_at(self._clock()):
-                    self._metrics.key_cache("local_hit")
-                    return KeyCheck(cached, "ok", parsed.prefix)
-                self._local.drop(fp)
         refused = self._local.get_negative(fp)
         if refused is not None:
             self._metrics.key_cache("negative_hit")

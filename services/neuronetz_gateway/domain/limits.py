@@ -18,7 +18,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from functools import lru_cache
 
 from neuronetz_gateway.domain.identity import Allowance, Limits
 
@@ -39,6 +40,7 @@ __all__ = [
     "decide",
     "month_id",
     "month_start",
+    "period_ids",
     "ratelimit_headers",
     "rpm_retry_after",
     "seconds_until_next_day",
@@ -85,6 +87,24 @@ def day_id(now: datetime) -> str:
 def month_id(now: datetime) -> str:
     """``YYYYMM`` of the UTC month (the monthly budget counter's suffix)."""
     return _utc(now).strftime("%Y%m")
+
+
+_EPOCH = date(1970, 1, 1)
+
+
+@lru_cache(maxsize=4)
+def _ids_of_day(day_number: int) -> tuple[str, str]:
+    d = _EPOCH + timedelta(days=day_number)
+    return f"{d.year:04d}{d.month:02d}{d.day:02d}", f"{d.year:04d}{d.month:02d}"
+
+
+def period_ids(unix_seconds: float) -> tuple[str, str]:
+    """``(day_id, month_id)`` of a unix time, as :func:`day_id` / :func:`month_id` spell them.
+
+    For the hot path: no datetime is built, and the strings are computed
+    once per UTC day (unix time has no leap seconds: a day is 86400 s).
+    """
+    return _ids_of_day(int(unix_seconds // 86_400))
 
 
 def _whole_seconds(seconds: float) -> int:
@@ -234,36 +254,46 @@ class LevelUsage:
     total: int | None = None
 
 
-def _tightest(pairs: Iterable[tuple[int | None, int | None]]) -> tuple[int | None, int | None]:
-    """(limit, remaining) of the level with the least remaining, among those counted."""
-    counted = [
-        (max(0, limit - used), limit)
-        for limit, used in pairs
-        if limit is not None and used is not None
-    ]
-    if not counted:
+def _tightest(
+    key_limit: int | None, key_used: int | None, tenant_limit: int | None, tenant_used: int | None
+) -> tuple[int | None, int | None]:
+    """(limit, remaining) of the level with the least remaining, among those counted.
+
+    Ties go to the smaller limit. Written out (no generators): it runs five
+    times per decision.
+    """
+    best: tuple[int, int] | None = None
+    if key_limit is not None and key_used is not None:
+        best = (max(0, key_limit - key_used), key_limit)
+    if tenant_limit is not None and tenant_used is not None:
+        other = (max(0, tenant_limit - tenant_used), tenant_limit)
+        if best is None or other < best:
+            best = other
+    if best is None:
         return None, None
-    remaining, limit = min(counted)  # ties: the smaller limit
-    return limit, remaining
+    return best[1], best[0]
 
 
 def compute_allowance(
     key_limits: Limits, tenant_limits: Limits, key: LevelUsage, tenant: LevelUsage
 ) -> Allowance:
     """Remaining allowances, the tighter of key and tenant; ``None`` where unlimited."""
-    levels = ((key_limits, key), (tenant_limits, tenant))
-    limit_requests, remaining_requests = _tightest((lim.rpm, use.requests) for lim, use in levels)
-    limit_tokens, remaining_tokens = _tightest((lim.tpm, use.window_tokens) for lim, use in levels)
+    k, t = key_limits, tenant_limits
+    limit_requests, remaining_requests = _tightest(k.rpm, key.requests, t.rpm, tenant.requests)
+    limit_tokens, remaining_tokens = _tightest(
+        k.tpm, key.window_tokens, t.tpm, tenant.window_tokens
+    )
+    _, daily = _tightest(k.daily_tokens, key.daily, t.daily_tokens, tenant.daily)
+    _, monthly = _tightest(k.monthly_tokens, key.monthly, t.monthly_tokens, tenant.monthly)
+    _, total = _tightest(k.total_tokens, key.total, t.total_tokens, tenant.total)
     return Allowance(
         limit_requests=limit_requests,
         remaining_requests=remaining_requests,
         limit_tokens=limit_tokens,
         remaining_tokens=remaining_tokens,
-        remaining_daily_tokens=_tightest((lim.daily_tokens, use.daily) for lim, use in levels)[1],
-        remaining_monthly_tokens=_tightest(
-            (lim.monthly_tokens, use.monthly) for lim, use in levels
-        )[1],
-        remaining_total_tokens=_tightest((lim.total_tokens, use.total) for lim, use in levels)[1],
+        remaining_daily_tokens=daily,
+        remaining_monthly_tokens=monthly,
+        remaining_total_tokens=total,
     )
 
 

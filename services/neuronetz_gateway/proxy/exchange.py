@@ -223,13 +223,28 @@ class Exchange:
         self.estimated = True
 
     async def settle(self) -> None:
-        """Correct the reservation to the charged count (once); budgets are then exact."""
+        """Correct the reservation to the charged count and release the lease (once).
+
+        One round trip does both (the answer is complete by now: non-streamed
+        bodies are in hand, streams have ended). Before the response starts,
+        the remaining allowance is read back for its headers; after it, nobody
+        would see it, so Redis is not asked for it.
+        """
         if self.settled:
             return
         self.settled = True
-        if not self.reserved:
-            return
         identity = self.identity
+        lease_id = identity.lease_id
+        if not self.reserved:
+            if lease_id is not None:
+                try:
+                    await self.ctx.limiter.release_lease(
+                        tenant_id=identity.tenant_id, key_id=identity.key_id, lease_id=lease_id
+                    )
+                except LimiterUnavailable:
+                    log.warning("lease_release_failed", request_id=identity.request_id)
+            return
+        headers_pending = not self.responded
         try:
             allowance = await self.ctx.limiter.settle(
                 tenant_id=identity.tenant_id,
@@ -237,15 +252,18 @@ class Exchange:
                 reserved=self.reserved,
                 actual=self.prompt_tokens + self.completion_tokens,
                 reserved_at=self.reserved_at,
-                key_limits=identity.key_limits,
-                tenant_limits=identity.tenant_limits,
+                key_limits=identity.key_limits if headers_pending else None,
+                tenant_limits=identity.tenant_limits if headers_pending else None,
+                release_lease_id=lease_id,
             )
         except LimiterUnavailable as exc:
             # The reservation stays charged (an over-count, never an under-count);
-            # the ledger row below has the truth for the next rebuild.
+            # the ledger row below has the truth for the next rebuild. The lease
+            # expires by itself after its TTL.
             log.warning("settle_failed", request_id=identity.request_id, reason=str(exc))
             return
-        self.allowance = _merge_tokens(self.allowance, allowance)
+        if headers_pending:
+            self.allowance = _merge_tokens(self.allowance, allowance)
 
     # -- the end ------------------------------------------------------------------------
 
@@ -254,13 +272,6 @@ class Exchange:
         identity = self.identity
         ctx = self.ctx
         await self.settle()
-        if identity.lease_id is not None:
-            try:
-                await ctx.limiter.release_lease(
-                    tenant_id=identity.tenant_id, key_id=identity.key_id, lease_id=identity.lease_id
-                )
-            except LimiterUnavailable:
-                log.warning("lease_release_failed", request_id=identity.request_id)
         duration_ms = int((time.perf_counter() - self.started) * 1000)
         model = self.canonical or self.model
         ctx.audit.submit(

@@ -29,7 +29,7 @@ from neuronetz_gateway.proxy.context import ProxyContext
 from neuronetz_gateway.proxy.exchange import Exchange
 from neuronetz_gateway.proxy.refusals import ClientLeft, Refusal
 
-__all__ = ["proxied_route_handlers", "serve"]
+__all__ = ["proxied_fast_paths", "proxied_route_handlers", "serve"]
 
 log = get_logger(__name__)
 
@@ -138,9 +138,8 @@ async def _v1_models(scope: Scope, receive: Receive, send: Send) -> None:
     await serve("v1.model", "GET", one, scope, receive, send)
 
 
-def proxied_route_handlers() -> list[ASGIRouteHandler]:
-    """One Litestar ``asgi`` handler per proxied route, each to its fixed upstream path."""
-    routes: list[tuple[str, str, str, RouteWork]] = [
+def _routes() -> list[tuple[str, str, str, RouteWork]]:
+    return [
         ("/api/generate", "generate", "POST", partial(_native_model, path="/api/generate")),
         ("/api/chat", "chat", "POST", partial(_native_model, path="/api/chat")),
         ("/api/embed", "embed", "POST", partial(_native_model, path="/api/embed")),
@@ -153,6 +152,19 @@ def proxied_route_handlers() -> list[ASGIRouteHandler]:
         ("/v1/completions", "v1.completions", "POST", openai.completions),
         ("/v1/embeddings", "v1.embeddings", "POST", openai.embeddings),
     ]
+
+
+def proxied_fast_paths() -> dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]]:
+    """The same routes by exact path, for dispatch before Litestar's router.
+
+    Not ``/v1/models``: it is a mount (model ids contain ``/``), left to Litestar.
+    """
+    return {path: partial(serve, route, method, work) for path, route, method, work in _routes()}
+
+
+def proxied_route_handlers() -> list[ASGIRouteHandler]:
+    """One Litestar ``asgi`` handler per proxied route, each to its fixed upstream path."""
+    routes = _routes()
     handlers = [_handler(path, route, method, work, False) for path, route, method, work in routes]
 
     async def v1_models(scope: LitestarScope, receive: LitestarReceive, send: LitestarSend) -> None:

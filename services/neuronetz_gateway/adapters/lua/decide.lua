@@ -11,6 +11,7 @@
 --   {"missing", {"key:daily_tokens", ...}}   budget counters to rebuild from the ledger first
 --   {"ok" | "refused", key_stats, tenant_stats, refusals}
 --     stats = {requests, window_tokens, daily, monthly, total}, -1 where not counted
+--     (reserve does not count requests: -1)
 --     refusal = {reason, level, details...}: rpm -> leaving hit ms; tpm -> second, tokens, ...
 local mode = ARGV[1]
 local now_ms = tonumber(ARGV[2])
@@ -62,12 +63,13 @@ local window_fields = {{}, {}}
 for level = 1, 2 do
   local s = {-1, -1, -1, -1, -1}
   local rpm = limit_of(level, 1)
-  if rpm then
+  -- reserve leaves RPM alone (admit counted the request); its caller uses token values only
+  if rpm and mode == "admit" then
     local rpm_key = key_of(level, 1)
     redis.call("ZREMRANGEBYSCORE", rpm_key, "-inf", now_ms - WINDOW_MS)
     local count = redis.call("ZCARD", rpm_key)
     s[1] = count
-    if mode == "admit" and count >= rpm then
+    if count >= rpm then
       -- the hit whose departure brings the count below the limit
       local leaving = redis.call("ZRANGE", rpm_key, count - rpm, count - rpm, "WITHSCORES")
       refusals[#refusals + 1] = {"rpm", LEVELS[level], tonumber(leaving[2])}

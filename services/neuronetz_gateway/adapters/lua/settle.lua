@@ -1,14 +1,17 @@
--- settle: correct a reservation by delta = actual - reserved (may be negative).
+-- settle: correct a reservation by delta = actual - reserved (may be negative),
+-- and release the request's concurrency lease in the same round trip.
 --
--- KEYS, 7 per level (1..7 key, 8..14 tenant), all in one {t<id>} slot:
+-- KEYS, 7 per level (1..7 key, 8..14 tenant), then 15 / 16, all in one {t<id>} slot:
 --   rpm ZSET, tpm HASH, daily and monthly counters of the reservation's period,
---   total counter, daily and monthly counters of the current period
+--   total counter, daily and monthly counters of the current period;
+--   15 key-level and 16 tenant-level lease ZSETs
 -- ARGV: 1 delta   2 reservation unix second   3 now ms   4 now unix second
+--       5 lease id to release ("" = none)   6 "1" = return the stats, "0" = return {}
 -- Only what exists is adjusted: a missing counter is rebuilt from the ledger
 -- later (which then holds the real count), a TPM bucket that left the window
 -- no longer matters. Counters never go below zero.
 -- Returns {key_stats, tenant_stats}: {requests, window_tokens, daily, monthly, total},
--- -1 where the counter does not exist.
+-- -1 where the counter does not exist (or {} when not asked for).
 local delta = tonumber(ARGV[1])
 local reserved_s = tonumber(ARGV[2])
 local now_ms = tonumber(ARGV[3])
@@ -44,6 +47,11 @@ local function adjust_bucket(tpm_key)
   end
 end
 
+if ARGV[5] ~= "" then
+  redis.call("ZREM", KEYS[15], ARGV[5])
+  redis.call("ZREM", KEYS[16], ARGV[5])
+end
+
 local result = {}
 for level = 1, 2 do
   local tpm_key = key_of(level, 2)
@@ -52,13 +60,15 @@ for level = 1, 2 do
   adjust(key_of(level, 4))
   adjust(key_of(level, 5))
 
-  local requests = redis.call("ZCOUNT", key_of(level, 1), "(" .. (now_ms - 60000), "+inf")
-  local fields = redis.call("HGETALL", tpm_key)
-  local window = 0
-  for i = 1, #fields, 2 do
-    if tonumber(fields[i]) > now_s - 60 then window = window + tonumber(fields[i + 1]) end
+  if ARGV[6] == "1" then
+    local requests = redis.call("ZCOUNT", key_of(level, 1), "(" .. (now_ms - 60000), "+inf")
+    local fields = redis.call("HGETALL", tpm_key)
+    local window = 0
+    for i = 1, #fields, 2 do
+      if tonumber(fields[i]) > now_s - 60 then window = window + tonumber(fields[i + 1]) end
+    end
+    result[level] = {requests, window, read(key_of(level, 6)), read(key_of(level, 7)),
+                     read(key_of(level, 5))}
   end
-  result[level] = {requests, window, read(key_of(level, 6)), read(key_of(level, 7)),
-                   read(key_of(level, 5))}
 end
 return result
