@@ -162,7 +162,9 @@ async def _wire(
 ) -> None:
     settings = service.settings
     if store is None:
-        pool = await open_pool(settings.database_url, min_size=1, max_size=10)
+        # min_size=0: a replica must start during a Postgres outage and serve the keys
+        # warm in the shared Redis cache (the listener reconnects by itself)
+        pool = await open_pool(settings.database_url, min_size=0, max_size=10)
         stack.push_async_callback(pool.close)
         store = Store(pool)
     if redis is None:

@@ -30,6 +30,7 @@ from neuronetz_gateway.auth import responses
 from neuronetz_gateway.auth.key_verifier import KeyStoreUnavailable, KeyVerifier
 from neuronetz_gateway.auth.metrics import AuthMetrics
 from neuronetz_gateway.auth.responses import Answer
+from neuronetz_gateway.domain.dialect import surface_of
 from neuronetz_gateway.domain.identity import Identity, sign_identity
 from neuronetz_gateway.domain.routes import Outcome, RouteMatch, classify
 from neuronetz_gateway.logging import get_logger
@@ -106,9 +107,10 @@ class Authorizer:
         fields: dict[str, object] = {"request_id": request_id}
         try:
             answer, outcome, reason = await self._decide(request, request_id, fields)
-        except Exception:  # pragma: no cover - a bug must still fail closed, not 500
+        except Exception:  # a bug must still fail closed, in the route's dialect, not 500
             log.exception("authorize_failed", request_id=request_id)
-            answer, outcome, reason = responses.unavailable("native", request_id), "error", "bug"
+            surface = surface_of((request.uri or "").split("?", 1)[0])
+            answer, outcome, reason = responses.unavailable(surface, request_id), "error", "bug"
         elapsed = time.perf_counter() - started
         self._metrics.decision(outcome, reason, elapsed)
         client_id = request.client_request_id
