@@ -23,6 +23,7 @@ from neuronetz_gateway.domain.openai_compat import (
     ChatStreamTranslator,
     CompletionStreamTranslator,
     OllamaChatRequest,
+    OllamaChunk,
     OllamaGenerateRequest,
     OllamaOptions,
     TranslationError,
@@ -108,27 +109,15 @@ async def chat_completions(ex: Exchange, scope: Scope, receive: Receive, send: S
         texts.append(_encoder.encode(request.tools).decode())
     images = sum(len(m.images or ()) for m in request.messages)
     estimate = estimate_prompt_tokens(texts, messages=len(request.messages), images=images)
-    await ex.reserve(estimate, _reservation(ex, request, estimate, output))
-    if ex.identity.log_prompts:
-        ex.prompt_text = raw.decode("utf-8", "replace")
-    upstream = await forward(ex, "POST", "/api/chat", encode_ollama_request(request))
-    if upstream.status != 200:
-        raise await upstream_refusal(ex, upstream)
-    request_id = ex.identity.request_id
-    if request.stream:
-        translator = ChatStreamTranslator(
-            request_id, request.model, include_usage=translation.include_usage
-        )
-        await relay_sse(ex, upstream, receive, send, translator)
-        return
-    data = await read_whole(ex, upstream, receive)
-    chunk = decode_ollama_chunk(data)
-    ex.charge(chunk.prompt_eval_count or 0, chunk.eval_count or 0)
-    if ex.identity.log_prompts:
-        ex.response_text = (chunk.message.content if chunk.message else "") or ""
-    await ex.settle()
-    body = chat_completion_body(chunk, request_id=request_id, model=request.model)
-    await ex.respond(send, 200, body, _JSON)
+    await _generate(
+        ex, receive, send, raw, request, estimate, output,
+        upstream_path="/api/chat",
+        translator=lambda: ChatStreamTranslator(
+            ex.identity.request_id, request.model, include_usage=translation.include_usage
+        ),
+        body_of=chat_completion_body,
+        text_of=lambda chunk: (chunk.message.content if chunk.message else "") or "",
+    )  # fmt: skip
 
 
 async def completions(ex: Exchange, scope: Scope, receive: Receive, send: Send) -> None:
@@ -139,26 +128,48 @@ async def completions(ex: Exchange, scope: Scope, receive: Receive, send: Send) 
     await ex.check_model(request.model)
     output = _cap(ex, request)
     estimate = estimate_prompt_tokens([request.prompt, request.suffix or ""])
+    await _generate(
+        ex, receive, send, raw, request, estimate, output,
+        upstream_path="/api/generate",
+        translator=lambda: CompletionStreamTranslator(
+            ex.identity.request_id, request.model, include_usage=translation.include_usage
+        ),
+        body_of=completion_body,
+        text_of=lambda chunk: chunk.response or "",
+    )  # fmt: skip
+
+
+async def _generate(
+    ex: Exchange,
+    receive: Receive,
+    send: Send,
+    raw: bytes,
+    request: OllamaChatRequest | OllamaGenerateRequest,
+    estimate: int,
+    output: int | None,
+    *,
+    upstream_path: str,
+    translator: Callable[[], ChatStreamTranslator | CompletionStreamTranslator],
+    body_of: Callable[..., bytes],
+    text_of: Callable[[OllamaChunk], str],
+) -> None:
+    """Reserve, forward, and answer as a stream (SSE) or one translated body."""
     await ex.reserve(estimate, _reservation(ex, request, estimate, output))
     if ex.identity.log_prompts:
         ex.prompt_text = raw.decode("utf-8", "replace")
-    upstream = await forward(ex, "POST", "/api/generate", encode_ollama_request(request))
+    upstream = await forward(ex, "POST", upstream_path, encode_ollama_request(request))
     if upstream.status != 200:
         raise await upstream_refusal(ex, upstream)
-    request_id = ex.identity.request_id
     if request.stream:
-        translator = CompletionStreamTranslator(
-            request_id, request.model, include_usage=translation.include_usage
-        )
-        await relay_sse(ex, upstream, receive, send, translator)
+        await relay_sse(ex, upstream, receive, send, translator())
         return
     data = await read_whole(ex, upstream, receive)
     chunk = decode_ollama_chunk(data)
     ex.charge(chunk.prompt_eval_count or 0, chunk.eval_count or 0)
     if ex.identity.log_prompts:
-        ex.response_text = chunk.response or ""
+        ex.response_text = text_of(chunk)
     await ex.settle()
-    body = completion_body(chunk, request_id=request_id, model=request.model)
+    body = body_of(chunk, request_id=ex.identity.request_id, model=request.model)
     await ex.respond(send, 200, body, _JSON)
 
 
