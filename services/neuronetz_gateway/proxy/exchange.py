@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime, timedelta
 
+import msgspec
+
 from neuronetz_gateway.adapters.redis_limiter import LimiterUnavailable
 from neuronetz_gateway.domain.accounting import AuditRow, PromptRow
 from neuronetz_gateway.domain.dialect import Surface
@@ -274,25 +276,24 @@ class Exchange:
         await self.settle()
         duration_ms = int((time.perf_counter() - self.started) * 1000)
         model = self.canonical or self.model
-        ctx.audit.submit(
-            AuditRow(
-                request_id=identity.request_id,
-                ts=self.ts,
-                tenant_id=identity.tenant_id,
-                key_id=identity.key_id,
-                key_prefix=identity.key_prefix,
-                route=self.route,
-                model=model,
-                status=self.status,
-                prompt_tokens=self.prompt_tokens,
-                completion_tokens=self.completion_tokens,
-                ttfb_ms=self.ttfb_ms,
-                duration_ms=duration_ms,
-                streamed=self.streamed,
-                client_disconnected=self.disconnected,
-                estimated=self.estimated,
-            )
+        row = AuditRow(
+            request_id=identity.request_id,
+            ts=self.ts,
+            tenant_id=identity.tenant_id,
+            key_id=identity.key_id,
+            key_prefix=identity.key_prefix,
+            route=self.route,
+            model=model,
+            status=self.status,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            ttfb_ms=self.ttfb_ms,
+            duration_ms=duration_ms,
+            streamed=self.streamed,
+            client_disconnected=self.disconnected,
+            estimated=self.estimated,
         )
+        ctx.audit.submit(row)
         if identity.log_prompts and self.prompt_text is not None:
             days = identity.prompt_ttl_days or DEFAULT_PROMPT_TTL_DAYS
             ctx.audit.submit(
@@ -314,20 +315,10 @@ class Exchange:
             metrics.tokens.labels("completion").inc(self.completion_tokens)
         if self.disconnected:
             metrics.client_disconnects.inc()
+        # the canonical line: the audit row (no prompt text in it) and what only the log has
         log.info(
             "proxy_request",
-            request_id=identity.request_id,
+            **msgspec.structs.asdict(row),
             tenant=identity.tenant_name,
-            key_prefix=identity.key_prefix,
-            route=self.route,
-            model=model,
-            status=self.status,
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            estimated=self.estimated,
-            streamed=self.streamed,
-            client_disconnected=self.disconnected,
             upstream_error=self.upstream_error,
-            ttfb_ms=self.ttfb_ms,
-            duration_ms=duration_ms,
         )
