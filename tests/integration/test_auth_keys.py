@@ -14,7 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from neuronetz_gateway.adapters.hashing import KeyHasher
-from neuronetz_gateway.adapters.postgres.store import Store
+from neuronetz_gateway.adapters.postgres.store import AuthKeyRecord, Store
 from neuronetz_gateway.auth.authorize import new_request_id
 from neuronetz_gateway.domain.identity import (
     IDENTITY_HEADER,
@@ -104,6 +104,34 @@ async def test_a_flood_of_wrong_secrets_under_a_valid_prefix_costs_a_handful_of_
         for _ in range(50):
             assert (await authorize(client, wrong[0])).status_code == 401
         assert hasher.verifications == before
+
+
+class _CountingStore(Store):
+    """The real store, counting key lookups (Postgres is still asked for real)."""
+
+    lookups = 0
+
+    async def find_key_for_auth(self, prefix: str) -> AuthKeyRecord | None:
+        self.lookups += 1
+        return await super().find_key_for_auth(prefix)
+
+
+async def test_a_throttled_prefix_costs_no_postgres_lookup(
+    settings: Settings, store: Store
+) -> None:
+    victim = await make_key(store)
+    counting = _CountingStore(store.pool)
+    async with running_app(settings, counting, cheap_hasher()) as (client, _):
+        for _ in range(3):  # spend the prefix's failure budget
+            assert (
+                await authorize(client, generate_key(victim.record.prefix).full)
+            ).status_code == 401
+        before = counting.lookups
+        for _ in range(40):  # a sustained flood of new wrong secrets
+            assert (
+                await authorize(client, generate_key(victim.record.prefix).full)
+            ).status_code == 401
+        assert counting.lookups - before <= 1  # at most one refill (one try per 5 s)
 
 
 async def test_a_cached_key_costs_no_argon2(settings: Settings, store: Store) -> None:

@@ -7,9 +7,10 @@ Order of work, cheapest first::
     in-process negative cache                      a repeated wrong key stops here
     single flight per fingerprint                  a burst of one cold key: one lookup
       Redis cache (shared by replicas)
+      per-prefix failure budget                    many *different* wrong secrets
       Postgres by prefix (Store.find_key_for_auth)
       revoked / expired: refused without Argon2
-      per-prefix failure budget                    many *different* wrong secrets
+      per-prefix failure budget (again, after the wait for the lookup)
       Argon2id in a thread, bounded, one at a time per prefix
 
 Why a per-prefix budget: a mistyped key almost never passes the checksum,
@@ -187,6 +188,11 @@ class KeyVerifier:
                 self._local.put(fp, cached, epoch)
             return KeyCheck(cached, "ok", prefix)
         self._metrics.key_cache("miss")
+        if not self._budget.available(prefix):
+            # Under attack: refuse before Postgres too, not only before Argon2. A
+            # legitimate key cached in Redis was served above.
+            self._metrics.argon2_throttled.inc()
+            return KeyCheck(None, "throttled", prefix)
         try:
             record = await self._store.find_key_for_auth(prefix)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
