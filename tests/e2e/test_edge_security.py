@@ -26,7 +26,7 @@ from neuronetz_gateway.domain.identity import Identity, sign_identity, verify_id
 from neuronetz_gateway.domain.keys import generate_key
 from tests.conftest import TEST_SECRET
 from tests.e2e.conftest import IssuedKey, Ledger
-from tests.e2e.processes import CADDYFILE, E2EStack, require_caddy, sim_clear, sim_requests
+from tests.e2e.processes import CADDYFILE, E2EStack, sim_clear, sim_requests
 
 pytestmark = pytest.mark.e2e
 
@@ -62,12 +62,14 @@ def raw_request(
 
 
 @contextlib.contextmanager
-def extra_caddy(tmp_path: Path, *, auth: list[str], proxy: list[str]) -> Iterator[str]:
-    """A second Caddy on the repository's Caddyfile with the given upstreams; yields its URL."""
+def extra_caddy(
+    stack: E2EStack, tmp_path: Path, *, auth: list[str], proxy: list[str]
+) -> Iterator[str]:
+    """A second Caddy (same version) on the repository's Caddyfile with these upstreams."""
     port = free_port()
     caddy = ManagedProcess(
         f"caddy-{port}",
-        [require_caddy(), "run", "--adapter", "caddyfile", "--config", str(CADDYFILE)],
+        [stack.caddy, "run", "--adapter", "caddyfile", "--config", str(CADDYFILE)],
         env={
             "PATH": os.environ["PATH"],
             "NZ_SITE_ADDRESS": f"http://127.0.0.1:{port}",
@@ -345,12 +347,15 @@ async def test_the_proxy_receives_only_the_identity_auth_issued(
     threading.Thread(target=echo.serve_forever, daemon=True).start()
     try:
         with extra_caddy(
+            e2e_stack,
             tmp_path,
             auth=[u.removeprefix("http://") for u in e2e_stack.auth_urls],
             proxy=[f"127.0.0.1:{echo.server_address[1]}"],
         ) as url:
             spellings = dict.fromkeys(IDENTITY_HEADER_SPELLINGS, smuggled)
-            stack = E2EStack(url=url, simulator_url="", auth_urls=[], proxy_urls=[])
+            stack = E2EStack(
+                url=url, caddy=e2e_stack.caddy, simulator_url="", auth_urls=[], proxy_urls=[]
+            )
             status, _, body = raw_request(
                 stack,
                 "POST",
@@ -379,7 +384,7 @@ async def test_unreachable_auth_gives_503_in_dialect_and_a_dead_replica_is_skipp
     live_auth = [u.removeprefix("http://") for u in e2e_stack.auth_urls]
     proxies = [u.removeprefix("http://") for u in e2e_stack.proxy_urls]
     dead = f"127.0.0.1:{free_port()}"
-    with extra_caddy(tmp_path, auth=[dead], proxy=proxies) as url:
+    with extra_caddy(e2e_stack, tmp_path, auth=[dead], proxy=proxies) as url:
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
             native = await client.post("/api/chat", json=CHAT_BODY, headers=auth)
             openai_style = await client.post("/v1/chat/completions", json=OPENAI_BODY, headers=auth)
@@ -389,7 +394,7 @@ async def test_unreachable_auth_gives_503_in_dialect_and_a_dead_replica_is_skipp
     assert isinstance(native.json()["error"], str)
     assert openai_style.json()["error"]["code"] == "service_unavailable"
     # One dead replica among live ones: Caddy retries another, every request passes.
-    with extra_caddy(tmp_path, auth=[dead, *live_auth], proxy=[dead, *proxies]) as url:
+    with extra_caddy(e2e_stack, tmp_path, auth=[dead, *live_auth], proxy=[dead, *proxies]) as url:
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
             answers = [
                 await client.post("/api/chat", json=CHAT_BODY, headers=auth) for _ in range(8)

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import yaml
 
 from neuronetz_gateway.devstack.caddyfile import PACKAGED_CADDYFILE, REPOSITORY_CADDYFILE
 from tests.e2e.processes import service_argv
+from tests.support.caddy import caddy_binaries
 
 ROOT = Path(__file__).resolve().parents[2]
 CADDYFILE = ROOT / "caddy" / "Caddyfile"
@@ -35,13 +35,14 @@ def _compose(name: str) -> dict[str, Any]:
     return data
 
 
-def _caddy() -> str:
-    caddy = shutil.which("caddy")
-    if caddy is None:
-        pytest.fail(
-            "caddy is not on PATH: install it (Debian: apt install caddy) to run these tests"
-        )
-    return caddy
+CADDIES = caddy_binaries()
+
+
+def _caddy(version: str | None = None) -> str:
+    """The Caddy of ``version`` (default: the oldest found, Debian's 2.6 in CI)."""
+    if not CADDIES:
+        pytest.fail("no caddy found: install Debian's (apt install caddy) and the dev group")
+    return CADDIES[version] if version else next(iter(CADDIES.values()))
 
 
 # ---------------------------------------------------------------- compose
@@ -183,9 +184,11 @@ ENV_COMBINATIONS: dict[str, dict[str, str]] = {
 }
 
 
-def _run_caddy(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _run_caddy(
+    args: list[str], env: dict[str, str], version: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [_caddy(), *args, "--adapter", "caddyfile", "--config", str(CADDYFILE)],
+        [_caddy(version), *args, "--adapter", "caddyfile", "--config", str(CADDYFILE)],
         env={**_BASE_ENV, **env},
         capture_output=True,
         text=True,
@@ -194,9 +197,10 @@ def _run_caddy(args: list[str], env: dict[str, str]) -> subprocess.CompletedProc
     )
 
 
+@pytest.mark.parametrize("version", list(CADDIES) or ["none"])
 @pytest.mark.parametrize("env", ENV_COMBINATIONS.values(), ids=ENV_COMBINATIONS.keys())
-def test_caddy_validates_the_caddyfile(env: dict[str, str]) -> None:
-    result = _run_caddy(["validate"], env)
+def test_caddy_validates_the_caddyfile(env: dict[str, str], version: str) -> None:
+    result = _run_caddy(["validate"], env, version if version in CADDIES else None)
     assert result.returncode == 0, result.stderr
     assert "Valid configuration" in result.stdout + result.stderr
 
