@@ -8,16 +8,17 @@ is what Granian runs as a factory in each worker.
 
 Routes: ``GET /authorize`` (a plain ASGI handler: no signature parsing, no
 DTO, prebuilt headers), ``/healthz``, ``/readyz`` (Redis and Postgres answer),
-``/metrics`` (Prometheus). ``/authorize`` is answered before Litestar's router
-(:class:`AuthApp`): routing, its middleware and scope state cost a decision
-about as much CPU as the decision's own Python, and none of it is needed.
+``/metrics`` (Prometheus). ``/authorize`` is answered before Litestar's
+router (:class:`~neuronetz_gateway.fast_paths.FastPathLitestar`): routing,
+its middleware and scope state cost a decision about as much CPU as the
+decision's own Python, and none of it is needed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -38,10 +39,11 @@ from neuronetz_gateway.auth.key_cache import LocalKeyCache, RedisKeyCache
 from neuronetz_gateway.auth.key_verifier import KeyVerifier
 from neuronetz_gateway.auth.metrics import AuthMetrics
 from neuronetz_gateway.auth.revocation import KeyEventListener
+from neuronetz_gateway.fast_paths import FastPathLitestar
 from neuronetz_gateway.logging import configure_logging, get_logger
 from neuronetz_gateway.settings import Settings, load_settings
 
-__all__ = ["AuthApp", "AuthService", "create_app", "create_app_from_env", "open_shared_redis"]
+__all__ = ["AuthService", "create_app", "create_app_from_env", "open_shared_redis"]
 
 log = get_logger("neuronetz_gateway.auth")
 
@@ -61,28 +63,6 @@ class AuthService:
         self.verifier: KeyVerifier | None = None
         self.authorizer: Authorizer | None = None
         self.listener: KeyEventListener | None = None
-
-
-AsgiCall = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-
-class AuthApp(Litestar):
-    """Litestar, with exact ``/authorize`` requests handed to the decision at once.
-
-    Everything else (lifespan, health, metrics, path variants such as
-    ``/authorize/``) goes through Litestar as usual, where the same handler
-    is also registered.
-    """
-
-    authorize_fast: AsgiCall | None = None
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        fast = self.authorize_fast
-        if fast is not None and scope["type"] == "http" and scope["path"] == "/authorize":
-            scope["app"] = self
-            await fast(scope, receive, send)
-            return
-        await super().__call__(scope, receive, send)
 
 
 def create_app(
@@ -139,14 +119,14 @@ def create_app(
     def metrics_endpoint() -> Response[bytes]:
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    app = AuthApp(
+    app = FastPathLitestar(
         route_handlers=[authorize, healthz, readyz, metrics_endpoint],
         lifespan=[lifespan],
         openapi_config=None,
         logging_config=None,
         debug=False,
     )
-    app.authorize_fast = decide
+    app.fast_paths = {"/authorize": decide}
     return app
 
 

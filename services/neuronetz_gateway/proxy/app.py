@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,15 +26,15 @@ from neuronetz_gateway.adapters.ollama_client import OllamaClient
 from neuronetz_gateway.adapters.postgres.store import Store, open_pool
 from neuronetz_gateway.adapters.redis_limiter import Limiter, open_redis
 from neuronetz_gateway.domain.dialect import error_body
+from neuronetz_gateway.fast_paths import FastPathLitestar
 from neuronetz_gateway.logging import configure_logging, get_logger
-from neuronetz_gateway.proxy.asgi import Receive, Scope, Send
 from neuronetz_gateway.proxy.context import ProxyContext
 from neuronetz_gateway.proxy.discovery import ModelDiscovery
 from neuronetz_gateway.proxy.metrics import ProxyMetrics
 from neuronetz_gateway.proxy.routes import proxied_fast_paths, proxied_route_handlers
 from neuronetz_gateway.settings import Settings, load_settings
 
-__all__ = ["ProxyApp", "create_app", "create_app_from_env"]
+__all__ = ["create_app", "create_app_from_env"]
 
 log = get_logger(__name__)
 
@@ -51,28 +51,6 @@ async def _purge_prompts(store: Store, interval: float) -> None:
         except Exception as exc:  # noqa: BLE001 - Postgres may be away; the next round retries
             log.warning("prompt_purge_failed", reason=type(exc).__name__)
         await asyncio.sleep(interval)
-
-
-class ProxyApp(Litestar):
-    """Litestar, with the proxied routes' exact paths dispatched before its router.
-
-    A proxied request is a plain ASGI exchange (``proxy/asgi.py``); Litestar's
-    routing, middleware and per-request scope state would cost it more CPU
-    than verifying the identity. Everything else (lifespan, health, metrics,
-    ``/v1/models/...``, unknown paths and their dialect 404s) goes through
-    Litestar, where the same handlers are registered.
-    """
-
-    fast_paths: dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]]  # set by create_app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            fast = self.fast_paths.get(scope["path"])
-            if fast is not None:
-                scope["app"] = self
-                await fast(scope, receive, send)
-                return
-        await super().__call__(scope, receive, send)
 
 
 def create_app(
@@ -175,7 +153,7 @@ def create_app(
         """Prometheus text format."""
         return metrics.render()
 
-    app = ProxyApp(
+    app = FastPathLitestar(
         route_handlers=[*proxied_route_handlers(), healthz, readyz, metrics_endpoint],
         lifespan=[lifespan],
         exception_handlers={HTTPException: _dialect_error, Exception: _internal_error},
