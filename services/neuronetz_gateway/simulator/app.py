@@ -31,7 +31,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from typing import Any, Literal, NoReturn, TypeVar
+from typing import Any, Literal, NoReturn, Protocol, TypeVar
 
 import msgspec
 
@@ -62,6 +62,13 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+
+
+class _ModelBody(Protocol):
+    model: str
+
+
+_M = TypeVar("_M", bound=_ModelBody)
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -451,6 +458,27 @@ class SimulatorApp:
         except msgspec.DecodeError:
             return None
 
+    async def _model_request(
+        self, decoder: msgspec.json.Decoder[_M], body: bytes, send: Send, kind: str
+    ) -> tuple[_M, SimulatedModel] | None:
+        """The request and its model; otherwise Ollama's 400/404 is sent and ``None`` returned."""
+        req = self._decode(decoder, body)
+        if req is None:
+            await _respond(send, 400, _encode({"error": f"invalid {kind} request body"}))
+            return None
+        model, error = self._lookup(req.model)
+        if error or model is None:
+            await _respond(send, *(error or _model_not_found(req.model)))
+            return None
+        return req, model
+
+    async def _answered_busy(self, send: Send) -> bool:
+        """In the ``busy`` failure mode, answer Ollama's 503 and say so."""
+        if self.config.failure != "busy":
+            return False
+        await _respond(send, 503, _encode({"error": BUSY_MESSAGE}))
+        return True
+
     def _lookup(self, name: str) -> tuple[SimulatedModel | None, tuple[int, bytes] | None]:
         """The model, or the error answer Ollama gives for it."""
         if not name:
@@ -469,14 +497,10 @@ class SimulatorApp:
         return False
 
     async def _chat(self, body: bytes, receive: Receive, send: Send) -> None:
-        req = self._decode(_chat_decoder, body)
-        if req is None:
-            await _respond(send, 400, _encode({"error": "invalid chat request body"}))
+        found = await self._model_request(_chat_decoder, body, send, "chat")
+        if found is None:
             return
-        model, error = self._lookup(req.model)
-        if error or model is None:
-            await _respond(send, *(error or _model_not_found(req.model)))
-            return
+        req, model = found
         if model.embedding:
             await _respond(send, 400, _encode({"error": f'"{req.model}" does not support chat'}))
             return
@@ -502,14 +526,10 @@ class SimulatorApp:
         )
 
     async def _generate(self, body: bytes, receive: Receive, send: Send) -> None:
-        req = self._decode(_generate_decoder, body)
-        if req is None:
-            await _respond(send, 400, _encode({"error": "invalid generate request body"}))
+        found = await self._model_request(_generate_decoder, body, send, "generate")
+        if found is None:
             return
-        model, error = self._lookup(req.model)
-        if error or model is None:
-            await _respond(send, *(error or _model_not_found(req.model)))
-            return
+        req, model = found
         if model.embedding:
             await _respond(
                 send, 400, _encode({"error": f'"{req.model}" does not support generate'})
@@ -579,8 +599,7 @@ class SimulatorApp:
         chat: bool,
     ) -> None:
         config = self.config
-        if config.failure == "busy":
-            await _respond(send, 503, _encode({"error": BUSY_MESSAGE}))
+        if await self._answered_busy(send):
             return
         if fmt:
             pieces = split_text(json_document(fmt), config.chunks)
@@ -704,8 +723,7 @@ class SimulatorApp:
     async def _answer_tool_call(
         self, send: Send, req: _ChatBody, prompt_count: int, *, stream: bool
     ) -> None:
-        if self.config.failure == "busy":
-            await _respond(send, 503, _encode({"error": BUSY_MESSAGE}))
+        if await self._answered_busy(send):
             return
         tools = req.tools or []
         chosen = next(
@@ -731,16 +749,11 @@ class SimulatorApp:
         await _respond(send, 200, body, _NDJSON)
 
     async def _embed(self, body: bytes, receive: Receive, send: Send) -> None:
-        req = self._decode(_embed_decoder, body)
-        if req is None:
-            await _respond(send, 400, _encode({"error": "invalid embed request body"}))
+        found = await self._model_request(_embed_decoder, body, send, "embed")
+        if found is None:
             return
-        model, error = self._lookup(req.model)
-        if error or model is None:
-            await _respond(send, *(error or _model_not_found(req.model)))
-            return
-        if self.config.failure == "busy":
-            await _respond(send, 503, _encode({"error": BUSY_MESSAGE}))
+        req, model = found
+        if await self._answered_busy(send):
             return
         self._touch(model, req.keep_alive)
         inputs = [req.input] if isinstance(req.input, str) else req.input
@@ -765,16 +778,11 @@ class SimulatorApp:
         )
 
     async def _embeddings(self, body: bytes, receive: Receive, send: Send) -> None:
-        req = self._decode(_embeddings_decoder, body)
-        if req is None:
-            await _respond(send, 400, _encode({"error": "invalid embeddings request body"}))
+        found = await self._model_request(_embeddings_decoder, body, send, "embeddings")
+        if found is None:
             return
-        model, error = self._lookup(req.model)
-        if error or model is None:
-            await _respond(send, *(error or _model_not_found(req.model)))
-            return
-        if self.config.failure == "busy":
-            await _respond(send, 503, _encode({"error": BUSY_MESSAGE}))
+        req, model = found
+        if await self._answered_busy(send):
             return
         self._touch(model, None)
         vector = embedding_vector(model.canonical, req.prompt) if req.prompt else []
