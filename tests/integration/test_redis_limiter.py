@@ -166,6 +166,16 @@ async def test_rpm_tenant_limit_is_shared_by_its_keys(make_limiter: MakeLimiter)
     assert {(d.reason, d.level) for d in decisions if not d.allowed} == {("rpm", "tenant")}
 
 
+async def test_a_zero_rpm_refuses_for_a_whole_window_without_failing(
+    make_limiter: MakeLimiter,
+) -> None:
+    """The CLI refuses 0, but a 0 that reached Redis must refuse cleanly, not crash."""
+    limiter = make_limiter()
+    decision = await admit(limiter, new_id(), new_id(), Limits(rpm=0), Limits())
+    assert not decision.allowed
+    assert (decision.reason, decision.level, decision.retry_after) == ("rpm", "key", 60)
+
+
 async def test_rpm_refused_by_tenant_consumes_nothing_of_the_key(
     make_limiter: MakeLimiter,
 ) -> None:

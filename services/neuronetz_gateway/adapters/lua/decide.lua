@@ -72,7 +72,8 @@ for level = 1, 2 do
     if count >= rpm then
       -- the hit whose departure brings the count below the limit
       local leaving = redis.call("ZRANGE", rpm_key, count - rpm, count - rpm, "WITHSCORES")
-      refusals[#refusals + 1] = {"rpm", LEVELS[level], tonumber(leaving[2])}
+      -- a limit of 0 has no hit to wait for: a whole window (defensive; the CLI refuses 0)
+      refusals[#refusals + 1] = {"rpm", LEVELS[level], tonumber(leaving[2]) or now_ms}
     end
   end
   local conc = limit_of(level, 3)
