@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
 
 from neuronetz_gateway.adapters.audit_writer import AuditWriter
 from neuronetz_gateway.adapters.postgres.store import Store
-from neuronetz_gateway.domain.accounting import AuditRow
+from neuronetz_gateway.domain.accounting import AuditRow, PromptRow
 
 
 def _row(request_id: str) -> AuditRow:
@@ -142,4 +142,33 @@ async def test_writers_sharing_a_spool_replay_each_file_once(store: Store, tmp_p
     results = await asyncio.gather(first.replay_spool(), second.replay_spool())
     assert sum(results) >= 6
     assert await _count(store, ids) == 18
+    assert _names(tmp_path) == []
+
+
+async def test_prompt_rows_replayed_by_two_writers_land_once(store: Store, tmp_path: Path) -> None:
+    now = datetime.now(UTC)
+    ids = [f"req-prompt-{secrets.token_hex(4)}" for _ in range(5)]
+    data = b"".join(
+        msgspec.json.encode(
+            PromptRow(
+                request_id=i,
+                tenant_id=7,
+                key_id=8,
+                created_at=now,
+                expires_at=now + timedelta(days=1),
+                request_text="q",
+                response_text="a",
+            )
+        )
+        + b"\n"
+        for i in ids
+    )
+    for n in range(4):  # the same rows spooled four times (retries, replicas)
+        _put(tmp_path / f"{n:020d}-{secrets.token_hex(4)}-prompt.jsonl", data)
+    first, second = AuditWriter(store.pool, tmp_path), AuditWriter(store.pool, tmp_path)
+    await asyncio.gather(first.replay_spool(), second.replay_spool())
+    count = await store.pool.fetchval(
+        "SELECT count(*) FROM prompt_log WHERE request_id = ANY($1::text[])", ids
+    )
+    assert count == 5
     assert _names(tmp_path) == []

@@ -8,8 +8,8 @@ cannot take a batch, the batch goes to the durable local spool: one JSONL
 file per batch and kind, written to a temporary name, fsync'd and renamed
 (so a file is either whole or absent). A replay task writes spooled files
 back, oldest first, and deletes each once written; replaying twice is
-harmless because ``request_id`` is unique in ``usage_log`` and prompt rows
-are inserted only when absent. On shutdown the queue is flushed (to
+harmless because ``request_id`` is unique in ``usage_log`` and in
+``prompt_log``. On shutdown the queue is flushed (to
 Postgres, or to the spool).
 
 A row Postgres refuses for good (it should not happen: text is cleaned of
@@ -51,8 +51,8 @@ ON CONFLICT (request_id) DO NOTHING
 _INSERT_PROMPT = """
 INSERT INTO prompt_log (request_id, tenant_id, key_id, created_at, expires_at, request_text,
     response_text)
-SELECT $1::varchar, $2::int, $3::int, $4::timestamptz, $5::timestamptz, $6::text, $7::text
-WHERE NOT EXISTS (SELECT 1 FROM prompt_log WHERE request_id = $1::varchar)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (request_id) DO NOTHING
 """
 
 _STOP = object()

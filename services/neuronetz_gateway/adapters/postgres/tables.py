@@ -92,7 +92,7 @@ class PromptLog(Table, tablename="prompt_log"):
     """Opt-in prompt/response text, deleted after ``expires_at``."""
 
     id = BigSerial(primary_key=True)
-    request_id = Varchar(length=64, null=False, index=True)
+    request_id = Varchar(length=64, null=False, unique=True)  # unique index: migration m0003
     tenant_id = Integer(null=False)
     key_id = Integer(null=False)
     created_at = Timestamptz(default=TimestamptzNow())
