@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -152,3 +153,4 @@ def running_proxy(
         yield server
     finally:
         server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
