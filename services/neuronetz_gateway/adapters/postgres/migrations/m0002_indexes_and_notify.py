@@ -5,7 +5,7 @@ with ``key:<prefix>`` or ``tenant:<id>`` so every auth replica evicts what it
 cached about them within moments of a revoke, rotate or limit change.
 """
 
-from piccolo.apps.migrations.auto.migration_manager import MigrationManager
+from neuronetz_gateway.adapters.postgres.raw_sql_migration import raw_sql_migration
 
 ID = "2026-11-26T07:30:00:000000"
 VERSION = "1.38.0"
@@ -62,21 +62,4 @@ _BACKWARDS = [
 ]
 
 
-async def forwards() -> MigrationManager:
-    manager = MigrationManager(migration_id=ID, app_name="gateway", description=DESCRIPTION)
-
-    async def run() -> None:
-        from neuronetz_gateway.adapters.postgres.tables import Tenant
-
-        for statement in _FORWARDS:
-            await Tenant.raw(statement)
-
-    async def run_backwards() -> None:
-        from neuronetz_gateway.adapters.postgres.tables import Tenant
-
-        for statement in _BACKWARDS:
-            await Tenant.raw(statement)
-
-    manager.add_raw(run)
-    manager.add_raw_backwards(run_backwards)
-    return manager
+forwards = raw_sql_migration(ID, DESCRIPTION, _FORWARDS, _BACKWARDS)

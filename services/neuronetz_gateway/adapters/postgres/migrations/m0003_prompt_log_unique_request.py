@@ -5,7 +5,7 @@ a ``NOT EXISTS`` check, which two replicas replaying the same spool file at
 the same moment could both pass.
 """
 
-from piccolo.apps.migrations.auto.migration_manager import MigrationManager
+from neuronetz_gateway.adapters.postgres.raw_sql_migration import raw_sql_migration
 
 ID = "2026-11-26T09:00:00:000000"
 VERSION = "1.38.0"
@@ -20,21 +20,4 @@ _FORWARDS = [
 _BACKWARDS = ["DROP INDEX IF EXISTS prompt_log_request_id_uq"]
 
 
-async def forwards() -> MigrationManager:
-    manager = MigrationManager(migration_id=ID, app_name="gateway", description=DESCRIPTION)
-
-    async def run() -> None:
-        from neuronetz_gateway.adapters.postgres.tables import Tenant
-
-        for statement in _FORWARDS:
-            await Tenant.raw(statement)
-
-    async def run_backwards() -> None:
-        from neuronetz_gateway.adapters.postgres.tables import Tenant
-
-        for statement in _BACKWARDS:
-            await Tenant.raw(statement)
-
-    manager.add_raw(run)
-    manager.add_raw_backwards(run_backwards)
-    return manager
+forwards = raw_sql_migration(ID, DESCRIPTION, _FORWARDS, _BACKWARDS)
