@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The project's one set-up: what the README tells a new user to run and what CI
+# (.ci/run) runs, so the two cannot drift. Safe to repeat; installs only what is missing.
+#   Debian packages: caddy, postgresql, redis-server (+ tools), prometheus (promtool), nodejs/npm
+#   Python tools, pinned: tools/requirements.txt (pdm, go-task)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+
+apt_updated=0
+apt_install() {
+  if [ "$apt_updated" = 0 ]; then $SUDO apt-get update -qq; apt_updated=1; fi
+  $SUDO apt-get install -y -qq "$@" >/dev/null
+}
+have_pg_binaries() {
+  command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1
+}
+
+command -v caddy >/dev/null 2>&1 || apt_install caddy
+have_pg_binaries || apt_install postgresql postgresql-client
+command -v pg_dump >/dev/null 2>&1 || apt_install postgresql-client
+command -v redis-server >/dev/null 2>&1 || apt_install redis-server
+command -v redis-cli >/dev/null 2>&1 || apt_install redis-tools
+command -v openssl >/dev/null 2>&1 || apt_install openssl
+command -v promtool >/dev/null 2>&1 || apt_install prometheus
+command -v npm >/dev/null 2>&1 || apt_install nodejs npm
+# initdb refuses root: the test harness runs it as this user.
+id postgres >/dev/null 2>&1 || $SUDO useradd --system --home /var/lib/postgresql --shell /bin/sh postgres
+
+python3 -m pip install -q -r tools/requirements.txt
+
+caddy version
+task --version
+pdm --version
