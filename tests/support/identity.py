@@ -41,6 +41,8 @@ ROUTE_BY_PATH = {
     "/v1/completions": "v1.completions",
     "/v1/embeddings": "v1.embeddings",
     "/v1/models": "v1.models",
+    "/v1/messages": "v1.messages",
+    "/v1/messages/count_tokens": "v1.messages.count_tokens",
 }
 
 
