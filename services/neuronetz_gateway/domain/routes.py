@@ -73,10 +73,12 @@ ROUTES: tuple[Route, ...] = (
     Route("tags", "GET", "/api/tags"),
     Route("ps", "GET", "/api/ps"),
     Route("version", "GET", "/api/version"),
+    Route("key", "GET", "/api/key"),
     Route("v1.chat.completions", "POST", "/v1/chat/completions"),
     Route("v1.completions", "POST", "/v1/completions"),
     Route("v1.embeddings", "POST", "/v1/embeddings"),
     Route("v1.models", "GET", "/v1/models"),
+    Route("v1.key", "GET", "/v1/key"),
     Route("v1.messages", "POST", "/v1/messages", query=True),
     Route("v1.messages.count_tokens", "POST", "/v1/messages/count_tokens", query=True),
 )
