@@ -66,13 +66,30 @@ class _NativeBody(msgspec.Struct):
     error: str
 
 
+class _NativeLimitBody(msgspec.Struct):
+    """A native refusal by a limit: Ollama's ``error`` plus which limit (SPEC section 5)."""
+
+    error: str
+    code: str
+    limit: str
+
+
 def error_body(
-    path_or_surface: str, status: int, code: str, message: str, *, param: str | None = None
+    path_or_surface: str,
+    status: int,
+    code: str,
+    message: str,
+    *,
+    param: str | None = None,
+    limit: str | None = None,
 ) -> bytes:
     """The JSON error body for ``status`` in the dialect of a path (or a named surface).
 
     ``path_or_surface`` is either ``"native"``/``"openai"`` or the request
     path (``/v1/...`` → OpenAI's object, anything else → ``{"error": ...}``).
+    ``limit`` (a refusal by a limit: ``rpm``, ``daily_tokens``, ...) makes the
+    native body ``{"error", "code", "limit"}``; OpenAI's object names the kind
+    in ``code`` and the limit in its message.
     """
     if path_or_surface in (NATIVE, OPENAI):
         surface = path_or_surface
@@ -83,4 +100,6 @@ def error_body(
             message=message, type=error_type(status, code), code=code, param=param
         )
         return _encoder.encode(_OpenAIBody(error=detail))
+    if limit is not None:
+        return _encoder.encode(_NativeLimitBody(error=message, code=code, limit=limit))
     return _encoder.encode(_NativeBody(error=message))
