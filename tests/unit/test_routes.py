@@ -28,8 +28,8 @@ def test_every_canonical_route_is_allowed_with_its_id(
 
 def test_route_ids_are_the_specified_ones() -> None:
     assert {r.id for r in ROUTES} | {"v1.model"} == {
-        "generate", "chat", "embed", "embeddings", "show", "tags", "ps", "version",
-        "v1.chat.completions", "v1.completions", "v1.embeddings", "v1.models", "v1.model",
+        "generate", "chat", "embed", "embeddings", "show", "tags", "ps", "version", "key",
+        "v1.chat.completions", "v1.completions", "v1.embeddings", "v1.models", "v1.model", "v1.key",
     }  # fmt: skip
 
 

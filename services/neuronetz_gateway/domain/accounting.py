@@ -10,7 +10,7 @@
   Ollama options that cost shared GPU (``num_ctx``, ``num_predict``,
   ``keep_alive``);
 - :class:`FinalCounts` / :func:`decode_final_counts`: the counts of Ollama's
-  final chunk (decoded only for the line that carries them);
+  final chunk (from :mod:`.stream_lines`, re-exported);
 - :class:`AuditRow` / :class:`PromptRow`: what the audit writer stores.
 
 Caps policy (stated in scope-docs/SPEC.md by the lead): ``num_ctx`` and
@@ -30,6 +30,7 @@ from typing import Any
 import msgspec
 
 from neuronetz_gateway.domain.identity import Allowance, OptionCaps
+from neuronetz_gateway.domain.stream_lines import FinalCounts, decode_final_counts
 
 __all__ = [
     "CHARS_PER_TOKEN",
@@ -283,26 +284,6 @@ def keep_alive_seconds(value: Any) -> float | None:
 
 
 # counts -------------------------------------------------------------------------
-
-
-class FinalCounts(msgspec.Struct):
-    """A view of an Ollama NDJSON line: only the final-chunk counts and an error."""
-
-    done: bool = False
-    prompt_eval_count: int | None = None
-    eval_count: int | None = None
-    error: str | None = None
-
-
-_counts_decoder = msgspec.json.Decoder(FinalCounts)
-
-
-def decode_final_counts(line: bytes) -> FinalCounts | None:
-    """The counts view of one line or body; ``None`` when it is not a JSON object."""
-    try:
-        return _counts_decoder.decode(line)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
 
 
 class _TextView(msgspec.Struct):

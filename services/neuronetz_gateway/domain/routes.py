@@ -67,10 +67,12 @@ ROUTES: tuple[Route, ...] = (
     Route("tags", "GET", "/api/tags"),
     Route("ps", "GET", "/api/ps"),
     Route("version", "GET", "/api/version"),
+    Route("key", "GET", "/api/key"),
     Route("v1.chat.completions", "POST", "/v1/chat/completions"),
     Route("v1.completions", "POST", "/v1/completions"),
     Route("v1.embeddings", "POST", "/v1/embeddings"),
     Route("v1.models", "GET", "/v1/models"),
+    Route("v1.key", "GET", "/v1/key"),
 )
 _MODEL_ROUTE = Route("v1.model", "GET", "/v1/models/{model}")
 _MODEL_PATH_PREFIX = "/v1/models/"

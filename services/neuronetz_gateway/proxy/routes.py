@@ -23,7 +23,7 @@ from litestar.types import Send as LitestarSend
 from neuronetz_gateway.domain.dialect import NATIVE, OPENAI, Surface, error_body
 from neuronetz_gateway.domain.identity import IdentityError, verify_identity
 from neuronetz_gateway.logging import get_logger
-from neuronetz_gateway.proxy import native, openai
+from neuronetz_gateway.proxy import key_info, native, openai
 from neuronetz_gateway.proxy.asgi import Receive, Scope, Send, request_header, send_response
 from neuronetz_gateway.proxy.context import ProxyContext
 from neuronetz_gateway.proxy.exchange import Exchange
@@ -155,9 +155,11 @@ def _routes() -> list[tuple[str, str, str, RouteWork]]:
         ("/api/tags", "tags", "GET", native.tags),
         ("/api/ps", "ps", "GET", native.running_models),
         ("/api/version", "version", "GET", native.version),
+        ("/api/key", "key", "GET", key_info.key_info),
         ("/v1/chat/completions", "v1.chat.completions", "POST", openai.chat_completions),
         ("/v1/completions", "v1.completions", "POST", openai.completions),
         ("/v1/embeddings", "v1.embeddings", "POST", openai.embeddings),
+        ("/v1/key", "v1.key", "GET", key_info.key_info),
     ]
 
 

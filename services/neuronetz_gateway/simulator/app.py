@@ -19,7 +19,8 @@ Deterministic by design, so tests can predict every number:
 - embeddings are unit vectors derived from a hash of model and text.
 
 Test controls live under ``/_sim/``: ``GET|POST /_sim/config`` (chunks,
-delay, models, failure modes), ``GET|DELETE /_sim/requests`` (the recorded
+delay, models, failure modes, and ``script``: verbatim answers for the next
+model requests, see :class:`ScriptedReply`), ``GET|DELETE /_sim/requests`` (the recorded
 requests), ``GET /_sim/stats`` (active, completed, cancelled) and
 ``POST /_sim/reset``.
 """
@@ -55,6 +56,7 @@ __all__ = [
     "DEFAULT_MODELS",
     "MIDSTREAM_ERROR_MESSAGE",
     "RecordedRequest",
+    "ScriptedReply",
     "SimulatorApp",
     "SimulatorConfig",
     "SimulatorStats",
@@ -85,6 +87,23 @@ _RECORD_LIMIT = 10_000
 FailureMode = Literal["busy", "midstream_error", "hang_after"]
 
 
+class ScriptedReply(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One answer the next model request gets verbatim, instead of a simulated one.
+
+    ``lines``: an NDJSON stream, each item a JSON value (encoded compactly) or
+    a string sent as it is, each followed by ``\n``; ``body``: one JSON body
+    (a value, or a string sent as it is). ``split``: send the stream in reads
+    of this many bytes (0: one read per line), so lines arrive cut anywhere.
+    Tests use it for what the simulator does not produce itself: thinking,
+    logprobs, tool-call ids, other servers' spellings of the same JSON.
+    """
+
+    lines: list[Any] | None = None
+    body: Any = None
+    status: int = 200
+    split: int = 0
+
+
 class SimulatorConfig(msgspec.Struct, kw_only=True):
     """The simulator's knobs; every field can be changed at run time via ``/_sim/config``."""
 
@@ -98,6 +117,8 @@ class SimulatorConfig(msgspec.Struct, kw_only=True):
     failure_after: int = 3
     #: Recording costs a little per request; benchmarks turn it off.
     record: bool = True
+    #: Answers for the next model requests, first one first (see ScriptedReply).
+    script: list[ScriptedReply] = msgspec.field(default_factory=list)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SimulatorConfig:
@@ -122,6 +143,7 @@ class _ConfigUpdate(msgspec.Struct, forbid_unknown_fields=True):
     failure: FailureMode | msgspec.UnsetType | None = msgspec.UNSET
     failure_after: int | msgspec.UnsetType = msgspec.UNSET
     record: bool | msgspec.UnsetType = msgspec.UNSET
+    script: list[ScriptedReply] | msgspec.UnsetType = msgspec.UNSET
 
 
 class SimulatorStats(msgspec.Struct):
@@ -409,7 +431,36 @@ class SimulatorApp:
         self.stats.requests += 1
         if self.config.record and not path.startswith("/_sim/"):
             self._recorded.append(_Raw(method, path, list(scope["headers"]), body))
+        if self.config.script and path in _SCRIPTABLE:
+            await self._scripted(self.config.script.pop(0), send)
+            return
         await handler(self, body, receive, send)
+
+    async def _scripted(self, reply: ScriptedReply, send: Send) -> None:
+        """Send a scripted answer as it was written."""
+        self.stats.completed += 1
+        if reply.lines is None:
+            body = reply.body if isinstance(reply.body, str) else _encode(reply.body).decode()
+            await _respond(send, reply.status, body.encode())
+            return
+        data = b"".join(
+            (line.encode() if isinstance(line, str) else _encode(line)) + b"\n"
+            for line in reply.lines
+        )
+        if reply.split > 0:
+            pieces = [data[i : i + reply.split] for i in range(0, len(data), reply.split)]
+        else:
+            pieces = [piece + b"\n" for piece in data.split(b"\n")[:-1]]
+        await send(
+            {
+                "type": "http.response.start",
+                "status": reply.status,
+                "headers": [(b"content-type", _NDJSON)],
+            }
+        )
+        for piece in pieces:
+            await _send_part(send, piece)
+        await _send_part(send, b"", more=False)
 
     # -- information routes --------------------------------------------------
 
@@ -815,6 +866,9 @@ class SimulatorApp:
         self.reset()
         await _respond(send, 200, _encode(self.config))
 
+
+#: The routes a scripted reply answers.
+_SCRIPTABLE = frozenset({"/api/chat", "/api/generate", "/api/embed"})
 
 _ROUTES: dict[str, dict[str, Handler]] = {
     "/": {"GET": SimulatorApp._root},
