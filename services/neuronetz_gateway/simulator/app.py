@@ -11,7 +11,8 @@ Deterministic by design, so tests can predict every number:
 - ``prompt_eval_count`` = whitespace-separated words of the prompt (all
   message contents, or system + prompt + suffix) +
   :data:`~.content.PROMPT_OVERHEAD`;
-- ``options.num_predict`` caps the chunks (``done_reason: "length"``) and
+- ``options.num_predict`` caps the chunks (``done_reason: "length"``; as in
+  Ollama, a value that truncates below 1, such as ``0`` or ``0.5``, is no cap) and
   ``options.stop`` cuts the text at the first stop string;
 - chat with ``tools`` whose last user message mentions "weather" answers
   with one tool call; ``format`` answers a JSON document (split over the
@@ -175,8 +176,16 @@ class _Raw(msgspec.Struct):
 
 
 class _Options(msgspec.Struct):
-    num_predict: int | None = None
+    # Ollama takes every JSON number as float64 and truncates it to int64
+    num_predict: float | None = None
     stop: str | list[str] | None = None
+
+
+def _whole(value: float | None) -> int | None:
+    """Go's ``int64(v)`` for a JSON number; ``None`` when absent or out of range."""
+    if value is None or not -(2.0**63) <= value < 2.0**63:
+        return None
+    return int(value)
 
 
 class _InMessage(msgspec.Struct):
@@ -660,8 +669,9 @@ class SimulatorApp:
         # A piece cut by a stop string is no longer one of the pre-encoded words.
         plain = not fmt and not stopped
         reason = "stop"
-        num_predict = options.num_predict if options else None
-        if num_predict is not None and 0 <= num_predict < len(pieces):
+        num_predict = _whole(options.num_predict) if options else None
+        # as in Ollama, below 1 (0, 0.5, -1) is no limit at all
+        if num_predict is not None and 1 <= num_predict < len(pieces):
             pieces = pieces[:num_predict]
             plain = not fmt  # the cut piece, if any, was the last one: now dropped
             reason = "length"
