@@ -45,6 +45,7 @@ _TOKEN_FIELDS = (
     "remaining_daily_tokens",
     "remaining_monthly_tokens",
     "remaining_total_tokens",
+    "reset_tokens_ms",
 )
 
 
@@ -244,6 +245,8 @@ class Exchange:
                 f"{what} exceeded ({decision.reason}, {decision.level}); this request could "
                 f"use up to {tokens} tokens",
                 retry_after=decision.retry_after,
+                limit=decision.reason,
+                should_retry=False if code == "budget_exceeded" else None,
             )
         self.reserved = tokens
         self.reserved_at = reserved_at

@@ -75,8 +75,15 @@ async def _refuse(ex: Exchange, send: Send, refusal: Refusal) -> bool:
     headers = ex.headers(_JSON)
     if refusal.retry_after is not None:
         headers.append((b"retry-after", str(refusal.retry_after).encode()))
+    if refusal.should_retry is not None:
+        headers.append((b"x-should-retry", b"true" if refusal.should_retry else b"false"))
     body = refusal.body or error_body(
-        ex.surface, refusal.status, refusal.code, refusal.message, param=refusal.param
+        ex.surface,
+        refusal.status,
+        refusal.code,
+        refusal.message,
+        param=refusal.param,
+        limit=refusal.limit,
     )
     ex.status = refusal.status
     ex.responded = True
