@@ -43,7 +43,9 @@ from redis.exceptions import NoScriptError, RedisError
 from neuronetz_gateway.adapters.postgres.store import LedgerTotals
 from neuronetz_gateway.adapters.redis_pipeline import PipelinedRedis, RedisArg
 from neuronetz_gateway.domain.identity import Allowance, Limits
+from neuronetz_gateway.domain.key_state import KeyState, LevelState, WindowState, window_reset_ms
 from neuronetz_gateway.domain.limits import (
+    WINDOW_MS,
     Decision,
     LevelUsage,
     Refusal,
@@ -85,6 +87,7 @@ class _Script:
 _DECIDE = _Script(_lua("decide.lua"))
 _SETTLE = _Script(_lua("settle.lua"))
 _LEASE = _Script(_lua("lease.lua"))
+_STATE = _Script(_lua("state.lua"))
 
 #: Key-name sets kept per (tenant, key); a busy process sees few distinct keys.
 _MAX_CACHED_KEYS = 4096
@@ -169,6 +172,26 @@ def _usage(stats: Sequence[Any]) -> LevelUsage:
         daily=None if daily < 0 else daily,
         monthly=None if monthly < 0 else monthly,
         total=None if total < 0 else total,
+    )
+
+
+def _level_state(raw: Sequence[Any], limits: Limits) -> LevelState:
+    """``state.lua``'s figures of one level; -1 = that limit is not set."""
+    requests, hit_ms, concurrency, window, daily, monthly, total = (int(v) for v in raw[:7])
+    buckets = raw[7]
+    tokens = requests_state = None
+    if requests >= 0:
+        requests_state = WindowState(requests, None if hit_ms < 0 else hit_ms + WINDOW_MS)
+    if window >= 0:
+        entries = [(int(buckets[i]) * 1000, int(buckets[i + 1])) for i in range(0, len(buckets), 2)]
+        tokens = WindowState(window, window_reset_ms(entries, limits.tpm or 0))
+    return LevelState(
+        requests=requests_state if requests >= 0 else None,
+        tokens=tokens,
+        concurrency=None if concurrency < 0 else concurrency,
+        daily_tokens=None if daily < 0 else daily,
+        monthly_tokens=None if monthly < 0 else monthly,
+        total_tokens=None if total < 0 else total,
     )
 
 
@@ -372,6 +395,35 @@ class Limiter:
             tenant_limits or Limits(),
             _usage(reply[0]),
             _usage(reply[1]),
+        )
+
+    async def read_state(
+        self, *, tenant_id: int, key_id: int, key_limits: Limits, tenant_limits: Limits
+    ) -> KeyState:
+        """What the key and its tenant have used of every limit that is set; records nothing.
+
+        One round trip (plus a ledger rebuild of lost budget counters, as for
+        :meth:`admit`). Costs the key no request and takes no lease.
+        """
+        now_ms = self._now_ms()
+        now_s = now_ms // 1000
+        day, month = period_ids(now_s)
+        keys = self._keys_of(tenant_id, key_id)
+        script_keys = keys.decide_keys(day, month)
+        args = (now_ms, now_s, *_limit_args(key_limits), *_limit_args(tenant_limits))
+        commands = self._commands
+        reply = await self._call(commands.evalsha(_STATE.sha, _STATE.text, script_keys, args))
+        if _text(reply[0]) == "missing":
+            now = datetime.fromtimestamp(now_ms / 1000, UTC)
+            missing = [_text(m) for m in reply[1]]
+            await self._rebuild_budgets(tenant_id, key_id, now, keys.budgets(day, month), missing)
+            reply = await self._call(commands.evalsha(_STATE.sha, _STATE.text, script_keys, args))
+            if _text(reply[0]) == "missing":
+                raise LimiterUnavailable("budget counters could not be rebuilt")
+        return KeyState(
+            read_at_ms=now_ms,
+            key=_level_state(reply[1], key_limits),
+            tenant=_level_state(reply[2], tenant_limits),
         )
 
     async def renew_lease(self, *, tenant_id: int, key_id: int, lease_id: str) -> None:

@@ -24,6 +24,7 @@ from neuronetz_gateway.domain.accounting import (
     token_room,
 )
 from neuronetz_gateway.domain.models import canonical_model
+from neuronetz_gateway.domain.options import KeepAliveWindow
 from neuronetz_gateway.proxy.asgi import BodyTooLarge, Receive, Scope, Send, read_body
 from neuronetz_gateway.proxy.exchange import Exchange
 from neuronetz_gateway.proxy.refusals import ClientLeft, Refusal
@@ -106,8 +107,10 @@ async def model_request(
     body = parse_object(raw)
     route = ex.route
     await ex.check_model(_model_of(route, body))
+    settings = ex.ctx.settings
+    window = KeepAliveWindow(settings.keep_alive_min_seconds, settings.keep_alive_max_seconds)
     try:
-        apply_native_caps(body, ex.identity.caps)
+        apply_native_caps(body, ex.identity.caps, window)
     except CapRefusal as exc:
         raise Refusal(400, "invalid_request", exc.message, param=exc.param) from None
     estimate = estimate_native_prompt(route, body)
