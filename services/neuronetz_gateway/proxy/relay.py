@@ -65,7 +65,9 @@ _LOST = b'{"error":"the model server closed the stream before it finished"}\n'
 async def forward(ex: Exchange, method: str, path: str, body: bytes | None) -> UpstreamResponse:
     """Send to Ollama; a refused connection or a timeout is a clear 502/504."""
     try:
-        return await ex.ctx.ollama.send(method, path, body, request_id=ex.identity.request_id)
+        return await ex.ctx.ollama.send(
+            method, path, body, request_id=ex.identity.request_id, traceparent=ex.traceparent
+        )
     except UpstreamTimeout:
         ex.upstream_error = "timeout"
         ex.ctx.metrics.upstream_errors.labels("timeout").inc()
