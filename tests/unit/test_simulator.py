@@ -196,11 +196,17 @@ async def test_num_predict_caps_the_chunks(client: httpx.AsyncClient) -> None:
                 "model": "llama3.2",
                 "prompt": "x",
                 "stream": False,
-                "options": {"num_predict": 0},
+                "options": {"num_predict": 2.9},
             },
         )
     ).json()
-    assert (body["response"], body["eval_count"], body["done_reason"]) == ("", 0, "length")
+    assert (body["eval_count"], body["done_reason"]) == (2, "length")
+    # As in Ollama, what truncates below 1 is no limit at all.
+    for unbounded in (0, 0.5, 1e-9, -1, 1e300):
+        lines = _lines(
+            await client.post("/api/chat", json=_chat_body(options={"num_predict": unbounded}))
+        )
+        assert (lines[-1]["eval_count"], lines[-1]["done_reason"]) == (20, "stop"), unbounded
     # A cap above the answer's length changes nothing.
     lines = _lines(await client.post("/api/chat", json=_chat_body(options={"num_predict": 50})))
     assert lines[-1]["done_reason"] == "stop"

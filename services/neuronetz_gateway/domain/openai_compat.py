@@ -350,6 +350,10 @@ def _decode_openai(decoder: msgspec.json.Decoder[_T], body: bytes) -> _T:
     except msgspec.ValidationError as exc:
         message, param = _split_validation_error(str(exc))
         raise TranslationError(message, param) from None
+    except UnicodeDecodeError:
+        raise TranslationError(
+            "We could not parse the JSON body of your request: it is not valid UTF-8."
+        ) from None
     except (msgspec.DecodeError, RecursionError):
         # RecursionError: nesting deeper than any real request (a 100k-deep array)
         raise TranslationError(

@@ -20,10 +20,10 @@ from litestar.types import Receive as LitestarReceive
 from litestar.types import Scope as LitestarScope
 from litestar.types import Send as LitestarSend
 
-from neuronetz_gateway.domain.dialect import NATIVE, OPENAI, Surface, error_body
+from neuronetz_gateway.domain.dialect import ANTHROPIC, NATIVE, OPENAI, Surface, error_body
 from neuronetz_gateway.domain.identity import IdentityError, verify_identity
 from neuronetz_gateway.logging import get_logger
-from neuronetz_gateway.proxy import key_info, native, openai
+from neuronetz_gateway.proxy import anthropic, key_info, native, openai
 from neuronetz_gateway.proxy.asgi import Receive, Scope, Send, request_header, send_response
 from neuronetz_gateway.proxy.context import ProxyContext
 from neuronetz_gateway.proxy.exchange import Exchange
@@ -43,6 +43,8 @@ _UNAUTHORISED = "invalid or missing gateway identity"
 
 
 def _surface(route: str) -> Surface:
+    if route.startswith("v1.messages"):
+        return ANTHROPIC
     return OPENAI if route.startswith("v1.") else NATIVE
 
 
@@ -155,6 +157,8 @@ def _routes() -> list[tuple[str, str, str, RouteWork]]:
         ("/v1/completions", "v1.completions", "POST", openai.completions),
         ("/v1/embeddings", "v1.embeddings", "POST", openai.embeddings),
         ("/v1/key", "v1.key", "GET", key_info.key_info),
+        ("/v1/messages", "v1.messages", "POST", anthropic.messages),
+        ("/v1/messages/count_tokens", "v1.messages.count_tokens", "POST", anthropic.count_tokens),
     ]
 
 

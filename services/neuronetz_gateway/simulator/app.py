@@ -11,8 +11,11 @@ Deterministic by design, so tests can predict every number:
 - ``prompt_eval_count`` = whitespace-separated words of the prompt (all
   message contents, or system + prompt + suffix) +
   :data:`~.content.PROMPT_OVERHEAD`;
-- ``options.num_predict`` caps the chunks (``done_reason: "length"``) and
+- ``options.num_predict`` caps the chunks (``done_reason: "length"``; as in
+  Ollama, a value that truncates below 1, such as ``0`` or ``0.5``, is no cap) and
   ``options.stop`` cuts the text at the first stop string;
+- chat with ``think`` set (``true`` or a level) first streams the words of
+  :data:`THINKING` as ``message.thinking`` (counted in ``eval_count``);
 - chat with ``tools`` whose last user message mentions "weather" answers
   with one tool call; ``format`` answers a JSON document (split over the
   chunks);
@@ -55,6 +58,7 @@ __all__ = [
     "BUSY_MESSAGE",
     "DEFAULT_MODELS",
     "MIDSTREAM_ERROR_MESSAGE",
+    "THINKING",
     "RecordedRequest",
     "ScriptedReply",
     "SimulatorApp",
@@ -79,6 +83,8 @@ Send = Callable[[Message], Awaitable[None]]
 VERSION = "0.9.0"
 DEFAULT_MODELS = ("llama3.2:latest", "qwen2.5:0.5b", "nomic-embed-text:latest")
 TOOL_CALL_EVAL_COUNT = 1
+#: The thinking of a chat request with ``think`` set, one piece per chunk.
+THINKING = ("Let", " me", " think", ".")
 BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
 MIDSTREAM_ERROR_MESSAGE = "simulated failure: the model runner stopped unexpectedly"
 _KEEP_ALIVE_S = 300
@@ -175,8 +181,16 @@ class _Raw(msgspec.Struct):
 
 
 class _Options(msgspec.Struct):
-    num_predict: int | None = None
+    # Ollama takes every JSON number as float64 and truncates it to int64
+    num_predict: float | None = None
     stop: str | list[str] | None = None
+
+
+def _whole(value: float | None) -> int | None:
+    """Go's ``int64(v)`` for a JSON number; ``None`` when absent or out of range."""
+    if value is None or not -(2.0**63) <= value < 2.0**63:
+        return None
+    return int(value)
 
 
 class _InMessage(msgspec.Struct):
@@ -192,6 +206,7 @@ class _ChatBody(msgspec.Struct):
     tools: list[dict[str, Any]] | None = None
     format: str | dict[str, Any] | None = None
     keep_alive: float | str | None = None
+    think: bool | str | None = None
 
 
 class _GenerateBody(msgspec.Struct):
@@ -574,6 +589,7 @@ class SimulatorApp:
             prompt_count,
             stream=stream,
             chat=True,
+            thinking=THINKING if req.think not in (None, False) else (),
         )
 
     async def _generate(self, body: bytes, receive: Receive, send: Send) -> None:
@@ -648,6 +664,7 @@ class SimulatorApp:
         *,
         stream: bool,
         chat: bool,
+        thinking: tuple[str, ...] = (),
     ) -> None:
         config = self.config
         if await self._answered_busy(send):
@@ -660,8 +677,9 @@ class SimulatorApp:
         # A piece cut by a stop string is no longer one of the pre-encoded words.
         plain = not fmt and not stopped
         reason = "stop"
-        num_predict = options.num_predict if options else None
-        if num_predict is not None and 0 <= num_predict < len(pieces):
+        num_predict = _whole(options.num_predict) if options else None
+        # as in Ollama, below 1 (0, 0.5, -1) is no limit at all
+        if num_predict is not None and 1 <= num_predict < len(pieces):
             pieces = pieces[:num_predict]
             plain = not fmt  # the cut piece, if any, was the last one: now dropped
             reason = "length"
@@ -679,10 +697,19 @@ class SimulatorApp:
                     prompt_count,
                     chat=chat,
                     plain=plain,
+                    thinking=thinking,
                 )
             else:
                 await self._single(
-                    receive, send, departure, model, pieces, reason, prompt_count, chat=chat
+                    receive,
+                    send,
+                    departure,
+                    model,
+                    pieces,
+                    reason,
+                    prompt_count,
+                    chat=chat,
+                    thinking=thinking,
                 )
         except _ClientGone:
             self.stats.cancelled += 1
@@ -708,6 +735,7 @@ class SimulatorApp:
         prompt_count: int,
         *,
         chat: bool,
+        thinking: tuple[str, ...] = (),
     ) -> None:
         config = self.config
         failure_at = config.failure_after if config.failure else None
@@ -718,10 +746,12 @@ class SimulatorApp:
             return
         if departure is not None:
             await departure.pause(config.chunk_delay_ms * len(pieces) / 1000)
-        body = self._final(model, chat, reason, prompt_count, len(pieces))
+        body = self._final(model, chat, reason, prompt_count, len(thinking) + len(pieces))
         text = "".join(pieces)
         if chat:
             body["message"]["content"] = text
+            if thinking:
+                body["message"]["thinking"] = "".join(thinking)
         else:
             body["response"] = text
         await _respond(send, 200, _encode(body))
@@ -738,6 +768,7 @@ class SimulatorApp:
         *,
         chat: bool,
         plain: bool,
+        thinking: tuple[str, ...] = (),
     ) -> None:
         config = self.config
         delay = config.chunk_delay_ms / 1000
@@ -757,6 +788,9 @@ class SimulatorApp:
                 "headers": [(b"content-type", _NDJSON)],
             }
         )
+        for piece in thinking:
+            line = head + b',"message":{"role":"assistant","content":"","thinking":'
+            await _send_part(send, line + _encode(piece) + b'},"done":false}\n')
         for i, piece in enumerate(pieces):
             if i == failure_at:
                 if config.failure == "hang_after":
@@ -768,7 +802,7 @@ class SimulatorApp:
                 await departure.pause(delay)
             text = _ENCODED_WORDS[i % len(WORDS)] if plain else _encode(piece)
             await _send_part(send, prefix + text + suffix)
-        final = self._final(model, chat, reason, prompt_count, len(pieces))
+        final = self._final(model, chat, reason, prompt_count, len(thinking) + len(pieces))
         await _send_part(send, _encode(final) + b"\n", more=False)
 
     async def _answer_tool_call(
