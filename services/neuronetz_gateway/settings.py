@@ -81,7 +81,7 @@ class Settings:
     key_cache_ttl_seconds: float = 5.0
     negative_cache_ttl_seconds: float = 60.0
     argon2_max_concurrency: int = 2
-    identity_ttl_seconds: int = 30
+    identity_ttl_seconds: int = 5  # forward_auth hands it on at once; single use anyway
     lease_ttl_seconds: int = 60
     decision_timeout_seconds: float = 1.5
     # proxy

@@ -127,6 +127,7 @@ class Authorizer:
             log.exception("authorize_failed", request_id=request_id)
             surface = surface_of((request.uri or "").split("?", 1)[0])
             answer, outcome, reason = responses.unavailable(surface, request_id), "error", "bug"
+        answer = responses.with_request_id(answer, request_id)
         elapsed = time.perf_counter() - started
         self._metrics.decision(outcome, reason, elapsed)
         if span is not None:

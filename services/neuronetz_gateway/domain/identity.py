@@ -65,6 +65,9 @@ class Allowance(msgspec.Struct, frozen=True, omit_defaults=True):
     remaining_daily_tokens: int | None = None
     remaining_monthly_tokens: int | None = None
     remaining_total_tokens: int | None = None
+    # ms until the requests / tokens remaining next go up (x-ratelimit-reset-*)
+    reset_requests_ms: int | None = None
+    reset_tokens_ms: int | None = None
 
 
 class Identity(msgspec.Struct, frozen=True, omit_defaults=True):

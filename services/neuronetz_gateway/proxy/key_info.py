@@ -2,7 +2,7 @@
 
 Auth read the state in its decision round trip and signed it into the
 identity; this renders it (:mod:`neuronetz_gateway.domain.key_info`) without
-asking Redis or Ollama anything.
+asking Ollama anything, and Redis only to use the identity up (single use).
 """
 
 from __future__ import annotations

@@ -63,7 +63,8 @@ _LOST = b'{"error":"the model server closed the stream before it finished"}\n'
 
 
 async def forward(ex: Exchange, method: str, path: str, body: bytes | None) -> UpstreamResponse:
-    """Send to Ollama; a refused connection or a timeout is a clear 502/504."""
+    """Send to Ollama (the identity claimed first); a refused connection or a timeout: 502/504."""
+    await ex.claim()
     try:
         return await ex.ctx.ollama.send(
             method, path, body, request_id=ex.identity.request_id, traceparent=ex.traceparent

@@ -3,7 +3,8 @@
 Each route is a Litestar ``asgi`` handler of a few lines. :func:`serve`
 verifies the signed identity before anything else (401 otherwise, and
 nothing reaches Ollama), checks that the identity was issued for this very
-route, runs the route's work inside an :class:`Exchange`, renders any
+route, answers 401 to an identity used before (single use, see
+:meth:`Exchange.claim`), runs the route's work inside an :class:`Exchange`, renders any
 :class:`Refusal` in the dialect, and always finishes the exchange (settle,
 lease, audit).
 """
@@ -26,7 +27,7 @@ from neuronetz_gateway.logging import get_logger
 from neuronetz_gateway.proxy import anthropic, key_info, native, openai
 from neuronetz_gateway.proxy.asgi import Receive, Scope, Send, request_header, send_response
 from neuronetz_gateway.proxy.context import ProxyContext
-from neuronetz_gateway.proxy.exchange import Exchange
+from neuronetz_gateway.proxy.exchange import Exchange, IdentityReplayed
 from neuronetz_gateway.proxy.refusals import ClientLeft, Refusal
 
 __all__ = ["proxied_fast_paths", "proxied_route_handlers", "serve"]
@@ -54,18 +55,40 @@ async def _unauthorised(ctx: ProxyContext, route: str, send: Send) -> None:
     await send_response(send, 401, body, [(b"content-type", _JSON)])
 
 
-async def _refuse(ex: Exchange, send: Send, refusal: Refusal) -> None:
+async def _replayed(ex: Exchange, send: Send) -> None:
+    """A used identity again: the same 401 as any bad one, counted, no accounting."""
+    ex.ctx.metrics.identity_replays.inc()
+    log.warning("identity_replayed", request_id=ex.identity.request_id, route=ex.route)
+    await _unauthorised(ex.ctx, ex.route, send)
+
+
+async def _refuse(ex: Exchange, send: Send, refusal: Refusal) -> bool:
+    """Send ``refusal``; ``False`` (nothing sent) when the identity turns out replayed."""
     if ex.responded:
-        return  # the answer is already on its way; the audit row records the failure
+        return True  # the answer is already on its way; the audit row records the failure
+    try:
+        await ex.claim()  # a refusal is an answer too: a replay gets the 401 instead
+    except IdentityReplayed:
+        return False
+    except Refusal:
+        pass  # Redis away: a refusal grants nothing, so it is still sent
     headers = ex.headers(_JSON)
     if refusal.retry_after is not None:
         headers.append((b"retry-after", str(refusal.retry_after).encode()))
+    if refusal.should_retry is not None:
+        headers.append((b"x-should-retry", b"true" if refusal.should_retry else b"false"))
     body = refusal.body or error_body(
-        ex.surface, refusal.status, refusal.code, refusal.message, param=refusal.param
+        ex.surface,
+        refusal.status,
+        refusal.code,
+        refusal.message,
+        param=refusal.param,
+        limit=refusal.limit,
     )
     ex.status = refusal.status
     ex.responded = True
     await send_response(send, refusal.status, body, headers)
+    return True
 
 
 async def serve(
@@ -88,10 +111,13 @@ async def serve(
         ex.start_span(ctx.tracing)
     if scope["method"] != method:
         work = _wrong_method(method)
+    replayed = False
     try:
         await work(ex, scope, receive, send)
+    except IdentityReplayed:
+        replayed = True
     except Refusal as refusal:
-        await _refuse(ex, send, refusal)
+        replayed = not await _refuse(ex, send, refusal)
     except ClientLeft:
         ex.disconnected = True
         ex.status = 499  # nginx's "client closed request": nobody got an answer
@@ -105,7 +131,10 @@ async def serve(
         raise
     except Exception:
         log.exception("proxy_failed", request_id=identity.request_id, route=route)
-        await _refuse(ex, send, Refusal(500, "internal_error", "internal error"))
+        replayed = not await _refuse(ex, send, Refusal(500, "internal_error", "internal error"))
+    if replayed:
+        await _replayed(ex, send)
+        return
     await ex.finish()
 
 
