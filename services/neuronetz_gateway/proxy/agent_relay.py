@@ -39,6 +39,7 @@ from neuronetz_gateway.domain.ollama_chat import (
     encode_chat_request,
     estimate_chat_prompt,
 )
+from neuronetz_gateway.domain.options import output_limit
 from neuronetz_gateway.proxy.asgi import Receive, Send, end_body, send_body, start_response
 from neuronetz_gateway.proxy.exchange import Exchange
 from neuronetz_gateway.proxy.refusals import Refusal
@@ -104,7 +105,10 @@ def _cap_output(ex: Exchange, request: ChatRequest) -> int | None:
     """Clamp ``num_predict`` to the key's cap (never refused for being large)."""
     options = request.options
     requested = options.num_predict if options is not None else None
-    capped = capped_num_predict(requested, ex.identity.caps.max_num_predict)
+    # read as Ollama reads it first: one past any bound is unbounded (domain/options.py)
+    capped = capped_num_predict(
+        output_limit("max_tokens", requested), ex.identity.caps.max_num_predict
+    )
     if capped != requested:
         if options is None:
             request.options = ChatOptions(num_predict=capped)

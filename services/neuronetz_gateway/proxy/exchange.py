@@ -195,15 +195,15 @@ class Exchange:
             ) from None
 
     async def check_model(self, model: str) -> str:
-        """The canonical name of an allowed, installed model, else the one identical 403."""
+        """The canonical name of an allowed, installed model, else the one identical refusal."""
         self.model = model[:200]
         canonical = canonical_model(model)
         if not canonical:
-            raise model_unavailable(model)
+            raise model_unavailable(model, self.surface)
         catalogue = await self.catalogue()
         allowed = self.identity.models
         if canonical not in catalogue.entries or (allowed is not None and canonical not in allowed):
-            raise model_unavailable(model)
+            raise model_unavailable(model, self.surface)
         self.canonical = canonical
         return canonical
 

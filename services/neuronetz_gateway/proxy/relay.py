@@ -303,7 +303,7 @@ async def upstream_refusal(ex: Exchange, upstream: UpstreamResponse) -> Refusal:
     if status == 404 and ex.model is not None:
         # the discovery cache was stale: answer exactly as for any unavailable model
         ex.ctx.discovery.forget()
-        return model_unavailable(ex.model)
+        return model_unavailable(ex.model, ex.surface)
     if ex.surface == "openai":
         mapped, body = ollama_error_to_openai(status, message)
         return Refusal(mapped, "upstream_error", message, body=body, retry_after=_retry(status))
