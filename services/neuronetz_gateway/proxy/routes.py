@@ -107,6 +107,8 @@ async def serve(
         await _unauthorised(ctx, route, send)
         return
     ex = Exchange(ctx, identity, route, _surface(route))
+    if ctx.tracing is not None:
+        ex.start_span(ctx.tracing)
     if scope["method"] != method:
         work = _wrong_method(method)
     replayed = False
