@@ -91,9 +91,7 @@ def _raw(url: str, head: str, body: bytes) -> bytes:
     return b"".join(received)
 
 
-async def test_malformed_chunk_sizes_are_400_never_503(
-    e2e_stack: E2EStack, ledger: Ledger
-) -> None:
+async def test_malformed_chunk_sizes_are_400_never_503(e2e_stack: E2EStack, ledger: Ledger) -> None:
     caller = await ledger.issue()
     parts = urlsplit(e2e_stack.url)
     outcomes = {}
@@ -111,5 +109,6 @@ async def test_malformed_chunk_sizes_are_400_never_503(
             _, _, payload = reply.partition(b"\r\n\r\n")
             if " 400 " in status_line:
                 error = json.loads(payload)["error"]
-                assert isinstance(error, dict) if path.startswith("/v1/") else isinstance(error, str)
+                expected = dict if path.startswith("/v1/") else str
+                assert isinstance(error, expected), (path, name, payload)
     assert {k: v for k, v in outcomes.items() if " 400 " not in v + " "} == {}
