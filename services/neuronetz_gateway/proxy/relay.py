@@ -66,7 +66,9 @@ async def forward(ex: Exchange, method: str, path: str, body: bytes | None) -> U
     """Send to Ollama (the identity claimed first); a refused connection or a timeout: 502/504."""
     await ex.claim()
     try:
-        return await ex.ctx.ollama.send(method, path, body, request_id=ex.identity.request_id)
+        return await ex.ctx.ollama.send(
+            method, path, body, request_id=ex.identity.request_id, traceparent=ex.traceparent
+        )
     except UpstreamTimeout:
         ex.upstream_error = "timeout"
         ex.ctx.metrics.upstream_errors.labels("timeout").inc()
