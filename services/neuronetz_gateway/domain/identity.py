@@ -15,6 +15,8 @@ import hmac
 
 import msgspec
 
+from neuronetz_gateway.domain.key_state import KeyState
+
 __all__ = [
     "IDENTITY_HEADER",
     "Allowance",
@@ -63,6 +65,9 @@ class Allowance(msgspec.Struct, frozen=True, omit_defaults=True):
     remaining_daily_tokens: int | None = None
     remaining_monthly_tokens: int | None = None
     remaining_total_tokens: int | None = None
+    # ms until the requests / tokens remaining next go up (x-ratelimit-reset-*)
+    reset_requests_ms: int | None = None
+    reset_tokens_ms: int | None = None
 
 
 class Identity(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -83,6 +88,7 @@ class Identity(msgspec.Struct, frozen=True, omit_defaults=True):
     allowance: Allowance = Allowance()
     log_prompts: bool = False
     prompt_ttl_days: int | None = None
+    key_state: KeyState | None = None  # the key-info routes only: what is left, when
 
 
 _encoder = msgspec.json.Encoder()

@@ -17,6 +17,8 @@ class Refusal(Exception):
         param: str | None = None,
         retry_after: int | None = None,
         body: bytes | None = None,
+        limit: str | None = None,
+        should_retry: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.body = body  # a body already in the dialect (e.g. a translated upstream error)
@@ -25,6 +27,8 @@ class Refusal(Exception):
         self.message = message
         self.param = param
         self.retry_after = retry_after
+        self.limit = limit  # the limit that refused (429s), named in the native body
+        self.should_retry = should_retry  # sent as x-should-retry when set
 
 
 class ClientLeft(Exception):

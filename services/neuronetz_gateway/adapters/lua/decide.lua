@@ -2,16 +2,19 @@
 --
 -- KEYS, 6 per level (1..6 key, 7..12 tenant), all in one {t<id>} slot:
 --   rpm ZSET, conc ZSET, tpm HASH, daily / monthly / total budget counters
+--   13 (optional) the single-use marker of the proxy's signed identity
 -- ARGV:
 --   1 mode "admit" | "reserve"     2 now ms      3 now unix second
 --   4 RPM member (unique per hit)  5 lease id ("" = none)  6 lease expiry ms
 --   7 lease ZSET ttl ms            8 tokens to reserve (reserve only)
 --   9..14 key limits, 15..20 tenant limits: rpm tpm concurrency daily monthly total (-1 = unlimited)
+--   21 (with KEYS[13]) the marker's lifetime in ms
 -- Returns one of
 --   {"missing", {"key:daily_tokens", ...}}   budget counters to rebuild from the ledger first
+--   {"replay"}   KEYS[13] was already set: the identity was used before; nothing recorded
 --   {"ok" | "refused", key_stats, tenant_stats, refusals}
---     stats = {requests, window_tokens, daily, monthly, total}, -1 where not counted
---     (reserve does not count requests: -1)
+--     stats = {requests, window_tokens, daily, monthly, total, oldest hit ms, oldest
+--     token second}, -1 where not counted (reserve does not count requests: -1)
 --     refusal = {reason, level, details...}: rpm -> leaving hit ms; tpm -> second, tokens, ...
 local mode = ARGV[1]
 local now_ms = tonumber(ARGV[2])
@@ -56,12 +59,17 @@ for level = 1, 2 do
 end
 if #missing > 0 then return {"missing", missing} end
 
+-- 1b. single use: claim the identity (after the rebuild check, so a rerun is no replay)
+if KEYS[13] and not redis.call("SET", KEYS[13], "1", "NX", "PX", ARGV[21]) then
+  return {"replay"}
+end
+
 -- 2. count and check every limit at both levels; nothing is recorded yet
 local stats = {}
 local refusals = {}
 local window_fields = {{}, {}}
 for level = 1, 2 do
-  local s = {-1, -1, -1, -1, -1}
+  local s = {-1, -1, -1, -1, -1, -1, -1}
   local rpm = limit_of(level, 1)
   -- reserve leaves RPM alone (admit counted the request); its caller uses token values only
   if rpm and mode == "admit" then
@@ -69,6 +77,8 @@ for level = 1, 2 do
     redis.call("ZREMRANGEBYSCORE", rpm_key, "-inf", now_ms - WINDOW_MS)
     local count = redis.call("ZCARD", rpm_key)
     s[1] = count
+    local oldest = redis.call("ZRANGE", rpm_key, 0, 0, "WITHSCORES")
+    if oldest[2] then s[6] = tonumber(oldest[2]) end
     if count >= rpm then
       -- the hit whose departure brings the count below the limit
       local leaving = redis.call("ZRANGE", rpm_key, count - rpm, count - rpm, "WITHSCORES")
@@ -97,6 +107,7 @@ for level = 1, 2 do
         sum = sum + n
         live[#live + 1] = second
         live[#live + 1] = n
+        if s[7] < 0 or second < s[7] then s[7] = second end
       else
         redis.call("HDEL", tpm_key, fields[i])
       end
@@ -130,6 +141,7 @@ for level = 1, 2 do
       redis.call("ZADD", rpm_key, ARGV[2], member)
       redis.call("PEXPIRE", rpm_key, RPM_TTL_MS)
       s[1] = s[1] + 1
+      if s[6] < 0 then s[6] = now_ms end
     end
     if lease_id ~= "" and limit_of(level, 3) then
       local conc_key = key_of(level, 2)
@@ -142,6 +154,7 @@ for level = 1, 2 do
       redis.call("HINCRBY", tpm_key, ARGV[3], ARGV[8])
       redis.call("EXPIRE", tpm_key, TPM_TTL_S)
       s[2] = s[2] + tokens
+      if s[7] < 0 then s[7] = now_s end
     end
     for b = 1, 3 do
       -- an existing counter of an unset budget is kept true too, so that
