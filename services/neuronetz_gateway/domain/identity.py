@@ -89,6 +89,7 @@ class Identity(msgspec.Struct, frozen=True, omit_defaults=True):
     log_prompts: bool = False
     prompt_ttl_days: int | None = None
     key_state: KeyState | None = None  # the key-info routes only: what is left, when
+    traceparent: str | None = None  # W3C trace context of auth's span (tracing on only)
 
 
 _encoder = msgspec.json.Encoder()

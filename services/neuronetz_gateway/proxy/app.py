@@ -33,6 +33,7 @@ from neuronetz_gateway.proxy.discovery import ModelDiscovery
 from neuronetz_gateway.proxy.metrics import DEFAULT_BACKEND, ProxyMetrics
 from neuronetz_gateway.proxy.routes import proxied_fast_paths, proxied_route_handlers
 from neuronetz_gateway.settings import Settings, load_settings
+from neuronetz_gateway.tracing import Tracing, tracing_from_env
 
 __all__ = ["create_app", "create_app_from_env"]
 
@@ -59,8 +60,12 @@ def create_app(
     pool: asyncpg.Pool | None = None,
     redis: Any = None,
     ollama: OllamaClient | None = None,
+    tracing: Tracing | None = None,
 ) -> Litestar:
-    """The proxy app; collaborators not given are opened (and closed) by its lifespan."""
+    """The proxy app; collaborators not given are opened (and closed) by its lifespan.
+
+    ``tracing`` (None: off) belongs to the caller, who shuts it down.
+    """
     metrics = ProxyMetrics()
 
     @contextlib.asynccontextmanager
@@ -116,6 +121,7 @@ def create_app(
                 ),
                 audit=audit,
                 metrics=metrics,
+                tracing=tracing,
             )
             app.state.store = store
             purge = asyncio.create_task(
@@ -201,4 +207,8 @@ def create_app_from_env() -> Litestar:
     """What Granian calls in each worker: settings from ``NZ_*``, logging, the app."""
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
-    return create_app(settings)
+    tracing = tracing_from_env("proxy")
+    app = create_app(settings, tracing=tracing)
+    if tracing is not None:
+        app.on_shutdown.append(tracing.shutdown)
+    return app

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -33,6 +34,11 @@ from neuronetz_gateway.proxy.context import ProxyContext
 from neuronetz_gateway.proxy.discovery import Catalogue, DiscoveryFailed
 from neuronetz_gateway.proxy.metrics import DEFAULT_BACKEND
 from neuronetz_gateway.proxy.refusals import Refusal, model_unavailable
+from neuronetz_gateway.proxy.spans import backend_address, span_attributes, span_name
+from neuronetz_gateway.tracing import Tracing
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import Span
 
 __all__ = ["Exchange", "IdentityReplayed", "counts_tokens"]
 
@@ -104,10 +110,12 @@ class Exchange:
         "response_text",
         "route",
         "settled",
+        "span",
         "started",
         "status",
         "streamed",
         "surface",
+        "traceparent",
         "ts",
         "ttfb_ms",
         "upstream_error",
@@ -140,6 +148,13 @@ class Exchange:
         self.upstream_error: str | None = None
         self.prompt_text: str | None = None
         self.response_text: str | None = None
+        self.span: Span | None = None
+        self.traceparent: str | None = None  # sent on to Ollama when tracing is on
+
+    def start_span(self, tracing: Tracing) -> None:
+        """This request's span, the child of auth's (its context came signed)."""
+        self.span = tracing.start(f"proxy {self.route}", self.identity.traceparent)
+        self.traceparent = tracing.traceparent(self.span)
 
     # -- headers ----------------------------------------------------------------
 
@@ -191,15 +206,15 @@ class Exchange:
             ) from None
 
     async def check_model(self, model: str) -> str:
-        """The canonical name of an allowed, installed model, else the one identical 403."""
+        """The canonical name of an allowed, installed model, else the one identical refusal."""
         self.model = model[:200]
         canonical = canonical_model(model)
         if not canonical:
-            raise model_unavailable(model)
+            raise model_unavailable(model, self.surface)
         catalogue = await self.catalogue()
         allowed = self.identity.models
         if canonical not in catalogue.entries or (allowed is not None and canonical not in allowed):
-            raise model_unavailable(model)
+            raise model_unavailable(model, self.surface)
         self.canonical = canonical
         return canonical
 
@@ -369,6 +384,15 @@ class Exchange:
                     response_text=self.response_text or "",
                 )
             )
+        if self.span is not None:
+            self.span.update_name(span_name(self.route, model))
+            attributes = span_attributes(
+                row,
+                surface=self.surface,
+                backend=backend_address(ctx.ollama.base_url),
+                tenant=identity.tenant_name,
+            )
+            Tracing.finish(self.span, attributes, status_code=self.status)
         metrics = ctx.metrics
         metrics.requests.labels(self.route, str(self.status)).inc()
         metrics.request_seconds.labels(self.route).observe(duration_ms / 1000)

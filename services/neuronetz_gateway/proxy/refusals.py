@@ -35,8 +35,19 @@ class ClientLeft(Exception):
     """The client went away before its request was complete: nothing to answer."""
 
 
-def model_unavailable(model: str) -> Refusal:
-    """The one 403 for a model that is not allowed *or* not installed (indistinguishable)."""
+def model_unavailable(model: str, surface: str = "native") -> Refusal:
+    """The one answer for a model that is not allowed *or* not installed (indistinguishable).
+
+    Native: 403. OpenAI's ``/v1``: its 404 ``model_not_found``, which its SDKs
+    raise as ``NotFoundError`` (a 403 would read as a permission problem).
+    """
+    if surface == "openai":
+        return Refusal(
+            404,
+            "model_not_found",
+            f"The model '{model}' does not exist or you do not have access to it.",
+            param="model",
+        )
     return Refusal(
         403,
         "forbidden",

@@ -67,7 +67,9 @@ async def forward(ex: Exchange, method: str, path: str, body: bytes | None) -> U
     await ex.claim()
     ex.to_backend()
     try:
-        return await ex.ctx.ollama.send(method, path, body, request_id=ex.identity.request_id)
+        return await ex.ctx.ollama.send(
+            method, path, body, request_id=ex.identity.request_id, traceparent=ex.traceparent
+        )
     except UpstreamTimeout:
         ex.upstream_error = "timeout"
         ex.ctx.metrics.upstream_errors.labels("timeout").inc()
@@ -302,7 +304,7 @@ async def upstream_refusal(ex: Exchange, upstream: UpstreamResponse) -> Refusal:
     if status == 404 and ex.model is not None:
         # the discovery cache was stale: answer exactly as for any unavailable model
         ex.ctx.discovery.forget()
-        return model_unavailable(ex.model)
+        return model_unavailable(ex.model, ex.surface)
     if ex.surface == "openai":
         mapped, body = ollama_error_to_openai(status, message)
         return Refusal(mapped, "upstream_error", message, body=body, retry_after=_retry(status))
