@@ -180,6 +180,7 @@ async def _wire(
             redis, prefix=settings.redis_prefix, ttl_seconds=settings.key_cache_redis_ttl_seconds
         ),
         secret=settings.gateway_secret.encode(),
+        previous_secret=settings.previous_secret(),
         metrics=service.metrics,
         clock=clock,
     )

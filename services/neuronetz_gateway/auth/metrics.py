@@ -59,6 +59,14 @@ class AuthMetrics:
             ["result"],
             registry=self.registry,
         )
+        self._fingerprints = Counter(
+            "nz_auth_key_fingerprints",
+            "Stored key fingerprints checked on a cache miss, by verdict: match,"
+            " match_previous_secret (re-keyed under NZ_GATEWAY_SECRET), mismatch,"
+            " unknown (none yet, or under a secret this replica lacks: Argon2 decides).",
+            ["verdict"],
+            registry=self.registry,
+        )
         self.argon2_throttled = Counter(
             "nz_auth_argon2_throttled",
             "Candidate keys refused without Argon2 because their prefix failed too often.",
@@ -121,6 +129,10 @@ class AuthMetrics:
     def argon2(self, matched: bool) -> None:
         """Count one Argon2id verification."""
         self._child(self._argon2, "match" if matched else "mismatch").inc()
+
+    def fingerprint(self, verdict: str) -> None:
+        """Count one stored fingerprint checked against a presented key."""
+        self._child(self._fingerprints, verdict).inc()
 
     def key_event(self, kind: str) -> None:
         """Count one ``nz_key_events`` notification."""
