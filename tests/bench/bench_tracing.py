@@ -358,6 +358,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--baseline-ref", default=DEFAULT_BASELINE)
     parser.add_argument("--json", type=Path, help="also write the raw runs and summary here")
+    parser.add_argument("--services", default="auth,proxy", help="which to measure: auth,proxy")
     # worker mode (internal)
     parser.add_argument("--worker", choices=SERVICES)
     parser.add_argument("--variant", choices=VARIANTS)
@@ -372,8 +373,9 @@ def main() -> None:
 
     from tests.support.otlp import running_otlp_receiver
 
+    services = [s for s in args.services.split(",") if s in SERVICES]
     runs: dict[str, dict[str, list[dict[str, float]]]] = {
-        s: {v: [] for v in VARIANTS} for s in SERVICES
+        s: {v: [] for v in VARIANTS} for s in services
     }
     with (
         _baseline_tree(args.baseline_ref) as baseline,
@@ -382,7 +384,7 @@ def main() -> None:
     ):
         for round_no in range(args.rounds):
             order = VARIANTS[round_no % 3 :] + VARIANTS[: round_no % 3]
-            for service in SERVICES:
+            for service in services:
                 for variant in order:
                     result = _run_worker(service, variant, stack, baseline, otlp.url, args)
                     runs[service][variant].append(result)
