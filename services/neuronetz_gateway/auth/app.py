@@ -122,8 +122,9 @@ def create_app(
             body["key_listener"] = service.listener.listening
         return Response(body, status_code=200 if ok else 503)
 
-    @get("/metrics", sync_to_thread=False)
-    def metrics_endpoint() -> Response[bytes]:
+    @get("/metrics")
+    async def metrics_endpoint() -> Response[bytes]:
+        service.metrics.dependencies(**await _readiness(service))
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     app = FastPathLitestar(
@@ -179,6 +180,7 @@ async def _wire(
             redis, prefix=settings.redis_prefix, ttl_seconds=settings.key_cache_redis_ttl_seconds
         ),
         secret=settings.gateway_secret.encode(),
+        previous_secret=settings.previous_secret(),
         metrics=service.metrics,
         clock=clock,
     )

@@ -49,6 +49,7 @@ __all__ = [
     "KEEPALIVE_SECONDS",
     "EventTranslator",
     "check_agent_model",
+    "lines_or_silence",
     "refuse_input",
     "relay_events",
     "run_chat",
@@ -170,7 +171,7 @@ async def run_chat(
     await ex.respond(send, 200, body_of(chunk), _JSON)
 
 
-async def _lines_or_silence(
+async def lines_or_silence(
     chunks: AsyncIterator[bytes], every: float
 ) -> AsyncIterator[bytes | None]:
     """The upstream's reads, and ``None`` after each ``every`` seconds without one."""
@@ -209,7 +210,7 @@ async def _translate_stream(
     keepalive_seconds: float,
 ) -> None:
     pending = b""
-    async for data in _lines_or_silence(aiter(upstream.chunks()), keepalive_seconds):
+    async for data in lines_or_silence(aiter(upstream.chunks()), keepalive_seconds):
         if data is None:
             await send_body(send, translator.ping())
             continue

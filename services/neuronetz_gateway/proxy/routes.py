@@ -24,7 +24,7 @@ from litestar.types import Send as LitestarSend
 from neuronetz_gateway.domain.dialect import ANTHROPIC, NATIVE, OPENAI, Surface, error_body
 from neuronetz_gateway.domain.identity import IdentityError, verify_identity
 from neuronetz_gateway.logging import get_logger
-from neuronetz_gateway.proxy import anthropic, key_info, native, openai
+from neuronetz_gateway.proxy import anthropic, key_info, native, openai, responses
 from neuronetz_gateway.proxy.asgi import Receive, Scope, Send, request_header, send_response
 from neuronetz_gateway.proxy.context import ProxyContext
 from neuronetz_gateway.proxy.exchange import Exchange, IdentityReplayed
@@ -186,6 +186,7 @@ def _routes() -> list[tuple[str, str, str, RouteWork]]:
         ("/v1/completions", "v1.completions", "POST", openai.completions),
         ("/v1/embeddings", "v1.embeddings", "POST", openai.embeddings),
         ("/v1/key", "v1.key", "GET", key_info.key_info),
+        ("/v1/responses", "v1.responses", "POST", responses.responses),
         ("/v1/messages", "v1.messages", "POST", anthropic.messages),
         ("/v1/messages/count_tokens", "v1.messages.count_tokens", "POST", anthropic.count_tokens),
     ]
