@@ -16,11 +16,14 @@ log line. None of it carries prompt text except the opted-in prompt row.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import msgspec
 
+from neuronetz_gateway.adapters.ollama_client import UpstreamResponse
 from neuronetz_gateway.adapters.redis_limiter import IdentityReplayed, LimiterUnavailable
 from neuronetz_gateway.domain.accounting import AuditRow, PromptRow
 from neuronetz_gateway.domain.dialect import Surface
@@ -33,10 +36,12 @@ from neuronetz_gateway.proxy.context import ProxyContext
 from neuronetz_gateway.proxy.discovery import Catalogue, DiscoveryFailed
 from neuronetz_gateway.proxy.refusals import Refusal, model_unavailable
 
-__all__ = ["Exchange", "IdentityReplayed", "counts_tokens"]
+__all__ = ["REVOKED_MESSAGE", "Exchange", "IdentityReplayed", "counts_tokens"]
 
 log = get_logger("neuronetz_gateway.proxy")
 
+#: The mid-stream error (and 401 message) of a request whose key was revoked while it ran.
+REVOKED_MESSAGE = "the API key was revoked"
 #: Without a retention the operator chose, opted-in prompt logs live this long.
 DEFAULT_PROMPT_TTL_DAYS = 30
 _TOKEN_FIELDS = (
@@ -99,6 +104,7 @@ class Exchange:
         "reserved_at",
         "responded",
         "response_text",
+        "revoked",
         "route",
         "settled",
         "started",
@@ -107,7 +113,9 @@ class Exchange:
         "surface",
         "ts",
         "ttfb_ms",
+        "upstream",
         "upstream_error",
+        "upstream_wait",
     )
 
     def __init__(self, ctx: ProxyContext, identity: Identity, route: str, surface: Surface) -> None:
@@ -131,6 +139,9 @@ class Exchange:
         self.settled = False
         self.responded = False
         self.claimed = False
+        self.revoked = False
+        self.upstream: UpstreamResponse | None = None
+        self.upstream_wait: asyncio.Future[Any] | None = None
         self.status = 500
         self.ttfb_ms: int | None = None
         self.upstream_error: str | None = None
@@ -190,6 +201,25 @@ class Exchange:
             raise model_unavailable(model)
         self.canonical = canonical
         return canonical
+
+    # -- revocation -------------------------------------------------------------------
+
+    def revoke(self) -> None:
+        """The key was revoked while this ran: close the upstream (Ollama stops generating).
+
+        The relay in charge sees :attr:`revoked` and ends the answer with the
+        surface's error; a request that has not gone upstream yet never will.
+        """
+        self.revoked = True
+        if self.upstream is not None:
+            self.upstream.abort()
+        if self.upstream_wait is not None:
+            self.upstream_wait.cancel()
+
+    def revoked_refusal(self) -> Refusal:
+        """What a revoked request is answered when nothing was sent yet."""
+        self.status = 401
+        return Refusal(401, "invalid_api_key", REVOKED_MESSAGE)
 
     # -- single use -------------------------------------------------------------------
 
@@ -313,6 +343,7 @@ class Exchange:
         """
         identity = self.identity
         ctx = self.ctx
+        ctx.running.discard(self)
         if not self.claimed:
             try:
                 await self.claim()
@@ -340,6 +371,7 @@ class Exchange:
             streamed=self.streamed,
             client_disconnected=self.disconnected,
             estimated=self.estimated,
+            revoked=self.revoked,
         )
         ctx.audit.submit(row)
         if identity.log_prompts and self.prompt_text is not None:

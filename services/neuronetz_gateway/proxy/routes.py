@@ -100,6 +100,7 @@ async def serve(
         await _unauthorised(ctx, route, send)
         return
     ex = Exchange(ctx, identity, route, _surface(route))
+    ctx.running.add(ex)  # from here a revocation of its key ends it (Exchange.finish: off)
     if scope["method"] != method:
         work = _wrong_method(method)
     replayed = False
@@ -124,6 +125,7 @@ async def serve(
         log.exception("proxy_failed", request_id=identity.request_id, route=route)
         replayed = not await _refuse(ex, send, Refusal(500, "internal_error", "internal error"))
     if replayed:
+        ctx.running.discard(ex)
         await _replayed(ex, send)
         return
     await ex.finish()
