@@ -235,3 +235,19 @@ def test_stream_failure_is_an_error_event() -> None:
     other = MessageStreamTranslator("msg_2", "m", prompt_estimate=1)
     ((name, body),) = _events(other.fail("cut"))
     assert name == "error" and body["error"]["message"] == "cut"
+
+
+async def test_silence_between_reads_becomes_keepalive_ticks() -> None:
+    import asyncio
+    from collections.abc import AsyncIterator
+
+    from neuronetz_gateway.proxy.agent_relay import lines_or_silence
+
+    async def slow() -> AsyncIterator[bytes]:
+        yield b"a"
+        await asyncio.sleep(0.25)
+        yield b"b"
+
+    got = [x async for x in lines_or_silence(slow(), 0.1)]
+    assert got[0] == b"a" and got[-1] == b"b"
+    assert got[1:-1] == [None] * (len(got) - 2) and len(got) >= 3

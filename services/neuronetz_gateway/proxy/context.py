@@ -11,6 +11,7 @@ from neuronetz_gateway.proxy.discovery import ModelDiscovery
 from neuronetz_gateway.proxy.metrics import ProxyMetrics
 from neuronetz_gateway.proxy.running import RunningRequests
 from neuronetz_gateway.settings import Settings
+from neuronetz_gateway.tracing import Tracing
 
 __all__ = ["ProxyContext"]
 
@@ -27,3 +28,4 @@ class ProxyContext:
     audit: AuditWriter
     metrics: ProxyMetrics
     running: RunningRequests = field(default_factory=RunningRequests)
+    tracing: Tracing | None = None  # None: tracing is off

@@ -69,10 +69,13 @@ async def forward(ex: Exchange, method: str, path: str, body: bytes | None) -> U
     await ex.claim()
     if ex.revoked:
         raise ex.revoked_refusal()
+    ex.to_backend()
     # a task, so that a revocation can stop the wait for the answer's headers
     # (a non-streamed answer sends them only when it is complete)
     sending: asyncio.Future[UpstreamResponse] = asyncio.ensure_future(
-        ex.ctx.ollama.send(method, path, body, request_id=ex.identity.request_id)
+        ex.ctx.ollama.send(
+            method, path, body, request_id=ex.identity.request_id, traceparent=ex.traceparent
+        )
     )
     ex.upstream_wait = sending
     try:
@@ -371,7 +374,7 @@ async def upstream_refusal(ex: Exchange, upstream: UpstreamResponse) -> Refusal:
     if status == 404 and ex.model is not None:
         # the discovery cache was stale: answer exactly as for any unavailable model
         ex.ctx.discovery.forget()
-        return model_unavailable(ex.model)
+        return model_unavailable(ex.model, ex.surface)
     if ex.surface == "openai":
         mapped, body = ollama_error_to_openai(status, message)
         return Refusal(mapped, "upstream_error", message, body=body, retry_after=_retry(status))

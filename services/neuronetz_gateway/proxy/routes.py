@@ -24,7 +24,7 @@ from litestar.types import Send as LitestarSend
 from neuronetz_gateway.domain.dialect import ANTHROPIC, NATIVE, OPENAI, Surface, error_body
 from neuronetz_gateway.domain.identity import IdentityError, verify_identity
 from neuronetz_gateway.logging import get_logger
-from neuronetz_gateway.proxy import anthropic, key_info, native, openai
+from neuronetz_gateway.proxy import anthropic, key_info, native, openai, responses
 from neuronetz_gateway.proxy.asgi import Receive, Scope, Send, request_header, send_response
 from neuronetz_gateway.proxy.context import ProxyContext
 from neuronetz_gateway.proxy.exchange import Exchange, IdentityReplayed
@@ -57,7 +57,7 @@ async def _unauthorised(ctx: ProxyContext, route: str, send: Send) -> None:
 
 async def _replayed(ex: Exchange, send: Send) -> None:
     """A used identity again: the same 401 as any bad one, counted, no accounting."""
-    ex.ctx.metrics.identity_replays.inc()
+    ex.end_replayed()
     log.warning("identity_replayed", request_id=ex.identity.request_id, route=ex.route)
     await _unauthorised(ex.ctx, ex.route, send)
 
@@ -75,8 +75,15 @@ async def _refuse(ex: Exchange, send: Send, refusal: Refusal) -> bool:
     headers = ex.headers(_JSON)
     if refusal.retry_after is not None:
         headers.append((b"retry-after", str(refusal.retry_after).encode()))
+    if refusal.should_retry is not None:
+        headers.append((b"x-should-retry", b"true" if refusal.should_retry else b"false"))
     body = refusal.body or error_body(
-        ex.surface, refusal.status, refusal.code, refusal.message, param=refusal.param
+        ex.surface,
+        refusal.status,
+        refusal.code,
+        refusal.message,
+        param=refusal.param,
+        limit=refusal.limit,
     )
     ex.status = refusal.status
     ex.responded = True
@@ -101,6 +108,8 @@ async def serve(
         return
     ex = Exchange(ctx, identity, route, _surface(route))
     ctx.running.add(ex)  # from here a revocation of its key ends it (Exchange.finish: off)
+    if ctx.tracing is not None:
+        ex.start_span(ctx.tracing)
     if scope["method"] != method:
         work = _wrong_method(method)
     replayed = False
@@ -125,7 +134,6 @@ async def serve(
         log.exception("proxy_failed", request_id=identity.request_id, route=route)
         replayed = not await _refuse(ex, send, Refusal(500, "internal_error", "internal error"))
     if replayed:
-        ctx.running.discard(ex)
         await _replayed(ex, send)
         return
     await ex.finish()
@@ -179,6 +187,7 @@ def _routes() -> list[tuple[str, str, str, RouteWork]]:
         ("/v1/completions", "v1.completions", "POST", openai.completions),
         ("/v1/embeddings", "v1.embeddings", "POST", openai.embeddings),
         ("/v1/key", "v1.key", "GET", key_info.key_info),
+        ("/v1/responses", "v1.responses", "POST", responses.responses),
         ("/v1/messages", "v1.messages", "POST", anthropic.messages),
         ("/v1/messages/count_tokens", "v1.messages.count_tokens", "POST", anthropic.count_tokens),
     ]
