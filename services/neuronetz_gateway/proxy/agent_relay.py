@@ -54,7 +54,6 @@ from neuronetz_gateway.proxy.relay import (
 __all__ = [
     "KEEPALIVE_SECONDS",
     "EventTranslator",
-    "check_agent_model",
     "lines_or_silence",
     "refuse_input",
     "relay_events",
@@ -91,21 +90,6 @@ def refuse_input(exc: SurfaceError, body: Callable[[str], bytes] | None = None) 
         param=exc.param,
         body=body(exc.message) if body is not None else None,
     )
-
-
-async def check_agent_model(ex: Exchange, model: str) -> None:
-    """The model check, answered 404 (what both agent SDKs expect) for a model out of reach."""
-    try:
-        await ex.check_model(model)
-    except Refusal as refusal:
-        if refusal.status != 403:
-            raise
-        raise Refusal(
-            404,
-            "model_not_found",
-            f"The model '{model[:200]}' does not exist or is not available to this key",
-            param="model",
-        ) from None
 
 
 def _cap_output(ex: Exchange, request: ChatRequest) -> int | None:
