@@ -27,3 +27,4 @@ class ProxyContext:
     audit: AuditWriter
     metrics: ProxyMetrics
     tracing: Tracing | None = None  # None: tracing is off
+    previous_secret: bytes | None = None  # NZ_GATEWAY_SECRET_PREVIOUS, still accepted
