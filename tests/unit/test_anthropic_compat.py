@@ -104,7 +104,10 @@ def test_blocks_tools_and_thinking() -> None:
         ({"max_tokens": 0}, "max_tokens"),
         ({"messages": []}, "messages"),
         ({"temperature": 3}, "temperature"),
-        ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "system", "content": [
+            {"type": "tool_result", "tool_use_id": "t", "content": "x"}]}]},
+         "messages[0].content[0]"),
         ({"messages": [{"role": "user", "content": [{"type": "document"}]}]},
          "messages[0].content[0].type"),
         ({"tools": [{"name": "web_search", "type": "web_search_20250305"}]}, "tools[0].type"),
@@ -251,3 +254,15 @@ async def test_silence_between_reads_becomes_keepalive_ticks() -> None:
     got = [x async for x in lines_or_silence(slow(), 0.1)]
     assert got[0] == b"a" and got[-1] == b"b"
     assert got[1:-1] == [None] * (len(got) - 2) and len(got) >= 3
+
+
+def test_a_system_message_inside_messages_is_kept_in_place() -> None:
+    # Claude Code 2.1 sends one after the first user turn
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "system", "content": [{"type": "text", "text": "reminder"}]},
+    ]
+    assert _translate(messages=messages)["messages"] == [
+        {"role": "user", "content": "hi"},
+        {"role": "system", "content": "reminder"},
+    ]

@@ -143,6 +143,7 @@ def test_proxy_spans_carry_genai_attributes_and_no_key() -> None:
     assert "pw" not in text.replace("openai", "")  # nor the backend's credentials
     assert span_name("generate", "qwen2.5:0.5b") == "text_completion qwen2.5:0.5b"
     assert span_name("tags", None) == "proxy tags"
+    assert span_name("v1.messages", "llama3.2:latest") == "chat llama3.2:latest"
     listing = span_attributes(
         _row("tags", None), surface="native", backend=("h", 80), tenant="acme"
     )

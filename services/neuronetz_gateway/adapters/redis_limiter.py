@@ -568,16 +568,17 @@ class Limiter:
         if _text(reply[0]) == "replay":
             raise IdentityReplayed(request_id)
         status, key_stats, tenant_stats, raw_refusals = reply
+        tenant_usage = _usage(tenant_stats)
         allowance = compute_allowance(
-            key_limits, tenant_limits, _usage(key_stats), _usage(tenant_stats), now_ms
+            key_limits, tenant_limits, _usage(key_stats), tenant_usage, now_ms
         )
         if _text(status) == "ok":
-            return decide((), allowance, lease_id)
+            return decide((), allowance, lease_id, tenant_usage)
         need = 1 if mode == "admit" else tokens
         limits = {"key": key_limits, "tenant": tenant_limits}
         now = datetime.fromtimestamp(now_ms / 1000, UTC)
         refusals = [self._refusal(raw, limits, now_ms, now, need) for raw in raw_refusals]
-        return decide(refusals, allowance)
+        return decide(refusals, allowance, tenant_usage=tenant_usage)
 
     @staticmethod
     def _refusal(

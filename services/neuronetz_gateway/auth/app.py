@@ -122,8 +122,9 @@ def create_app(
             body["key_listener"] = service.listener.listening
         return Response(body, status_code=200 if ok else 503)
 
-    @get("/metrics", sync_to_thread=False)
-    def metrics_endpoint() -> Response[bytes]:
+    @get("/metrics")
+    async def metrics_endpoint() -> Response[bytes]:
+        service.metrics.dependencies(**await _readiness(service))
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     app = FastPathLitestar(

@@ -190,6 +190,9 @@ class Authorizer:
                         tenant_limits=key.tenant_limits,
                         request_id=request_id,
                     )
+                    self._metrics.tenant_budgets(
+                        key.tenant_name, key.tenant_limits, decision.tenant_usage
+                    )
         except TimeoutError:
             return responses.unavailable(surface, request_id), "unavailable", "timeout"
         except KeyStoreUnavailable:

@@ -28,6 +28,7 @@ from neuronetz_gateway.adapters.postgres.store import (
     open_pool,
 )
 from neuronetz_gateway.cli.dev import dev
+from neuronetz_gateway.cli.doctor import doctor
 from neuronetz_gateway.cli.serve import serve
 from neuronetz_gateway.domain.errors import GatewayError, InvalidInput
 from neuronetz_gateway.domain.key_fingerprints import FingerprintKeys
@@ -541,6 +542,7 @@ DEFAULT_PROMPT_TTL_DAYS = 30
 
 app.command("serve")(serve)
 app.command("dev")(dev)
+app.command("doctor")(doctor)
 
 
 def main() -> None:

@@ -209,6 +209,8 @@ class Decision:
     lease_id: str | None = None  # set by admit when a concurrency limit applies
     # remaining values for the x-ratelimit-* headers (tighter of key and tenant)
     allowance: Allowance = field(default_factory=Allowance)
+    # what the tenant level has used (admit / reserve), for the budget-burn gauges
+    tenant_usage: LevelUsage | None = field(default=None, compare=False)
 
     @property
     def error_code(self) -> str | None:
@@ -219,7 +221,10 @@ class Decision:
 
 
 def decide(
-    refusals: Iterable[Refusal], allowance: Allowance, lease_id: str | None = None
+    refusals: Iterable[Refusal],
+    allowance: Allowance,
+    lease_id: str | None = None,
+    tenant_usage: LevelUsage | None = None,
 ) -> Decision:
     """Allowed when nothing refused; else the refusal with the longest wait.
 
@@ -231,13 +236,16 @@ def decide(
         if worst is None or refusal.retry_after > worst.retry_after:
             worst = refusal
     if worst is None:
-        return Decision(allowed=True, lease_id=lease_id, allowance=allowance)
+        return Decision(
+            allowed=True, lease_id=lease_id, allowance=allowance, tenant_usage=tenant_usage
+        )
     return Decision(
         allowed=False,
         reason=worst.reason,
         level=worst.level,
         retry_after=max(1, worst.retry_after),
         allowance=allowance,
+        tenant_usage=tenant_usage,
     )
 
 

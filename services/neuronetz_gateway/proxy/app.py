@@ -30,7 +30,7 @@ from neuronetz_gateway.fast_paths import FastPathLitestar
 from neuronetz_gateway.logging import configure_logging, get_logger
 from neuronetz_gateway.proxy.context import ProxyContext
 from neuronetz_gateway.proxy.discovery import ModelDiscovery
-from neuronetz_gateway.proxy.metrics import ProxyMetrics
+from neuronetz_gateway.proxy.metrics import DEFAULT_BACKEND, ProxyMetrics
 from neuronetz_gateway.proxy.routes import proxied_fast_paths, proxied_route_handlers
 from neuronetz_gateway.settings import Settings, load_settings
 from neuronetz_gateway.tracing import Tracing, tracing_from_env
@@ -143,21 +143,22 @@ def create_app(
     @get("/readyz", media_type=MediaType.JSON)
     async def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
         """Redis, Postgres and Ollama all answer; 503 otherwise."""
-        ctx: ProxyContext = request.app.state.proxy
-        store: Store = request.app.state.store
-        redis_ok, postgres_ok, ollama_ok = await asyncio.gather(
-            ctx.limiter.ping(), _postgres_ok(store), ctx.ollama.ping(_PROBE_TIMEOUT)
-        )
-        checks = {"redis": redis_ok, "postgres": postgres_ok, "ollama": ollama_ok}
+        checks = await _probe(request)
         ready = all(checks.values())
         return Response(
             {"status": "ready" if ready else "unavailable", "checks": checks},
             status_code=200 if ready else 503,
         )
 
-    @get("/metrics", media_type="text/plain; version=0.0.4; charset=utf-8", sync_to_thread=False)
-    def metrics_endpoint() -> bytes:
-        """Prometheus text format."""
+    @get("/metrics", media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def metrics_endpoint(request: Request[Any, Any, Any]) -> bytes:
+        """Prometheus text format; Redis, Postgres and Ollama are probed for the ``*_up`` gauges."""
+        checks = await _probe(request)
+        metrics.probed(
+            redis=checks["redis"],
+            postgres=checks["postgres"],
+            backends={DEFAULT_BACKEND: checks["ollama"]},
+        )
         return metrics.render()
 
     app = FastPathLitestar(
@@ -168,6 +169,16 @@ def create_app(
     )
     app.fast_paths = proxied_fast_paths()
     return app
+
+
+async def _probe(request: Request[Any, Any, Any]) -> dict[str, bool]:
+    """Whether Redis, Postgres and Ollama answer (readiness and the ``*_up`` gauges)."""
+    ctx: ProxyContext = request.app.state.proxy
+    store: Store = request.app.state.store
+    redis_ok, postgres_ok, ollama_ok = await asyncio.gather(
+        ctx.limiter.ping(), _postgres_ok(store), ctx.ollama.ping(_PROBE_TIMEOUT)
+    )
+    return {"redis": redis_ok, "postgres": postgres_ok, "ollama": ollama_ok}
 
 
 async def _postgres_ok(store: Store) -> bool:

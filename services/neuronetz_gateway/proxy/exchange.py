@@ -32,6 +32,7 @@ from neuronetz_gateway.logging import get_logger
 from neuronetz_gateway.proxy.asgi import Headers, Send, send_response
 from neuronetz_gateway.proxy.context import ProxyContext
 from neuronetz_gateway.proxy.discovery import Catalogue, DiscoveryFailed
+from neuronetz_gateway.proxy.metrics import DEFAULT_BACKEND
 from neuronetz_gateway.proxy.refusals import Refusal, model_unavailable
 from neuronetz_gateway.proxy.spans import backend_address, span_attributes, span_name
 from neuronetz_gateway.tracing import Tracing
@@ -91,6 +92,7 @@ class Exchange:
 
     __slots__ = (
         "allowance",
+        "backend",
         "canonical",
         "claimed",
         "completion_tokens",
@@ -142,6 +144,7 @@ class Exchange:
         self.claimed = False
         self.status = 500
         self.ttfb_ms: int | None = None
+        self.backend: str | None = None  # the backend the request went to, once sent
         self.upstream_error: str | None = None
         self.prompt_text: str | None = None
         self.response_text: str | None = None
@@ -178,6 +181,14 @@ class Exchange:
             elapsed = time.perf_counter() - self.started
             self.ttfb_ms = int(elapsed * 1000)
             self.ctx.metrics.ttfb.labels(self.route).observe(elapsed)
+            if self.backend is not None:
+                self.ctx.metrics.backend_ttft.labels(self.backend).observe(elapsed)
+
+    def to_backend(self, backend: str = DEFAULT_BACKEND) -> None:
+        """The request goes to ``backend`` now: it is in flight there until :meth:`finish`."""
+        if self.backend is None:
+            self.backend = backend
+            self.ctx.metrics.backend_in_flight.labels(backend).inc()
 
     # -- models -------------------------------------------------------------------
 
@@ -384,10 +395,15 @@ class Exchange:
             Tracing.finish(self.span, attributes, status_code=self.status)
         metrics = ctx.metrics
         metrics.requests.labels(self.route, str(self.status)).inc()
-        if self.prompt_tokens:
-            metrics.tokens.labels("prompt").inc(self.prompt_tokens)
-        if self.completion_tokens:
-            metrics.tokens.labels("completion").inc(self.completion_tokens)
+        metrics.request_seconds.labels(self.route).observe(duration_ms / 1000)
+        if self.backend is not None:
+            metrics.backend_in_flight.labels(self.backend).dec()
+        for kind, count in (("prompt", self.prompt_tokens), ("completion", self.completion_tokens)):
+            if count:
+                metrics.tokens.labels(kind).inc(count)
+                metrics.tenant_tokens.labels(identity.tenant_name, model or "-", kind).inc(count)
+                if self.backend is not None:
+                    metrics.backend_tokens.labels(self.backend, kind).inc(count)
         if self.disconnected:
             metrics.client_disconnects.inc()
         # the canonical line: the audit row (no prompt text in it) and what only the log has

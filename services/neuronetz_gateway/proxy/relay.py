@@ -65,6 +65,7 @@ _LOST = b'{"error":"the model server closed the stream before it finished"}\n'
 async def forward(ex: Exchange, method: str, path: str, body: bytes | None) -> UpstreamResponse:
     """Send to Ollama (the identity claimed first); a refused connection or a timeout: 502/504."""
     await ex.claim()
+    ex.to_backend()
     try:
         return await ex.ctx.ollama.send(
             method, path, body, request_id=ex.identity.request_id, traceparent=ex.traceparent

@@ -19,6 +19,8 @@ __all__ = ["OPERATIONS", "backend_address", "span_attributes", "span_name"]
 OPERATIONS = {
     "chat": "chat",
     "v1.chat.completions": "chat",
+    "v1.messages": "chat",  # Anthropic's Messages API
+    "v1.responses": "chat",  # OpenAI's Responses API
     "generate": "text_completion",
     "v1.completions": "text_completion",
     "embed": "embeddings",
