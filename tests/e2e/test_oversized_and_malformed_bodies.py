@@ -55,7 +55,11 @@ async def test_oversized_bodies_are_413_in_the_dialect_never_503(
                         statuses = outcomes.setdefault(f"{path} {size // MB}MB {framing}", [])
                         for _ in range(3):
                             content = data if framing == "length" else _chunks(data)
-                            answer = await client.post(path, content=content, headers=auth)
+                            try:
+                                answer = await client.post(path, content=content, headers=auth)
+                            except httpx.TransportError:
+                                statuses.append(0)  # no answer at all: a reset
+                                continue
                             statuses.append(answer.status_code)
                             assert "retry-after" not in answer.headers, (path, size, framing)
                             if answer.status_code == 413:
@@ -65,7 +69,11 @@ async def test_oversized_bodies_are_413_in_the_dialect_never_503(
                                 else:
                                     assert isinstance(error, str)
             after = await client.post("/api/chat", content=_body(1000), headers=auth)
-    assert {k: v for k, v in outcomes.items() if set(v) != {413}} == {}
+    # Past the proxy's limit (9 MB): always the 413. Past Caddy's own (17 MB) Caddy
+    # answers 413 and closes while the client still sends: the client may see a
+    # reset instead (0 here; a known gap, scope-docs 6b), but never a 503.
+    assert {k: v for k, v in outcomes.items() if "9MB" in k and set(v) != {413}} == {}
+    assert {k: v for k, v in outcomes.items() if not set(v) <= {413, 0}} == {}
     assert after.status_code == 200
     chats = [r for r in sim_requests(e2e_stack) if r["path"] == "/api/chat"]
     assert len(chats) == 1
