@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
-from neuronetz_gateway.adapters.redis_client import parse_sentinel_url
+from neuronetz_gateway.domain.redis_urls import SENTINEL_SCHEMES, parse_sentinel_url
 
 __all__ = ["Secret", "Settings", "SettingsError", "load_settings"]
 
@@ -106,9 +106,9 @@ class Settings:
         _check_url(
             "redis_url",
             self.redis_url,
-            ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel"),
+            ("redis", "rediss", "unix", *SENTINEL_SCHEMES),
         )
-        if self.redis_url.startswith(("redis+sentinel:", "rediss+sentinel:")):
+        if urlsplit(self.redis_url).scheme in SENTINEL_SCHEMES:
             try:
                 parse_sentinel_url(self.redis_url)
             except ValueError as exc:

@@ -18,9 +18,8 @@ fails the caller fast, and the caller answers 503.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -29,70 +28,18 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-__all__ = [
-    "SENTINEL_SCHEMES",
-    "RedisClient",
-    "SentinelTarget",
-    "close_redis",
-    "open_redis",
-    "parse_sentinel_url",
-]
+from neuronetz_gateway.domain.redis_urls import (
+    SENTINEL_SCHEMES,
+    SentinelTarget,
+    parse_sentinel_url,
+)
+
+__all__ = ["RedisClient", "close_redis", "open_redis"]
 
 log = logging.getLogger(__name__)
 
 #: Either client speaks the commands the gateway sends (scripts by key, GET/SET, pipelines).
 RedisClient = aioredis.Redis | RedisCluster
-
-SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
-
-
-@dataclass(frozen=True, slots=True)
-class SentinelTarget:
-    """What a ``redis+sentinel://`` URL names."""
-
-    sentinels: tuple[tuple[str, int], ...]
-    master: str
-    db: int
-    tls: bool
-    username: str | None
-    password: str | None
-
-
-def parse_sentinel_url(url: str) -> SentinelTarget:
-    """``redis+sentinel://[user:pw@]h1:p1,h2:p2/<master>/<db>``; ValueError when malformed."""
-    parts = urlsplit(url)
-    if parts.scheme not in SENTINEL_SCHEMES:
-        raise ValueError(f"not a sentinel URL scheme: {parts.scheme!r}")
-    netloc = parts.netloc
-    username = password = None
-    if "@" in netloc:
-        credentials, netloc = netloc.rsplit("@", 1)
-        user, _, secret = credentials.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if secret else None
-    sentinels: list[tuple[str, int]] = []
-    for address in netloc.split(","):
-        host, sep, port = address.strip().rpartition(":")
-        if not sep:
-            host, port = address.strip(), "26379"
-        host = host.strip("[]")
-        if not host or not port.isdigit():
-            raise ValueError("sentinel URL: each sentinel is host:port")
-        sentinels.append((host, int(port)))
-    path = [p for p in parts.path.split("/") if p]
-    if not path or len(path) > 2:
-        raise ValueError("sentinel URL: the path is /<master name>[/<db>]")
-    db = path[1] if len(path) == 2 else "0"
-    if not db.isdigit():
-        raise ValueError("sentinel URL: the database is a number")
-    return SentinelTarget(
-        sentinels=tuple(sentinels),
-        master=unquote(path[0]),
-        db=int(db),
-        tls=parts.scheme == "rediss+sentinel",
-        username=username,
-        password=password,
-    )
 
 
 def _tls_kwargs(tls: bool, ca_file: str | None) -> dict[str, Any]:
