@@ -84,12 +84,16 @@ class Settings:
     key_cache_ttl_seconds: float = 5.0
     negative_cache_ttl_seconds: float = 60.0
     argon2_max_concurrency: int = 2
-    identity_ttl_seconds: int = 30
+    identity_ttl_seconds: int = 5  # forward_auth hands it on at once; single use anyway
     lease_ttl_seconds: int = 60
     decision_timeout_seconds: float = 1.5
     # proxy
     max_body_bytes: int = 8 * 1024 * 1024
     default_max_tokens: int = 2048
+    # the keep_alive window of a key that may not override it (shorter unloads a
+    # shared model, longer pins it)
+    keep_alive_min_seconds: float = 60.0
+    keep_alive_max_seconds: float = 86400.0
     upstream_connect_timeout_seconds: float = 5.0
     upstream_read_timeout_seconds: float = 600.0
     discovery_ttl_seconds: float = 10.0
@@ -127,6 +131,10 @@ class Settings:
             raise SettingsError(f"{_env('log_level')} must be debug, info, warning or error")
         if self.log_format not in {"auto", "json", "console"}:
             raise SettingsError(f"{_env('log_format')} must be auto, json or console")
+        if self.keep_alive_min_seconds > self.keep_alive_max_seconds:
+            raise SettingsError(
+                f"{_env('keep_alive_min_seconds')} must not exceed {_env('keep_alive_max_seconds')}"
+            )
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:

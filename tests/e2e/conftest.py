@@ -75,7 +75,13 @@ class Ledger:
         self.store = store
         self._hasher = KeyHasher()
 
-    async def issue(self, tenant_name: str | None = None, **limits: Any) -> IssuedKey:
+    async def issue(
+        self,
+        tenant_name: str | None = None,
+        *,
+        key_policy: PolicySettings | None = None,
+        **limits: Any,
+    ) -> IssuedKey:
         """A new tenant (unless given) and a key for it; ``limits`` go on the tenant."""
         if tenant_name is None:
             tenant_name = unique("e2e")
@@ -87,7 +93,7 @@ class Ledger:
             name=unique("key"),
             prefix=key.prefix,
             secret_hash=secret_hash,
-            policy=PolicySettings(),
+            policy=key_policy or PolicySettings(),
             expires_at=None,
             log_prompts=False,
             prompt_ttl_days=None,

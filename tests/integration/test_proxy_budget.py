@@ -125,7 +125,8 @@ async def test_a_small_budget_is_usable_without_max_tokens(
             spent += reply.json()["prompt_eval_count"] + reply.json()["eval_count"]
             served += 1
     assert served >= 2  # a 2048-token default reservation would have refused the first one
-    forwarded = [r["body"]["options"]["num_predict"] for r in sim.requests()]
+    # (not the discovery GET /api/tags, recorded when the model list was due a refresh)
+    forwarded = [r["body"]["options"]["num_predict"] for r in sim.requests() if r["body"]]
     assert all(0 < n <= budget for n in forwarded)
     rows = await wait_audit_rows(store, [f"req-small-{ids['key_id']}-{n}" for n in range(served)])
     assert sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows.values()) <= budget

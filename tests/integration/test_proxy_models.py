@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 
 import httpx
@@ -9,6 +10,7 @@ import pytest
 
 from neuronetz_gateway.domain.identity import OptionCaps
 from tests.support.identity import IDENTITY_HEADER, signed
+from tests.support.proxy_checks import new_ids
 from tests.support.proxy_fixtures import DISCOVERY_TTL
 from tests.support.proxy_stack import ProxyServer, SimulatorServer
 
@@ -30,9 +32,12 @@ def test_not_allowed_and_not_installed_get_identical_403(
     proxy: ProxyServer, sim: SimulatorServer, path: str
 ) -> None:
     route = "chat" if path == "/api/chat" else "v1.chat.completions"
+    # one request id, so that the headers can be compared byte for byte; each
+    # identity is single use per tenant, so each ask comes from another tenant
+    request_id = f"req-same-{secrets.token_hex(4)}"
 
     def ask(allowed: list[str]) -> httpx.Response:
-        token = signed(route, models=allowed, request_id="req-same")
+        token = signed(route, models=allowed, request_id=request_id, **new_ids())
         return httpx.post(
             f"{proxy.url}{path}",
             json={"model": "qwen2.5:0.5b", "messages": [{"role": "user", "content": "hi"}]},

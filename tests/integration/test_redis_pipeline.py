@@ -190,8 +190,11 @@ async def test_a_closed_client_refuses_commands(redis_test_url: str) -> None:
     await client.aclose()
 
 
-def test_set_ups_it_does_not_speak_are_left_to_redis_py() -> None:
-    assert PipelinedRedis.for_client(aioredis.Redis.from_url("rediss://127.0.0.1:1/0"), 1.0) is None
+def test_tcp_tls_and_unix_are_spoken_the_rest_left_to_redis_py() -> None:
+    tls = PipelinedRedis.for_client(aioredis.Redis.from_url("rediss://127.0.0.1:1/0"), 1.0)
+    assert tls is not None and tls.tls
+    plain = PipelinedRedis.for_client(aioredis.Redis.from_url("redis://127.0.0.1:1/0"), 1.0)
+    assert plain is not None and not plain.tls
     unix = PipelinedRedis.for_client(aioredis.Redis.from_url("unix:///tmp/nz.sock?db=3"), 1.0)
     assert unix is not None
 

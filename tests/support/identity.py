@@ -37,10 +37,14 @@ ROUTE_BY_PATH = {
     "/api/tags": "tags",
     "/api/ps": "ps",
     "/api/version": "version",
+    "/api/key": "key",
     "/v1/chat/completions": "v1.chat.completions",
     "/v1/completions": "v1.completions",
     "/v1/embeddings": "v1.embeddings",
     "/v1/models": "v1.models",
+    "/v1/key": "v1.key",
+    "/v1/messages": "v1.messages",
+    "/v1/messages/count_tokens": "v1.messages.count_tokens",
 }
 
 

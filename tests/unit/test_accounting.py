@@ -1,4 +1,4 @@
-"""Token estimates, option caps, keep_alive parsing, final counts, the NDJSON scan."""
+"""Token estimates, option caps, final counts, the NDJSON scan."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from neuronetz_gateway.domain.accounting import (
     decode_final_counts,
     estimate_native_prompt,
     estimate_prompt_tokens,
-    keep_alive_seconds,
     native_num_predict,
     plan_output,
     response_text,
@@ -51,7 +50,6 @@ def test_native_estimates_per_route() -> None:
 def test_reservation_uses_the_default_when_unbounded() -> None:
     # the client's own cap is kept, whatever the room
     assert plan_output(20, 2048, 10, room=5) == OutputPlan(20, forward_cap=False)
-    assert plan_output(0, 2048, 10, room=None) == OutputPlan(0, forward_cap=False)
     # no token limit: nothing to bound, nothing forwarded
     assert plan_output(None, 2048, 10, room=None) == OutputPlan(2048, forward_cap=False)
     assert plan_output(-1, 2048, 10, room=None) == OutputPlan(2048, forward_cap=False)
@@ -100,29 +98,6 @@ def test_native_caps_clamp_and_report_change() -> None:
 def test_native_caps_refuse_unreadable_capped_options(body: dict[str, object]) -> None:
     with pytest.raises(CapRefusal):
         apply_native_caps(body, OptionCaps(max_num_ctx=2048, max_num_predict=100))
-
-
-@pytest.mark.parametrize(
-    ("value", "seconds"),
-    [
-        (300, 300.0),
-        (0, 0.0),
-        (-1, -1.0),
-        ("5m", 300.0),
-        ("1h30m", 5400.0),
-        ("0", 0.0),
-        ("0s", 0.0),
-        ("-1m", -60.0),
-        ("1.5s", 1.5),
-        ("-1", None),  # Go needs a unit
-        ("5 minutes", None),
-        ("", None),
-        (True, None),
-        ([1], None),
-    ],
-)
-def test_keep_alive_seconds_reads_go_durations(value: object, seconds: float | None) -> None:
-    assert keep_alive_seconds(value) == seconds
 
 
 @pytest.mark.parametrize("value", [0, "0", "0s", -1, "-1", "-5m", "soon", 0.0])

@@ -55,3 +55,30 @@ def test_surface_of() -> None:
 def test_param_is_carried() -> None:
     body = json.loads(error_body("openai", 400, "invalid_request", "bad", param="model"))
     assert body["error"]["param"] == "model"
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        (400, "invalid_request_error"),
+        (401, "authentication_error"),
+        (403, "permission_error"),
+        (404, "not_found_error"),
+        (405, "invalid_request_error"),
+        (413, "request_too_large"),
+        (429, "rate_limit_error"),
+        (500, "api_error"),
+        (502, "api_error"),
+        (503, "overloaded_error"),
+    ],
+)
+def test_anthropic_body_has_its_type_by_status(status: int, kind: str) -> None:
+    body = json.loads(error_body("/v1/messages", status, "whatever", "m"))
+    assert body == {"type": "error", "error": {"type": kind, "message": "m"}}
+    assert json.loads(error_body("anthropic", status, "x", "m")) == body
+
+
+def test_messages_paths_are_anthropic() -> None:
+    assert surface_of("/v1/messages") == "anthropic"
+    assert surface_of("/v1/messages/count_tokens") == "anthropic"
+    assert surface_of("/v1/messagesx") == "openai"

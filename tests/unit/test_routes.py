@@ -23,13 +23,17 @@ def test_every_canonical_route_is_allowed_with_its_id(
     assert match.outcome is Outcome.ALLOWED
     assert match.route is not None
     assert match.route.id == route_id
-    assert match.surface == ("openai" if path.startswith("/v1/") else "native")
+    if path.startswith("/v1/messages"):
+        assert match.surface == "anthropic"
+    else:
+        assert match.surface == ("openai" if path.startswith("/v1/") else "native")
 
 
 def test_route_ids_are_the_specified_ones() -> None:
     assert {r.id for r in ROUTES} | {"v1.model"} == {
-        "generate", "chat", "embed", "embeddings", "show", "tags", "ps", "version",
-        "v1.chat.completions", "v1.completions", "v1.embeddings", "v1.models", "v1.model",
+        "generate", "chat", "embed", "embeddings", "show", "tags", "ps", "version", "key",
+        "v1.chat.completions", "v1.completions", "v1.embeddings", "v1.models", "v1.model", "v1.key",
+        "v1.messages", "v1.messages.count_tokens",
     }  # fmt: skip
 
 
@@ -115,7 +119,8 @@ NOT_FOUND = [
     "/api/experimental/web_search",
     "/api/experimental",
     "/v1/responses",
-    "/v1/messages",
+    "/v1/messages/",
+    "/v1/messages/batches",
     "/v1",
     "/v2/models",
     "/healthz",
@@ -153,6 +158,18 @@ def test_query_string_allowed_on_get_routes_only() -> None:
     assert classify("GET", "/api/tags?x=1").outcome is Outcome.ALLOWED
     assert classify("GET", "/v1/models?limit=5").outcome is Outcome.ALLOWED
     assert classify("POST", "/api/chat?stream=true").outcome is Outcome.BAD_REQUEST
+    assert classify("POST", "/v1/chat/completions?x=1").outcome is Outcome.BAD_REQUEST
+
+
+def test_claude_codes_query_is_accepted_on_the_messages_routes() -> None:
+    for path in ("/v1/messages", "/v1/messages/count_tokens"):
+        match = classify("POST", f"{path}?beta=true")
+        assert match.outcome is Outcome.ALLOWED
+        assert match.surface == "anthropic"
+    assert classify("GET", "/v1/messages").outcome is Outcome.METHOD_NOT_ALLOWED
+    assert classify("GET", "/v1/messages").surface == "anthropic"
+    # unknown paths below /v1/messages answer in Anthropic's dialect too
+    assert classify("POST", "/v1/messages/batches").surface == "anthropic"
     # the query never unblocks: the block check reads the path only
     assert classify("GET", "/api/pull?x=/api/tags").outcome is Outcome.BLOCKED
 

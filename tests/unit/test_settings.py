@@ -25,6 +25,7 @@ def test_defaults_and_types() -> None:
     assert settings.lease_ttl_seconds == 15
     assert settings.key_cache_ttl_seconds == 2.5
     assert settings.ollama_url == "http://127.0.0.1:11434"
+    assert (settings.keep_alive_min_seconds, settings.keep_alive_max_seconds) == (60, 86400)
 
 
 @pytest.mark.parametrize(
@@ -38,6 +39,11 @@ def test_defaults_and_types() -> None:
         ({**GOOD, "NZ_LEASE_TTL_SECONDS": "ten"}, "NZ_LEASE_TTL_SECONDS"),
         ({**GOOD, "NZ_LEASE_TTL_SECONDS": "-1"}, "NZ_LEASE_TTL_SECONDS"),
         ({**GOOD, "NZ_LOG_LEVEL": "loud"}, "NZ_LOG_LEVEL"),
+        ({**GOOD, "NZ_KEEP_ALIVE_MIN_SECONDS": "0"}, "NZ_KEEP_ALIVE_MIN_SECONDS"),
+        (
+            {**GOOD, "NZ_KEEP_ALIVE_MIN_SECONDS": "600", "NZ_KEEP_ALIVE_MAX_SECONDS": "60"},
+            "NZ_KEEP_ALIVE_MIN_SECONDS",
+        ),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], named: str) -> None:

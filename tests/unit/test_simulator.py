@@ -196,11 +196,17 @@ async def test_num_predict_caps_the_chunks(client: httpx.AsyncClient) -> None:
                 "model": "llama3.2",
                 "prompt": "x",
                 "stream": False,
-                "options": {"num_predict": 0},
+                "options": {"num_predict": 2.9},
             },
         )
     ).json()
-    assert (body["response"], body["eval_count"], body["done_reason"]) == ("", 0, "length")
+    assert (body["eval_count"], body["done_reason"]) == (2, "length")
+    # As in Ollama, what truncates below 1 is no limit at all.
+    for unbounded in (0, 0.5, 1e-9, -1, 1e300):
+        lines = _lines(
+            await client.post("/api/chat", json=_chat_body(options={"num_predict": unbounded}))
+        )
+        assert (lines[-1]["eval_count"], lines[-1]["done_reason"]) == (20, "stop"), unbounded
     # A cap above the answer's length changes nothing.
     lines = _lines(await client.post("/api/chat", json=_chat_body(options={"num_predict": 50})))
     assert lines[-1]["done_reason"] == "stop"
@@ -639,3 +645,20 @@ def test_served_by_granian_notices_disconnects(served: str) -> None:
             assert time.monotonic() < deadline
             time.sleep(0.02)
         assert client.get("/_sim/stats").json()["active"] == 0
+
+
+async def test_scripted_replies_are_sent_verbatim_in_order(client: httpx.AsyncClient) -> None:
+    lines = ['{"message": {"content": "a"}, "done": false}', {"done": True, "eval_count": 1}]
+    script = [{"lines": lines, "split": 4}, {"body": {"response": "b", "done": True}}]
+    assert (await client.post("/_sim/config", json={"script": script})).status_code == 200
+    first = await client.post("/api/chat", json=_chat_body())
+    assert first.headers["content-type"] == "application/x-ndjson"
+    assert first.content == (lines[0] + '\n{"done":true,"eval_count":1}\n').encode()
+    second = await client.post("/api/generate", json={"model": "llama3.2", "prompt": "x"})
+    assert second.json() == {"response": "b", "done": True}
+    third = await client.post("/api/chat", json=_chat_body(stream=False))
+    assert third.json()["message"]["content"] == simulated_text(20)  # the script is used up
+    recorded = await client.get("/_sim/requests")
+    assert [r["path"] for r in recorded.json()] == ["/api/chat", "/api/generate", "/api/chat"]
+    bad = await client.post("/_sim/config", json={"script": [{"lines": [], "nope": 1}]})
+    assert bad.status_code == 400

@@ -9,6 +9,8 @@ each script touches one Redis Cluster slot::
     <prefix>:{t<tenant>}:bud:k<key>:d:<YYYYMMDD>      spent + reserved     (2 days)
     <prefix>:{t<tenant>}:bud:k<key>:m:<YYYYMM>                              (32 days)
     <prefix>:{t<tenant>}:bud:k<key>:total    (and bud:t:... for the tenant) (kept)
+    <prefix>:{t<tenant>}:used:<request id>    a signed identity's single-use marker
+                                              (until the identity expires, + 1 s)
 
 Each decision is one Lua script (``lua/*.lua``, EVALSHA with a reload on
 NOSCRIPT) that checks key and tenant together and records only when
@@ -19,8 +21,9 @@ Retry-After, allowances) is in :mod:`neuronetz_gateway.domain.limits`.
 Errors::
 
     Exception
-    └── LimiterUnavailable   Redis (or the ledger, for a rebuild) could not be
-                             asked in time: callers fail closed with a 503
+    ├── LimiterUnavailable   Redis (or the ledger, for a rebuild) could not be
+    │                        asked in time: callers fail closed with a 503
+    └── IdentityReplayed     the signed identity was used before (the proxy: 401)
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ from neuronetz_gateway.adapters.postgres.store import LedgerTotals
 from neuronetz_gateway.adapters.redis_client import RedisClient
 from neuronetz_gateway.adapters.redis_pipeline import PipelinedRedis, RedisArg
 from neuronetz_gateway.domain.identity import Allowance, Limits
+from neuronetz_gateway.domain.key_state import KeyState, LevelState, WindowState, window_reset_ms
 from neuronetz_gateway.domain.limits import (
+    WINDOW_MS,
     Decision,
     LevelUsage,
     Refusal,
@@ -55,13 +60,15 @@ from neuronetz_gateway.domain.limits import (
     tpm_retry_after,
 )
 
-__all__ = ["LedgerSource", "Limiter", "LimiterUnavailable"]
+__all__ = ["IdentityReplayed", "LedgerSource", "Limiter", "LimiterUnavailable"]
 
 _DAILY_BUDGET_TTL_S = 2 * 86_400
 _MONTHLY_BUDGET_TTL_S = 32 * 86_400
 _BUDGET_TTLS = (_DAILY_BUDGET_TTL_S, _MONTHLY_BUDGET_TTL_S, None)  # daily, monthly, total
 _BUDGET_NAMES = ("daily_tokens", "monthly_tokens", "total_tokens")
 _LEVELS = ("key", "tenant")
+#: A single-use marker outlives its identity by this much (clock steps between replicas).
+_MARKER_GRACE_MS = 1000
 
 T = TypeVar("T")
 
@@ -83,6 +90,7 @@ class _Script:
 _DECIDE = _Script(_lua("decide.lua"))
 _SETTLE = _Script(_lua("settle.lua"))
 _LEASE = _Script(_lua("lease.lua"))
+_STATE = _Script(_lua("state.lua"))
 
 #: Key-name sets kept per (tenant, key); a busy process sees few distinct keys.
 _MAX_CACHED_KEYS = 4096
@@ -90,6 +98,10 @@ _MAX_CACHED_KEYS = 4096
 
 class LimiterUnavailable(Exception):
     """Redis could not be asked: fail closed (503)."""
+
+
+class IdentityReplayed(Exception):
+    """The signed identity was already used once: a replay (the proxy answers 401)."""
 
 
 class LedgerSource(Protocol):
@@ -153,6 +165,26 @@ def _usage(stats: Sequence[Any]) -> LevelUsage:
         daily=None if daily < 0 else daily,
         monthly=None if monthly < 0 else monthly,
         total=None if total < 0 else total,
+    )
+
+
+def _level_state(raw: Sequence[Any], limits: Limits) -> LevelState:
+    """``state.lua``'s figures of one level; -1 = that limit is not set."""
+    requests, hit_ms, concurrency, window, daily, monthly, total = (int(v) for v in raw[:7])
+    buckets = raw[7]
+    tokens = requests_state = None
+    if requests >= 0:
+        requests_state = WindowState(requests, None if hit_ms < 0 else hit_ms + WINDOW_MS)
+    if window >= 0:
+        entries = [(int(buckets[i]) * 1000, int(buckets[i + 1])) for i in range(0, len(buckets), 2)]
+        tokens = WindowState(window, window_reset_ms(entries, limits.tpm or 0))
+    return LevelState(
+        requests=requests_state if requests >= 0 else None,
+        tokens=tokens,
+        concurrency=None if concurrency < 0 else concurrency,
+        daily_tokens=None if daily < 0 else daily,
+        monthly_tokens=None if monthly < 0 else monthly,
+        total_tokens=None if total < 0 else total,
     )
 
 
@@ -299,17 +331,41 @@ class Limiter:
         tenant_limits: Limits,
         request_id: str,
         tokens: int,
+        single_use_until_ms: int | None = None,
     ) -> Decision:
         """Add ``tokens`` to both levels' budgets and TPM window if all stay within limits.
 
         The allowance carries the token values only (requests were counted by
-        ``admit`` and are not counted again).
+        ``admit`` and are not counted again). With ``single_use_until_ms`` (the
+        identity's expiry) the same script first claims the identity
+        ``request_id`` (see :meth:`claim_identity`); a second claim raises
+        :class:`IdentityReplayed` and records nothing.
         """
         if tokens < 0:
             raise ValueError("tokens to reserve must not be negative")
         return await self._decide(
-            "reserve", tenant_id, key_id, key_limits, tenant_limits, request_id, tokens, None
+            "reserve",
+            tenant_id,
+            key_id,
+            key_limits,
+            tenant_limits,
+            request_id,
+            tokens,
+            None,
+            single_use_until_ms,
         )
+
+    async def claim_identity(self, *, tenant_id: int, request_id: str, expires_at_ms: int) -> None:
+        """Mark the signed identity ``request_id`` used (one ``SET NX``), or raise.
+
+        :class:`IdentityReplayed` when it was claimed before (here or inside a
+        :meth:`reserve`); the marker lives until the identity expires (plus a
+        second), after which the identity no longer verifies anyway.
+        """
+        marker, ttl_ms = self._marker(tenant_id, request_id, expires_at_ms)
+        reply = await self._call(self._commands.execute("SET", marker, "1", "NX", "PX", ttl_ms))
+        if reply is None:
+            raise IdentityReplayed(request_id)
 
     async def settle(
         self,
@@ -358,6 +414,35 @@ class Limiter:
             _usage(reply[1]),
         )
 
+    async def read_state(
+        self, *, tenant_id: int, key_id: int, key_limits: Limits, tenant_limits: Limits
+    ) -> KeyState:
+        """What the key and its tenant have used of every limit that is set; records nothing.
+
+        One round trip (plus a ledger rebuild of lost budget counters, as for
+        :meth:`admit`). Costs the key no request and takes no lease.
+        """
+        now_ms = self._now_ms()
+        now_s = now_ms // 1000
+        day, month = period_ids(now_s)
+        keys = self._keys_of(tenant_id, key_id)
+        script_keys = keys.decide_keys(day, month)
+        args = (now_ms, now_s, *_limit_args(key_limits), *_limit_args(tenant_limits))
+        commands = self._commands
+        reply = await self._call(commands.evalsha(_STATE.sha, _STATE.text, script_keys, args))
+        if _text(reply[0]) == "missing":
+            now = datetime.fromtimestamp(now_ms / 1000, UTC)
+            missing = [_text(m) for m in reply[1]]
+            await self._rebuild_budgets(tenant_id, key_id, now, keys.budgets(day, month), missing)
+            reply = await self._call(commands.evalsha(_STATE.sha, _STATE.text, script_keys, args))
+            if _text(reply[0]) == "missing":
+                raise LimiterUnavailable("budget counters could not be rebuilt")
+        return KeyState(
+            read_at_ms=now_ms,
+            key=_level_state(reply[1], key_limits),
+            tenant=_level_state(reply[2], tenant_limits),
+        )
+
     async def renew_lease(self, *, tenant_id: int, key_id: int, lease_id: str) -> None:
         """Extend a running request's concurrency lease by the lease TTL from now."""
         await self._lease("renew", tenant_id, key_id, lease_id)
@@ -377,6 +462,11 @@ class Limiter:
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
+
+    def _marker(self, tenant_id: int, request_id: str, expires_at_ms: int) -> tuple[str, int]:
+        """The identity's single-use marker key (in its tenant's slot) and lifetime in ms."""
+        ttl_ms = max(expires_at_ms - self._now_ms(), 0) + _MARKER_GRACE_MS
+        return f"{self._prefix}:{{t{tenant_id}}}:used:{request_id}", ttl_ms
 
     def _keys_of(self, tenant_id: int, key_id: int) -> _Keys:
         keys = self._keys.get((tenant_id, key_id))
@@ -418,11 +508,17 @@ class Limiter:
         request_id: str,
         tokens: int,
         lease_id: str | None,
+        single_use_until_ms: int | None = None,
     ) -> Decision:
         now_ms = self._now_ms()
         now_s = now_ms // 1000
         day, month = period_ids(now_s)
         script_keys = self._keys_of(tenant_id, key_id).decide_keys(day, month)
+        marker_ttl: tuple[int, ...] = ()
+        if single_use_until_ms is not None:
+            marker, ttl_ms = self._marker(tenant_id, request_id, single_use_until_ms)
+            script_keys = [*script_keys, marker]
+            marker_ttl = (ttl_ms,)
         args: tuple[RedisArg, ...] = (
             mode,
             now_ms,
@@ -435,6 +531,7 @@ class Limiter:
             tokens,
             *_limit_args(key_limits),
             *_limit_args(tenant_limits),
+            *marker_ttl,
         )
         commands = self._commands
         reply = await self._call(commands.evalsha(_DECIDE.sha, _DECIDE.text, script_keys, args))
@@ -447,6 +544,8 @@ class Limiter:
             if _text(reply[0]) == "missing":
                 # evicted again at once: deciding without it would not be a check
                 raise LimiterUnavailable("budget counters could not be rebuilt")
+        if _text(reply[0]) == "replay":
+            raise IdentityReplayed(request_id)
         status, key_stats, tenant_stats, raw_refusals = reply
         allowance = compute_allowance(
             key_limits, tenant_limits, _usage(key_stats), _usage(tenant_stats)

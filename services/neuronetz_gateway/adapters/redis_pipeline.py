@@ -252,6 +252,11 @@ class PipelinedRedis:
             return cls(path=kwargs["path"], **common)
         return None
 
+    @property
+    def tls(self) -> bool:
+        """Whether the connection is TLS (``rediss://``)."""
+        return self._tls is not None
+
     async def execute(self, *args: RedisArg) -> Any:
         """Send one command and return its reply (bytes, int, list...; errors raise).
 

@@ -9,6 +9,10 @@ returns the complete answer:
 3. limits (``Limiter.admit``, one Redis round trip): 429;
 4. 200 with ``X-NZ-Identity`` signed for the proxy.
 
+The key-info routes (``GET /v1/key``, ``GET /api/key``) replace step 3 with
+``Limiter.read_state`` (one read-only round trip: no RPM hit, no lease, never
+a 429) and sign what it read into the identity, which the proxy renders.
+
 Steps 2-3 run under ``decision_timeout_seconds``; a timeout or an
 unreachable Redis/Postgres answers 503 with ``Retry-After``, never 2xx.
 
@@ -32,6 +36,9 @@ from neuronetz_gateway.auth.metrics import AuthMetrics
 from neuronetz_gateway.auth.responses import Answer
 from neuronetz_gateway.domain.dialect import surface_of
 from neuronetz_gateway.domain.identity import Identity, sign_identity
+from neuronetz_gateway.domain.key_info import KEY_INFO_ROUTES, allowance_of
+from neuronetz_gateway.domain.key_state import KeyState
+from neuronetz_gateway.domain.limits import Decision
 from neuronetz_gateway.domain.routes import Outcome, RouteMatch, classify
 from neuronetz_gateway.logging import get_logger
 
@@ -147,13 +154,24 @@ class Authorizer:
                 if key is None:
                     return responses.unauthorized(surface), "refused", check.reason
                 fields["tenant"] = key.tenant_name
-                decision = await self._limiter.admit(
-                    tenant_id=key.tenant_id,
-                    key_id=key.key_id,
-                    key_limits=key.key_limits,
-                    tenant_limits=key.tenant_limits,
-                    request_id=request_id,
-                )
+                state: KeyState | None = None
+                if route.id in KEY_INFO_ROUTES:
+                    state = await self._limiter.read_state(
+                        tenant_id=key.tenant_id,
+                        key_id=key.key_id,
+                        key_limits=key.key_limits,
+                        tenant_limits=key.tenant_limits,
+                    )
+                    allowance = allowance_of(state, key.key_limits, key.tenant_limits)
+                    decision = Decision(allowed=True, allowance=allowance)
+                else:
+                    decision = await self._limiter.admit(
+                        tenant_id=key.tenant_id,
+                        key_id=key.key_id,
+                        key_limits=key.key_limits,
+                        tenant_limits=key.tenant_limits,
+                        request_id=request_id,
+                    )
         except TimeoutError:
             return responses.unavailable(surface, request_id), "unavailable", "timeout"
         except KeyStoreUnavailable:
@@ -179,9 +197,11 @@ class Authorizer:
             allowance=decision.allowance,
             log_prompts=key.log_prompts,
             prompt_ttl_days=key.prompt_ttl_days,
+            key_state=state,
         )
         token = sign_identity(identity, self._secret)
-        return responses.allowed(token, request_id), "allowed", "ok"
+        reason = "ok" if state is None else "key_info"
+        return responses.allowed(token, request_id), "allowed", reason
 
 
 def _route_refusal(match: RouteMatch) -> Answer:

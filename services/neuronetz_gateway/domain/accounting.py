@@ -10,19 +10,20 @@
   Ollama options that cost shared GPU (``num_ctx``, ``num_predict``,
   ``keep_alive``);
 - :class:`FinalCounts` / :func:`decode_final_counts`: the counts of Ollama's
-  final chunk (decoded only for the line that carries them);
+  final chunk (from :mod:`.stream_lines`, re-exported);
 - :class:`AuditRow` / :class:`PromptRow`: what the audit writer stores.
 
-Caps policy (stated in scope-docs/SPEC.md by the lead): ``num_ctx`` and
-``num_predict`` are clamped to the cap (a missing or unbounded
-``num_predict`` becomes the cap); a forbidden ``keep_alive`` (zero: unload,
-negative: pin forever, or unreadable) is refused with 400 naming the option.
+Caps policy (scope-docs/SPEC.md section 6a): the options are first read as
+Ollama reads them (:mod:`neuronetz_gateway.domain.options`), then ``num_ctx``
+and ``num_predict`` are clamped to the cap (a missing or unbounded
+``num_predict``, which includes 0 and fractions below 1, becomes the cap); a
+``keep_alive`` outside the key's window (it would unload or pin a shared
+model, or is unreadable) is refused with 400 naming the option.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -30,9 +31,18 @@ from typing import Any
 import msgspec
 
 from neuronetz_gateway.domain.identity import Allowance, OptionCaps
+from neuronetz_gateway.domain.options import (
+    KeepAliveWindow,
+    OptionError,
+    check_keep_alive,
+    context_size,
+    output_limit,
+)
+from neuronetz_gateway.domain.stream_lines import FinalCounts, decode_final_counts
 
 __all__ = [
     "CHARS_PER_TOKEN",
+    "DEFAULT_KEEP_ALIVE_WINDOW",
     "IMAGE_TOKENS",
     "PER_MESSAGE_TOKENS",
     "PER_REQUEST_TOKENS",
@@ -46,7 +56,6 @@ __all__ = [
     "decode_final_counts",
     "estimate_native_prompt",
     "estimate_prompt_tokens",
-    "keep_alive_seconds",
     "native_num_predict",
     "plan_output",
     "response_text",
@@ -149,7 +158,7 @@ def plan_output(
     the reservation, and a small budget could never be used at all. Without
     any token limit nothing is reserved or forwarded.
     """
-    if max_output is not None and max_output >= 0:
+    if max_output is not None and max_output >= 1:
         return OutputPlan(output=max_output, forward_cap=False)
     if room is None:
         return OutputPlan(output=default_max, forward_cap=False)
@@ -157,152 +166,104 @@ def plan_output(
 
 
 def native_num_predict(body: dict[str, Any]) -> int | None:
-    """``options.num_predict`` of a native body when it is a number, else ``None``."""
+    """The output bound ``options.num_predict`` of a native body sets; ``None`` = unbounded.
+
+    Read as Ollama reads it (:func:`~neuronetz_gateway.domain.options.output_limit`):
+    ``0``, ``0.5``, ``1e-9``, negative and overflowing values are unbounded.
+    """
     options = body.get("options")
     if not isinstance(options, dict):
         return None
     value = options.get("num_predict")
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return int(value)
+    return output_limit("options.num_predict", value)
 
 
 # caps -------------------------------------------------------------------------
 
-
-class CapRefusal(ValueError):
-    """An option the key may not set; ``param`` names it (400 in the dialect)."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
-        self.message = message
+#: A refused option (kept under its old name: the proxy catches it as such).
+CapRefusal = OptionError
+#: The window of a key that may not override ``keep_alive`` when none is configured.
+DEFAULT_KEEP_ALIVE_WINDOW = KeepAliveWindow(min_seconds=60.0, max_seconds=86400.0)
 
 
 def capped_num_predict(requested: int | None, cap: int | None) -> int | None:
-    """Clamp an output cap: ``None``/negative (unbounded) or above ``cap`` becomes ``cap``."""
+    """Clamp a normalised output bound (``None`` = unbounded) to ``cap``.
+
+    ``requested`` comes from :func:`~neuronetz_gateway.domain.options.output_limit`;
+    anything below 1 is unbounded to Ollama, so it becomes the cap too.
+    """
     if cap is None:
         return requested
-    if requested is None or requested < 0 or requested > cap:
+    if requested is None or requested < 1 or requested > cap:
         return cap
     return requested
 
 
-def _number(options: dict[str, Any], name: str) -> int | None:
-    value = options.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise CapRefusal(f"options.{name}", f"options.{name} must be a number")
-    return int(value)
+def apply_native_caps(
+    body: dict[str, Any],
+    caps: OptionCaps,
+    keep_alive_window: KeepAliveWindow = DEFAULT_KEEP_ALIVE_WINDOW,
+) -> bool:
+    """Normalise the GPU-bounding options of a native body, then cap them, in place.
 
-
-def apply_native_caps(body: dict[str, Any], caps: OptionCaps) -> bool:
-    """Apply ``caps`` to a native body in place; return whether it changed.
-
-    Raises :class:`CapRefusal` for a ``keep_alive`` the key may not set or a
-    capped option that is not a number.
+    ``num_predict`` and ``num_ctx`` are read as Ollama reads them (truncated
+    to int64; below 1 is "no limit" / "server default") and rewritten as
+    plain integers; with a cap, an unbounded ``num_predict`` (absent
+    included) becomes the cap and ``num_ctx`` is clamped to it (one below 1
+    is dropped: the server's default, as if absent). Returns whether the
+    body changed. Raises :class:`CapRefusal` for a ``keep_alive`` outside
+    the window of a key that may not override it, or an option that is not
+    a number.
     """
     changed = False
     if not caps.allow_keep_alive_override and "keep_alive" in body:
-        _check_keep_alive(body["keep_alive"])
-    if caps.max_num_ctx is None and caps.max_num_predict is None:
-        return False
+        check_keep_alive(body["keep_alive"], keep_alive_window)
     options = body.get("options")
     if options is None:
+        if caps.max_num_predict is None:
+            return False
         options = {}
     elif not isinstance(options, dict):
+        if caps.max_num_ctx is None and caps.max_num_predict is None:
+            return False  # nothing to enforce: Ollama answers it with its own 400
         raise CapRefusal("options", "options must be an object")
-    if caps.max_num_ctx is not None:
-        num_ctx = _number(options, "num_ctx")
-        if num_ctx is not None and num_ctx > caps.max_num_ctx:
-            options["num_ctx"] = caps.max_num_ctx
-            changed = True
-    if caps.max_num_predict is not None:
-        requested = _number(options, "num_predict")
-        capped = capped_num_predict(requested, caps.max_num_predict)
-        if capped != requested or "num_predict" not in options:
-            options["num_predict"] = capped
-            changed = True
+    if "num_predict" in options or caps.max_num_predict is not None:
+        changed |= _normalise_num_predict(options, caps.max_num_predict)
+    if "num_ctx" in options:
+        changed |= _normalise_num_ctx(options, caps.max_num_ctx)
     if changed:
         body["options"] = options
     return changed
 
 
-def _check_keep_alive(value: Any) -> None:
-    if value is None:
-        return
-    seconds = keep_alive_seconds(value)
-    if seconds is None or seconds <= 0:
-        raise CapRefusal(
-            "keep_alive",
-            "keep_alive may not unload (0) or pin (negative) a shared model with this key",
-        )
+def _normalise_num_predict(options: dict[str, Any], cap: int | None) -> bool:
+    sent = options.get("num_predict")
+    limit = capped_num_predict(output_limit("options.num_predict", sent), cap)
+    if limit is None or (limit == sent and type(sent) is int):
+        return False  # unbounded and uncapped: as sent (the plan may bound it)
+    options["num_predict"] = limit
+    return True
 
 
-_DURATION_UNITS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,  # Go's spelling of microseconds (micro sign)
-    "μs": 1e-6,  # the Greek mu, which Go also accepts
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-
-
-def keep_alive_seconds(value: Any) -> float | None:
-    """``keep_alive`` as Ollama reads it, in seconds; ``None`` when it is unreadable.
-
-    A JSON number is seconds; a string is a Go duration (``"5m"``, ``"1h30m"``,
-    ``"-1m"``, ``"0"``). Negative means "forever" to Ollama.
-    """
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return float(value) if math.isfinite(value) else None
-    if not isinstance(value, str):
-        return None
-    text = value.strip()
-    sign = -1.0 if text.startswith("-") else 1.0
-    text = text.lstrip("+-")
-    if text == "0":
-        return 0.0
-    if not text:
-        return None
-    total, pos = 0.0, 0
-    while pos < len(text):
-        match = _DURATION_PART.match(text, pos)
-        if match is None:
-            return None
-        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-        pos = match.end()
-    return sign * total
+def _normalise_num_ctx(options: dict[str, Any], cap: int | None) -> bool:
+    sent = options["num_ctx"]
+    size = context_size("options.num_ctx", sent)
+    if size is None:
+        if cap is None:
+            return False
+        del options["num_ctx"]
+        return True
+    if cap is not None:
+        size = min(size, cap)
+    if size == sent and type(sent) is int:
+        return False
+    options["num_ctx"] = size
+    return True
 
 
 # counts -------------------------------------------------------------------------
-
-
-class FinalCounts(msgspec.Struct):
-    """A view of an Ollama NDJSON line: only the final-chunk counts and an error."""
-
-    done: bool = False
-    prompt_eval_count: int | None = None
-    eval_count: int | None = None
-    error: str | None = None
-
-
-_counts_decoder = msgspec.json.Decoder(FinalCounts)
-
-
-def decode_final_counts(line: bytes) -> FinalCounts | None:
-    """The counts view of one line or body; ``None`` when it is not a JSON object."""
-    try:
-        return _counts_decoder.decode(line)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
 
 
 class _TextView(msgspec.Struct):

@@ -3,7 +3,10 @@
 ``/api/*`` (Ollama's native API) answers ``{"error": "<message>"}``;
 ``/v1/*`` (the OpenAI surface) answers OpenAI's error object
 ``{"error": {"message", "type", "code", "param"}}``, which the official
-``openai`` client turns into its typed exceptions by status.
+``openai`` client turns into its typed exceptions by status;
+``/v1/messages`` and below (Anthropic's Messages API) answer
+``{"type": "error", "error": {"type", "message"}}``, the type chosen by
+status, which the ``anthropic`` client turns into its typed exceptions.
 
 Both services use these builders, so a refusal from auth (through Caddy) and
 one from the proxy read the same to the client.
@@ -16,17 +19,21 @@ from typing import Literal
 import msgspec
 
 __all__ = [
+    "ANTHROPIC",
     "NATIVE",
     "OPENAI",
     "Surface",
+    "anthropic_error_type",
     "error_body",
     "error_type",
     "surface_of",
 ]
 
-Surface = Literal["native", "openai"]
+Surface = Literal["native", "openai", "anthropic"]
 NATIVE: Surface = "native"
 OPENAI: Surface = "openai"
+ANTHROPIC: Surface = "anthropic"
+_SURFACES = (NATIVE, OPENAI, ANTHROPIC)
 
 _encoder = msgspec.json.Encoder()
 
@@ -38,8 +45,13 @@ _TYPE_BY_CODE = {
 
 
 def surface_of(path: str) -> Surface:
-    """``openai`` for ``/v1`` and below, ``native`` for everything else."""
-    return OPENAI if path == "/v1" or path.startswith("/v1/") else NATIVE
+    """``anthropic`` for ``/v1/messages`` and below, ``openai`` for the rest of ``/v1``,
+    ``native`` for everything else."""
+    if path == "/v1" or path.startswith("/v1/"):
+        if path == "/v1/messages" or path.startswith("/v1/messages/"):
+            return ANTHROPIC
+        return OPENAI
+    return NATIVE
 
 
 def error_type(status: int, code: str) -> str:
@@ -62,6 +74,35 @@ class _OpenAIBody(msgspec.Struct):
     error: _OpenAIError
 
 
+# Anthropic's error `type` by status (any other 4xx: invalid_request_error, 5xx: api_error).
+_ANTHROPIC_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error_type(status: int) -> str:
+    """Anthropic's error ``type`` for an HTTP status."""
+    if status in _ANTHROPIC_TYPE_BY_STATUS:
+        return _ANTHROPIC_TYPE_BY_STATUS[status]
+    return "api_error" if status >= 500 else "invalid_request_error"
+
+
+class _AnthropicError(msgspec.Struct):
+    type: str
+    message: str
+
+
+class _AnthropicBody(msgspec.Struct, tag="error", tag_field="type"):
+    error: _AnthropicError
+
+
 class _NativeBody(msgspec.Struct):
     error: str
 
@@ -71,16 +112,17 @@ def error_body(
 ) -> bytes:
     """The JSON error body for ``status`` in the dialect of a path (or a named surface).
 
-    ``path_or_surface`` is either ``"native"``/``"openai"`` or the request
-    path (``/v1/...`` → OpenAI's object, anything else → ``{"error": ...}``).
+    ``path_or_surface`` is a surface's name or the request path (see
+    :func:`surface_of`).
     """
-    if path_or_surface in (NATIVE, OPENAI):
-        surface = path_or_surface
-    else:
-        surface = surface_of(path_or_surface)
+    known = path_or_surface in _SURFACES
+    surface = path_or_surface if known else surface_of(path_or_surface)
     if surface == OPENAI:
         detail = _OpenAIError(
             message=message, type=error_type(status, code), code=code, param=param
         )
         return _encoder.encode(_OpenAIBody(error=detail))
+    if surface == ANTHROPIC:
+        kind = anthropic_error_type(status)
+        return _encoder.encode(_AnthropicBody(error=_AnthropicError(type=kind, message=message)))
     return _encoder.encode(_NativeBody(error=message))

@@ -15,6 +15,8 @@ import hmac
 
 import msgspec
 
+from neuronetz_gateway.domain.key_state import KeyState
+
 __all__ = [
     "IDENTITY_HEADER",
     "Allowance",
@@ -83,6 +85,7 @@ class Identity(msgspec.Struct, frozen=True, omit_defaults=True):
     allowance: Allowance = Allowance()
     log_prompts: bool = False
     prompt_ttl_days: int | None = None
+    key_state: KeyState | None = None  # the key-info routes only: what is left, when
 
 
 _encoder = msgspec.json.Encoder()

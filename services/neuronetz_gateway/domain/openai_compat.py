@@ -37,6 +37,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 
 from neuronetz_gateway.domain.errors import InvalidInput
+from neuronetz_gateway.domain.stream_lines import fold_keys
 
 __all__ = [
     "DONE_FRAME",
@@ -338,6 +339,7 @@ _arguments_decoder = msgspec.json.Decoder(dict[str, Any])
 _chunk_decoder = msgspec.json.Decoder(OllamaChunk)
 _embed_decoder = msgspec.json.Decoder(OllamaEmbedResponse)
 _tags_decoder = msgspec.json.Decoder(OllamaTags)
+_any_decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
 
@@ -348,6 +350,10 @@ def _decode_openai(decoder: msgspec.json.Decoder[_T], body: bytes) -> _T:
     except msgspec.ValidationError as exc:
         message, param = _split_validation_error(str(exc))
         raise TranslationError(message, param) from None
+    except UnicodeDecodeError:
+        raise TranslationError(
+            "We could not parse the JSON body of your request: it is not valid UTF-8."
+        ) from None
     except (msgspec.DecodeError, RecursionError):
         # RecursionError: nesting deeper than any real request (a 100k-deep array)
         raise TranslationError(
@@ -732,8 +738,17 @@ class _ErrorBody(msgspec.Struct):
 
 
 def decode_ollama_chunk(data: bytes) -> OllamaChunk:
-    """Decode one NDJSON line (or a non-streaming body) of ``/api/chat`` or ``/api/generate``."""
-    return _chunk_decoder.decode(data)
+    """Decode one NDJSON line (or a non-streaming body) of ``/api/chat`` or ``/api/generate``.
+
+    JSON in any spacing; a line that named none of the known fields is read
+    again with its keys folded to lower case, as Go's decoder matches them.
+    """
+    chunk = _chunk_decoder.decode(data)
+    if chunk.message is None and chunk.response is None and not chunk.done and not chunk.error:
+        folded = fold_keys(_any_decoder.decode(data))
+        if isinstance(folded, dict) and folded:
+            return msgspec.convert(folded, OllamaChunk)
+    return chunk
 
 
 def decode_ollama_embed(data: bytes) -> OllamaEmbedResponse:

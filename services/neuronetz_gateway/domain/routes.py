@@ -24,7 +24,9 @@ percent-encoded (``llama3.2%3Alatest``, ``library%2Fx%3Atag``) or literal
 (``library/x:tag``); once decoded it must be a plain model reference
 (:data:`MODEL_ID_CHARS`, at most three ``/``-separated non-dot parts, no
 ``%`` left), else 400. A query string is accepted on GET routes (and
-ignored) and refused (400) on POST routes, whose input is the body.
+ignored) and refused (400) on POST routes, whose input is the body, except
+where a client sends one (``POST /v1/messages?beta=true`` from Claude Code):
+those routes accept and ignore it.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from urllib.parse import unquote_to_bytes
 
-from neuronetz_gateway.domain.dialect import NATIVE, OPENAI, Surface, surface_of
+from neuronetz_gateway.domain.dialect import OPENAI, Surface, surface_of
 
 __all__ = [
     "BLOCKED_ROUTES",
@@ -51,11 +53,15 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """One proxied route: its id (identity token, audit log), method and canonical path."""
+    """One proxied route: its id (identity token, audit log), method and canonical path.
+
+    ``query``: a query string is accepted (and ignored) on this POST route.
+    """
 
     id: str
     method: str
     path: str
+    query: bool = False
 
 
 ROUTES: tuple[Route, ...] = (
@@ -67,10 +73,14 @@ ROUTES: tuple[Route, ...] = (
     Route("tags", "GET", "/api/tags"),
     Route("ps", "GET", "/api/ps"),
     Route("version", "GET", "/api/version"),
+    Route("key", "GET", "/api/key"),
     Route("v1.chat.completions", "POST", "/v1/chat/completions"),
     Route("v1.completions", "POST", "/v1/completions"),
     Route("v1.embeddings", "POST", "/v1/embeddings"),
     Route("v1.models", "GET", "/v1/models"),
+    Route("v1.key", "GET", "/v1/key"),
+    Route("v1.messages", "POST", "/v1/messages", query=True),
+    Route("v1.messages.count_tokens", "POST", "/v1/messages/count_tokens", query=True),
 )
 _MODEL_ROUTE = Route("v1.model", "GET", "/v1/models/{model}")
 _MODEL_PATH_PREFIX = "/v1/models/"
@@ -193,11 +203,11 @@ def classify(method: str, uri: str) -> RouteMatch:
     path, has_query, _query = uri.partition("?")
     routes = _BY_PATH.get(path)
     if routes is not None:  # fast path: an exact canonical path cannot normalise to a block
-        surface = OPENAI if path.startswith("/v1/") else NATIVE
+        surface = surface_of(path)
         route = routes.get(method)
         if route is None:
             return RouteMatch(Outcome.METHOD_NOT_ALLOWED, surface, allow=tuple(sorted(routes)))
-        if has_query and route.method != "GET":
+        if has_query and route.method != "GET" and not route.query:
             return RouteMatch(Outcome.BAD_REQUEST, surface)
         return RouteMatch(Outcome.ALLOWED, surface, route=route)
     return _classify_slow(method, path, bool(has_query))

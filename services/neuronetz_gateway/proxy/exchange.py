@@ -1,7 +1,13 @@
 """One proxied request's bookkeeping: model check, reservation, settlement, audit.
 
-An :class:`Exchange` is created once the identity has verified. Whatever
-happens afterwards (a refusal, an upstream failure, a client that leaves),
+An :class:`Exchange` is created once the identity has verified. Before
+anything goes upstream or back to the client the identity is used up
+(:meth:`Exchange.claim`, inside the reservation's own Redis call when there
+is one): each signed identity serves one request, on any replica, and a
+replay raises :class:`IdentityReplayed` (the caller answers 401 and does no
+accounting, so a replay neither releases the first request's lease nor
+writes an audit row under its request id). Whatever happens afterwards
+(a refusal, an upstream failure, a client that leaves),
 :meth:`Exchange.finish` runs exactly once: it settles the reservation to the
 real count, releases the concurrency lease, queues the audit row (and the
 prompt row for keys that opted in), counts the metrics and writes the one
@@ -15,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 
-from neuronetz_gateway.adapters.redis_limiter import LimiterUnavailable
+from neuronetz_gateway.adapters.redis_limiter import IdentityReplayed, LimiterUnavailable
 from neuronetz_gateway.domain.accounting import AuditRow, PromptRow
 from neuronetz_gateway.domain.dialect import Surface
 from neuronetz_gateway.domain.identity import Allowance, Identity, Limits
@@ -27,7 +33,7 @@ from neuronetz_gateway.proxy.context import ProxyContext
 from neuronetz_gateway.proxy.discovery import Catalogue, DiscoveryFailed
 from neuronetz_gateway.proxy.refusals import Refusal, model_unavailable
 
-__all__ = ["Exchange", "counts_tokens"]
+__all__ = ["Exchange", "IdentityReplayed", "counts_tokens"]
 
 log = get_logger("neuronetz_gateway.proxy")
 
@@ -64,12 +70,22 @@ def _merge_tokens(base: Allowance, update: Allowance) -> Allowance:
     return Allowance(**values)
 
 
+def _limits_unavailable() -> Refusal:
+    return Refusal(
+        503,
+        "service_unavailable",
+        "limits cannot be checked right now; try again shortly",
+        retry_after=1,
+    )
+
+
 class Exchange:
     """The state of one request from verified identity to audit row."""
 
     __slots__ = (
         "allowance",
         "canonical",
+        "claimed",
         "completion_tokens",
         "ctx",
         "disconnected",
@@ -114,6 +130,7 @@ class Exchange:
         self.disconnected = False
         self.settled = False
         self.responded = False
+        self.claimed = False
         self.status = 500
         self.ttfb_ms: int | None = None
         self.upstream_error: str | None = None
@@ -133,7 +150,8 @@ class Exchange:
         return headers
 
     async def respond(self, send: Send, status: int, body: bytes, content_type: bytes) -> None:
-        """A complete response with this exchange's headers."""
+        """A complete response with this exchange's headers (the identity claimed first)."""
+        await self.claim()
         self.status = status
         self.responded = True
         await send_response(send, status, body, self.headers(content_type))
@@ -173,6 +191,27 @@ class Exchange:
         self.canonical = canonical
         return canonical
 
+    # -- single use -------------------------------------------------------------------
+
+    async def claim(self) -> None:
+        """Use the identity up (once); :class:`IdentityReplayed` if it was used before.
+
+        A no-op after a reservation, which claimed it in the same script.
+        Redis unreachable: 503, as for every limit that cannot be checked.
+        """
+        if self.claimed:
+            return
+        identity = self.identity
+        try:
+            await self.ctx.limiter.claim_identity(
+                tenant_id=identity.tenant_id,
+                request_id=identity.request_id,
+                expires_at_ms=identity.expires_at_ms,
+            )
+        except LimiterUnavailable:
+            raise _limits_unavailable() from None
+        self.claimed = True
+
     # -- tokens -----------------------------------------------------------------------
 
     async def reserve(self, prompt_estimate: int, tokens: int) -> None:
@@ -190,14 +229,11 @@ class Exchange:
                 tenant_limits=identity.tenant_limits,
                 request_id=identity.request_id,
                 tokens=tokens,
+                single_use_until_ms=None if self.claimed else identity.expires_at_ms,
             )
         except LimiterUnavailable:
-            raise Refusal(
-                503,
-                "service_unavailable",
-                "limits cannot be checked right now; try again shortly",
-                retry_after=1,
-            ) from None
+            raise _limits_unavailable() from None
+        self.claimed = True  # by the script, refused or not
         self.allowance = _merge_tokens(self.allowance, decision.allowance)
         if not decision.allowed:
             code = decision.error_code or "rate_limit_exceeded"
@@ -270,9 +306,21 @@ class Exchange:
     # -- the end ------------------------------------------------------------------------
 
     async def finish(self) -> None:
-        """Settle, release the lease, queue the audit row, count and log (exactly once)."""
+        """Settle, release the lease, queue the audit row, count and log (exactly once).
+
+        An exchange that ended before claiming its identity (a refusal, a
+        client that left) claims it now: a replay does no accounting at all.
+        """
         identity = self.identity
         ctx = self.ctx
+        if not self.claimed:
+            try:
+                await self.claim()
+            except IdentityReplayed:
+                ctx.metrics.identity_replays.inc()
+                return
+            except Refusal:
+                pass  # Redis away: nothing was granted, the row is still written
         await self.settle()
         duration_ms = int((time.perf_counter() - self.started) * 1000)
         model = self.canonical or self.model

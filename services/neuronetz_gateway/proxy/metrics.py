@@ -46,6 +46,11 @@ class ProxyMetrics:
             "Streams cut short by the client.",
             registry=self.registry,
         )
+        self.identity_replays = Counter(
+            "nz_proxy_identity_replays_total",
+            "Signed identities presented again after their one use (answered 401).",
+            registry=self.registry,
+        )
         self.audit_queue = Gauge(
             "nz_proxy_audit_queue_depth", "Audit rows waiting for a batch.", registry=self.registry
         )

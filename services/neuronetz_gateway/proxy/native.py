@@ -4,8 +4,9 @@ The body Ollama receives is re-encoded from the object the proxy checked,
 so what was checked is exactly what runs: Go's JSON decoder matches keys
 case-insensitively (``"Model"``, Kelvin-sign ``keep_alive``) and merges a
 repeated ``options`` object, either of which would otherwise slip a model
-or an option past the checks. Top-level keys that are not plain lower-case
-are refused.
+or an option past the checks. Field names that are not plain lower-case
+where Ollama decodes a struct (top level, messages, tools, options) are
+refused (:mod:`neuronetz_gateway.domain.body_keys`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from neuronetz_gateway.domain.accounting import (
     plan_output,
     token_room,
 )
+from neuronetz_gateway.domain.body_keys import case_variant_field
 from neuronetz_gateway.domain.models import canonical_model
+from neuronetz_gateway.domain.options import KeepAliveWindow
 from neuronetz_gateway.proxy.asgi import BodyTooLarge, Receive, Scope, Send, read_body
 from neuronetz_gateway.proxy.exchange import Exchange
 from neuronetz_gateway.proxy.refusals import ClientLeft, Refusal
@@ -69,14 +72,23 @@ def parse_object(body: bytes) -> dict[str, Any]:
     """The body as a JSON object, or a 400."""
     try:
         value = _decoder.decode(body)
-    except (msgspec.DecodeError, RecursionError):
-        # RecursionError: nesting deeper than any real request (a 100k-deep array)
+    except UnicodeDecodeError:
+        raise Refusal(400, "invalid_request", "the request body is not valid UTF-8") from None
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        # ValidationError: a number beyond float64 (1e400); RecursionError:
+        # nesting deeper than any real request (a 100k-deep array)
         raise Refusal(400, "invalid_request", "the request body is not valid JSON") from None
     if not isinstance(value, dict):
         raise Refusal(400, "invalid_request", "the request body must be a JSON object")
-    for key in value:
-        if not key.isascii() or key != key.lower():
-            raise Refusal(400, "invalid_request", f"unknown field {key!r}", param=key)
+    field = case_variant_field(value)
+    if field is not None:
+        raise Refusal(
+            400,
+            "invalid_request",
+            f"unknown field {field!r}: field names are lower-case (Ollama would read "
+            "another case as the same field)",
+            param=field,
+        )
     return value
 
 
@@ -106,8 +118,10 @@ async def model_request(
     body = parse_object(raw)
     route = ex.route
     await ex.check_model(_model_of(route, body))
+    settings = ex.ctx.settings
+    window = KeepAliveWindow(settings.keep_alive_min_seconds, settings.keep_alive_max_seconds)
     try:
-        apply_native_caps(body, ex.identity.caps)
+        apply_native_caps(body, ex.identity.caps, window)
     except CapRefusal as exc:
         raise Refusal(400, "invalid_request", exc.message, param=exc.param) from None
     estimate = estimate_native_prompt(route, body)

@@ -40,6 +40,7 @@ from neuronetz_gateway.domain.openai_compat import (
     translate_embeddings_request,
     translation_error_body,
 )
+from neuronetz_gateway.domain.options import output_limit
 from neuronetz_gateway.proxy.asgi import Receive, Scope, Send
 from neuronetz_gateway.proxy.exchange import Exchange
 from neuronetz_gateway.proxy.native import read_request_body
@@ -67,10 +68,16 @@ def _translate(translate: Callable[[bytes], _T], body: bytes) -> _T:
 
 
 def _cap(ex: Exchange, request: OllamaChatRequest | OllamaGenerateRequest) -> int | None:
-    """Clamp ``num_predict`` (max_tokens) to the key's cap; return the output bound."""
+    """Clamp ``num_predict`` (max_tokens) to the key's cap; return the output bound.
+
+    ``max_tokens`` is at least 1 (the translation refuses 0); one larger than
+    any bound (:data:`MAX_OUTPUT_TOKENS`) is unbounded, as Ollama would read it.
+    """
     options = request.options
     requested = options.num_predict if options is not None else None
-    capped = capped_num_predict(requested, ex.identity.caps.max_num_predict)
+    capped = capped_num_predict(
+        output_limit("max_tokens", requested), ex.identity.caps.max_num_predict
+    )
     if capped != requested:
         if options is None:
             request.options = OllamaOptions(num_predict=capped)

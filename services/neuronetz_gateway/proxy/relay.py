@@ -6,7 +6,8 @@
   upstream connection, so Ollama stops generating) and renews the
   concurrency lease while a long answer runs;
 - :func:`relay_ndjson`: native NDJSON passed through byte for byte, unbuffered;
-  only lines carrying ``"done":true`` or an error are decoded;
+  each complete line is decoded (as JSON, in any spelling) to find the final
+  counts or an error;
 - :func:`relay_sse`: Ollama NDJSON translated line by line into OpenAI SSE.
 """
 
@@ -24,13 +25,14 @@ from neuronetz_gateway.adapters.ollama_client import (
     UpstreamTimeout,
 )
 from neuronetz_gateway.adapters.redis_limiter import LimiterUnavailable
-from neuronetz_gateway.domain.accounting import FinalCounts, decode_final_counts, response_text
+from neuronetz_gateway.domain.accounting import response_text
 from neuronetz_gateway.domain.openai_compat import (
     ChatStreamTranslator,
     CompletionStreamTranslator,
     error_event,
     ollama_error_to_openai,
 )
+from neuronetz_gateway.domain.stream_lines import LineSplitter, NativeStreamScan
 from neuronetz_gateway.logging import get_logger
 from neuronetz_gateway.proxy.asgi import Receive, Send, end_body, send_body, start_response
 from neuronetz_gateway.proxy.exchange import Exchange
@@ -43,6 +45,7 @@ from neuronetz_gateway.proxy.refusals import (
 
 __all__ = [
     "ClientWatch",
+    "NativeStreamScan",
     "NdjsonScan",
     "forward",
     "read_whole",
@@ -54,15 +57,14 @@ __all__ = [
 
 log = get_logger(__name__)
 
-_DONE_MARK = b'"done":true'
-_ERROR_MARK = b'{"error"'
 _NDJSON = b"application/x-ndjson"
 _SSE = b"text/event-stream"
 _LOST = b'{"error":"the model server closed the stream before it finished"}\n'
 
 
 async def forward(ex: Exchange, method: str, path: str, body: bytes | None) -> UpstreamResponse:
-    """Send to Ollama; a refused connection or a timeout is a clear 502/504."""
+    """Send to Ollama (the identity claimed first); a refused connection or a timeout: 502/504."""
+    await ex.claim()
     try:
         return await ex.ctx.ollama.send(method, path, body, request_id=ex.identity.request_id)
     except UpstreamTimeout:
@@ -139,63 +141,14 @@ def watch_client(ex: Exchange, receive: Receive, upstream: UpstreamResponse) -> 
     return ClientWatch(receive, upstream.abort, renew, ex.ctx.settings.lease_ttl_seconds / 3)
 
 
+#: The name the relay used before the scan moved to the domain.
+NdjsonScan = NativeStreamScan
+
+
 def _midstream_failure(ex: Exchange, kind: str) -> None:
     ex.upstream_error = kind
     ex.status = 502
     ex.ctx.metrics.upstream_errors.labels(kind).inc()
-
-
-class NdjsonScan:
-    """Follows an NDJSON stream across reads without copying the usual case.
-
-    Counts complete lines (one generated token each, for a cut-off stream)
-    and decodes only the lines carrying ``"done":true`` or an error: Ollama's
-    compact JSON spells them exactly so, and inside a string a quote would be
-    escaped, so the markers cannot appear in generated text.
-    """
-
-    __slots__ = ("error", "final", "lines", "pending")
-
-    def __init__(self) -> None:
-        self.pending = b""  # an incomplete last line, carried to the next read
-        self.lines = 0
-        self.final: FinalCounts | None = None
-        self.error: str | None = None
-
-    def feed(self, data: bytes) -> None:
-        """Take the next read."""
-        cut = data.rfind(b"\n")
-        if cut < 0:
-            self.pending += data
-            return
-        self.lines += data.count(b"\n")
-        if self.pending:
-            complete = self.pending + data[:cut]
-            if _DONE_MARK in complete or _ERROR_MARK in complete:
-                self._read_marked(complete)
-        elif data.find(_DONE_MARK, 0, cut) >= 0 or data.find(_ERROR_MARK, 0, cut) >= 0:
-            self._read_marked(data[:cut])
-        self.pending = data[cut + 1 :]
-
-    def close(self) -> None:
-        """The stream ended: a last line without a newline still counts."""
-        if self.pending.strip():
-            self.lines += 1
-            self._read_marked(self.pending)
-        self.pending = b""
-
-    def _read_marked(self, complete: bytes) -> None:
-        for line in complete.split(b"\n"):
-            if _DONE_MARK not in line and _ERROR_MARK not in line:
-                continue
-            counts = decode_final_counts(line)
-            if counts is None:
-                continue
-            if counts.error is not None:
-                self.error = counts.error
-                self.lines -= 1  # an error line carries no generated token
-            elif counts.done:
-                self.final = counts
 
 
 async def relay_ndjson(
@@ -208,7 +161,7 @@ async def relay_ndjson(
     ex.status = 200
     ex.responded = True
     ex.streamed = True
-    scan = NdjsonScan()
+    scan = NativeStreamScan()
     try:
         async for data in upstream.chunks():
             await send_body(send, data)
@@ -257,20 +210,19 @@ async def relay_sse(
     ex.status = 200
     ex.responded = True
     ex.streamed = True
-    pending = b""
+    splitter = LineSplitter()
     try:
         async for data in upstream.chunks():
             if keep is not None:
                 keep.append(data)
-            lines = (pending + data).split(b"\n") if pending else data.split(b"\n")
-            pending = lines.pop()
-            out = b"".join([translator.feed_line(line) for line in lines])
+            out = b"".join([translator.feed_line(line) for line in splitter.feed(data)])
             if out:
                 await send_body(send, out)
                 if ex.ttfb_ms is None:
                     ex.mark_first_byte()
-        if pending.strip():
-            out = translator.feed_line(pending)
+        rest = splitter.rest()
+        if rest.strip():
+            out = translator.feed_line(rest)
             if out:
                 await send_body(send, out)
         if watch.left:

@@ -3,7 +3,8 @@
 Each route is a Litestar ``asgi`` handler of a few lines. :func:`serve`
 verifies the signed identity before anything else (401 otherwise, and
 nothing reaches Ollama), checks that the identity was issued for this very
-route, runs the route's work inside an :class:`Exchange`, renders any
+route, answers 401 to an identity used before (single use, see
+:meth:`Exchange.claim`), runs the route's work inside an :class:`Exchange`, renders any
 :class:`Refusal` in the dialect, and always finishes the exchange (settle,
 lease, audit).
 """
@@ -20,13 +21,13 @@ from litestar.types import Receive as LitestarReceive
 from litestar.types import Scope as LitestarScope
 from litestar.types import Send as LitestarSend
 
-from neuronetz_gateway.domain.dialect import NATIVE, OPENAI, Surface, error_body
+from neuronetz_gateway.domain.dialect import ANTHROPIC, NATIVE, OPENAI, Surface, error_body
 from neuronetz_gateway.domain.identity import IdentityError, verify_identity
 from neuronetz_gateway.logging import get_logger
-from neuronetz_gateway.proxy import native, openai
+from neuronetz_gateway.proxy import anthropic, key_info, native, openai
 from neuronetz_gateway.proxy.asgi import Receive, Scope, Send, request_header, send_response
 from neuronetz_gateway.proxy.context import ProxyContext
-from neuronetz_gateway.proxy.exchange import Exchange
+from neuronetz_gateway.proxy.exchange import Exchange, IdentityReplayed
 from neuronetz_gateway.proxy.refusals import ClientLeft, Refusal
 
 __all__ = ["proxied_fast_paths", "proxied_route_handlers", "serve"]
@@ -43,6 +44,8 @@ _UNAUTHORISED = "invalid or missing gateway identity"
 
 
 def _surface(route: str) -> Surface:
+    if route.startswith("v1.messages"):
+        return ANTHROPIC
     return OPENAI if route.startswith("v1.") else NATIVE
 
 
@@ -52,9 +55,23 @@ async def _unauthorised(ctx: ProxyContext, route: str, send: Send) -> None:
     await send_response(send, 401, body, [(b"content-type", _JSON)])
 
 
-async def _refuse(ex: Exchange, send: Send, refusal: Refusal) -> None:
+async def _replayed(ex: Exchange, send: Send) -> None:
+    """A used identity again: the same 401 as any bad one, counted, no accounting."""
+    ex.ctx.metrics.identity_replays.inc()
+    log.warning("identity_replayed", request_id=ex.identity.request_id, route=ex.route)
+    await _unauthorised(ex.ctx, ex.route, send)
+
+
+async def _refuse(ex: Exchange, send: Send, refusal: Refusal) -> bool:
+    """Send ``refusal``; ``False`` (nothing sent) when the identity turns out replayed."""
     if ex.responded:
-        return  # the answer is already on its way; the audit row records the failure
+        return True  # the answer is already on its way; the audit row records the failure
+    try:
+        await ex.claim()  # a refusal is an answer too: a replay gets the 401 instead
+    except IdentityReplayed:
+        return False
+    except Refusal:
+        pass  # Redis away: a refusal grants nothing, so it is still sent
     headers = ex.headers(_JSON)
     if refusal.retry_after is not None:
         headers.append((b"retry-after", str(refusal.retry_after).encode()))
@@ -64,6 +81,7 @@ async def _refuse(ex: Exchange, send: Send, refusal: Refusal) -> None:
     ex.status = refusal.status
     ex.responded = True
     await send_response(send, refusal.status, body, headers)
+    return True
 
 
 async def serve(
@@ -84,10 +102,13 @@ async def serve(
     ex = Exchange(ctx, identity, route, _surface(route))
     if scope["method"] != method:
         work = _wrong_method(method)
+    replayed = False
     try:
         await work(ex, scope, receive, send)
+    except IdentityReplayed:
+        replayed = True
     except Refusal as refusal:
-        await _refuse(ex, send, refusal)
+        replayed = not await _refuse(ex, send, refusal)
     except ClientLeft:
         ex.disconnected = True
         ex.status = 499  # nginx's "client closed request": nobody got an answer
@@ -101,7 +122,10 @@ async def serve(
         raise
     except Exception:
         log.exception("proxy_failed", request_id=identity.request_id, route=route)
-        await _refuse(ex, send, Refusal(500, "internal_error", "internal error"))
+        replayed = not await _refuse(ex, send, Refusal(500, "internal_error", "internal error"))
+    if replayed:
+        await _replayed(ex, send)
+        return
     await ex.finish()
 
 
@@ -148,9 +172,13 @@ def _routes() -> list[tuple[str, str, str, RouteWork]]:
         ("/api/tags", "tags", "GET", native.tags),
         ("/api/ps", "ps", "GET", native.running_models),
         ("/api/version", "version", "GET", native.version),
+        ("/api/key", "key", "GET", key_info.key_info),
         ("/v1/chat/completions", "v1.chat.completions", "POST", openai.chat_completions),
         ("/v1/completions", "v1.completions", "POST", openai.completions),
         ("/v1/embeddings", "v1.embeddings", "POST", openai.embeddings),
+        ("/v1/key", "v1.key", "GET", key_info.key_info),
+        ("/v1/messages", "v1.messages", "POST", anthropic.messages),
+        ("/v1/messages/count_tokens", "v1.messages.count_tokens", "POST", anthropic.count_tokens),
     ]
 
 

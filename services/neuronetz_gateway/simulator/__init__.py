@@ -7,6 +7,7 @@ with ``python -m neuronetz_gateway.simulator --host 127.0.0.1 --port 11434``.
 
 from neuronetz_gateway.simulator.app import (
     DEFAULT_MODELS,
+    THINKING,
     RecordedRequest,
     SimulatorApp,
     SimulatorConfig,
@@ -24,6 +25,7 @@ from neuronetz_gateway.simulator.content import (
 __all__ = [
     "DEFAULT_MODELS",
     "PROMPT_OVERHEAD",
+    "THINKING",
     "WORDS",
     "RecordedRequest",
     "SimulatorApp",

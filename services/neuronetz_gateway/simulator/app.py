@@ -11,15 +11,19 @@ Deterministic by design, so tests can predict every number:
 - ``prompt_eval_count`` = whitespace-separated words of the prompt (all
   message contents, or system + prompt + suffix) +
   :data:`~.content.PROMPT_OVERHEAD`;
-- ``options.num_predict`` caps the chunks (``done_reason: "length"``) and
+- ``options.num_predict`` caps the chunks (``done_reason: "length"``; as in
+  Ollama, a value that truncates below 1, such as ``0`` or ``0.5``, is no cap) and
   ``options.stop`` cuts the text at the first stop string;
+- chat with ``think`` set (``true`` or a level) first streams the words of
+  :data:`THINKING` as ``message.thinking`` (counted in ``eval_count``);
 - chat with ``tools`` whose last user message mentions "weather" answers
   with one tool call; ``format`` answers a JSON document (split over the
   chunks);
 - embeddings are unit vectors derived from a hash of model and text.
 
 Test controls live under ``/_sim/``: ``GET|POST /_sim/config`` (chunks,
-delay, models, failure modes), ``GET|DELETE /_sim/requests`` (the recorded
+delay, models, failure modes, and ``script``: verbatim answers for the next
+model requests, see :class:`ScriptedReply`), ``GET|DELETE /_sim/requests`` (the recorded
 requests), ``GET /_sim/stats`` (active, completed, cancelled) and
 ``POST /_sim/reset``.
 """
@@ -54,7 +58,9 @@ __all__ = [
     "BUSY_MESSAGE",
     "DEFAULT_MODELS",
     "MIDSTREAM_ERROR_MESSAGE",
+    "THINKING",
     "RecordedRequest",
+    "ScriptedReply",
     "SimulatorApp",
     "SimulatorConfig",
     "SimulatorStats",
@@ -77,12 +83,31 @@ Send = Callable[[Message], Awaitable[None]]
 VERSION = "0.9.0"
 DEFAULT_MODELS = ("llama3.2:latest", "qwen2.5:0.5b", "nomic-embed-text:latest")
 TOOL_CALL_EVAL_COUNT = 1
+#: The thinking of a chat request with ``think`` set, one piece per chunk.
+THINKING = ("Let", " me", " think", ".")
 BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
 MIDSTREAM_ERROR_MESSAGE = "simulated failure: the model runner stopped unexpectedly"
 _KEEP_ALIVE_S = 300
 _RECORD_LIMIT = 10_000
 
 FailureMode = Literal["busy", "midstream_error", "hang_after"]
+
+
+class ScriptedReply(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One answer the next model request gets verbatim, instead of a simulated one.
+
+    ``lines``: an NDJSON stream, each item a JSON value (encoded compactly) or
+    a string sent as it is, each followed by ``\n``; ``body``: one JSON body
+    (a value, or a string sent as it is). ``split``: send the stream in reads
+    of this many bytes (0: one read per line), so lines arrive cut anywhere.
+    Tests use it for what the simulator does not produce itself: thinking,
+    logprobs, tool-call ids, other servers' spellings of the same JSON.
+    """
+
+    lines: list[Any] | None = None
+    body: Any = None
+    status: int = 200
+    split: int = 0
 
 
 class SimulatorConfig(msgspec.Struct, kw_only=True):
@@ -98,6 +123,8 @@ class SimulatorConfig(msgspec.Struct, kw_only=True):
     failure_after: int = 3
     #: Recording costs a little per request; benchmarks turn it off.
     record: bool = True
+    #: Answers for the next model requests, first one first (see ScriptedReply).
+    script: list[ScriptedReply] = msgspec.field(default_factory=list)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SimulatorConfig:
@@ -122,6 +149,7 @@ class _ConfigUpdate(msgspec.Struct, forbid_unknown_fields=True):
     failure: FailureMode | msgspec.UnsetType | None = msgspec.UNSET
     failure_after: int | msgspec.UnsetType = msgspec.UNSET
     record: bool | msgspec.UnsetType = msgspec.UNSET
+    script: list[ScriptedReply] | msgspec.UnsetType = msgspec.UNSET
 
 
 class SimulatorStats(msgspec.Struct):
@@ -153,8 +181,16 @@ class _Raw(msgspec.Struct):
 
 
 class _Options(msgspec.Struct):
-    num_predict: int | None = None
+    # Ollama takes every JSON number as float64 and truncates it to int64
+    num_predict: float | None = None
     stop: str | list[str] | None = None
+
+
+def _whole(value: float | None) -> int | None:
+    """Go's ``int64(v)`` for a JSON number; ``None`` when absent or out of range."""
+    if value is None or not -(2.0**63) <= value < 2.0**63:
+        return None
+    return int(value)
 
 
 class _InMessage(msgspec.Struct):
@@ -170,6 +206,7 @@ class _ChatBody(msgspec.Struct):
     tools: list[dict[str, Any]] | None = None
     format: str | dict[str, Any] | None = None
     keep_alive: float | str | None = None
+    think: bool | str | None = None
 
 
 class _GenerateBody(msgspec.Struct):
@@ -409,7 +446,36 @@ class SimulatorApp:
         self.stats.requests += 1
         if self.config.record and not path.startswith("/_sim/"):
             self._recorded.append(_Raw(method, path, list(scope["headers"]), body))
+        if self.config.script and path in _SCRIPTABLE:
+            await self._scripted(self.config.script.pop(0), send)
+            return
         await handler(self, body, receive, send)
+
+    async def _scripted(self, reply: ScriptedReply, send: Send) -> None:
+        """Send a scripted answer as it was written."""
+        self.stats.completed += 1
+        if reply.lines is None:
+            body = reply.body if isinstance(reply.body, str) else _encode(reply.body).decode()
+            await _respond(send, reply.status, body.encode())
+            return
+        data = b"".join(
+            (line.encode() if isinstance(line, str) else _encode(line)) + b"\n"
+            for line in reply.lines
+        )
+        if reply.split > 0:
+            pieces = [data[i : i + reply.split] for i in range(0, len(data), reply.split)]
+        else:
+            pieces = [piece + b"\n" for piece in data.split(b"\n")[:-1]]
+        await send(
+            {
+                "type": "http.response.start",
+                "status": reply.status,
+                "headers": [(b"content-type", _NDJSON)],
+            }
+        )
+        for piece in pieces:
+            await _send_part(send, piece)
+        await _send_part(send, b"", more=False)
 
     # -- information routes --------------------------------------------------
 
@@ -523,6 +589,7 @@ class SimulatorApp:
             prompt_count,
             stream=stream,
             chat=True,
+            thinking=THINKING if req.think not in (None, False) else (),
         )
 
     async def _generate(self, body: bytes, receive: Receive, send: Send) -> None:
@@ -597,6 +664,7 @@ class SimulatorApp:
         *,
         stream: bool,
         chat: bool,
+        thinking: tuple[str, ...] = (),
     ) -> None:
         config = self.config
         if await self._answered_busy(send):
@@ -609,8 +677,9 @@ class SimulatorApp:
         # A piece cut by a stop string is no longer one of the pre-encoded words.
         plain = not fmt and not stopped
         reason = "stop"
-        num_predict = options.num_predict if options else None
-        if num_predict is not None and 0 <= num_predict < len(pieces):
+        num_predict = _whole(options.num_predict) if options else None
+        # as in Ollama, below 1 (0, 0.5, -1) is no limit at all
+        if num_predict is not None and 1 <= num_predict < len(pieces):
             pieces = pieces[:num_predict]
             plain = not fmt  # the cut piece, if any, was the last one: now dropped
             reason = "length"
@@ -628,10 +697,19 @@ class SimulatorApp:
                     prompt_count,
                     chat=chat,
                     plain=plain,
+                    thinking=thinking,
                 )
             else:
                 await self._single(
-                    receive, send, departure, model, pieces, reason, prompt_count, chat=chat
+                    receive,
+                    send,
+                    departure,
+                    model,
+                    pieces,
+                    reason,
+                    prompt_count,
+                    chat=chat,
+                    thinking=thinking,
                 )
         except _ClientGone:
             self.stats.cancelled += 1
@@ -657,6 +735,7 @@ class SimulatorApp:
         prompt_count: int,
         *,
         chat: bool,
+        thinking: tuple[str, ...] = (),
     ) -> None:
         config = self.config
         failure_at = config.failure_after if config.failure else None
@@ -667,10 +746,12 @@ class SimulatorApp:
             return
         if departure is not None:
             await departure.pause(config.chunk_delay_ms * len(pieces) / 1000)
-        body = self._final(model, chat, reason, prompt_count, len(pieces))
+        body = self._final(model, chat, reason, prompt_count, len(thinking) + len(pieces))
         text = "".join(pieces)
         if chat:
             body["message"]["content"] = text
+            if thinking:
+                body["message"]["thinking"] = "".join(thinking)
         else:
             body["response"] = text
         await _respond(send, 200, _encode(body))
@@ -687,6 +768,7 @@ class SimulatorApp:
         *,
         chat: bool,
         plain: bool,
+        thinking: tuple[str, ...] = (),
     ) -> None:
         config = self.config
         delay = config.chunk_delay_ms / 1000
@@ -706,6 +788,9 @@ class SimulatorApp:
                 "headers": [(b"content-type", _NDJSON)],
             }
         )
+        for piece in thinking:
+            line = head + b',"message":{"role":"assistant","content":"","thinking":'
+            await _send_part(send, line + _encode(piece) + b'},"done":false}\n')
         for i, piece in enumerate(pieces):
             if i == failure_at:
                 if config.failure == "hang_after":
@@ -717,7 +802,7 @@ class SimulatorApp:
                 await departure.pause(delay)
             text = _ENCODED_WORDS[i % len(WORDS)] if plain else _encode(piece)
             await _send_part(send, prefix + text + suffix)
-        final = self._final(model, chat, reason, prompt_count, len(pieces))
+        final = self._final(model, chat, reason, prompt_count, len(thinking) + len(pieces))
         await _send_part(send, _encode(final) + b"\n", more=False)
 
     async def _answer_tool_call(
@@ -815,6 +900,9 @@ class SimulatorApp:
         self.reset()
         await _respond(send, 200, _encode(self.config))
 
+
+#: The routes a scripted reply answers.
+_SCRIPTABLE = frozenset({"/api/chat", "/api/generate", "/api/embed"})
 
 _ROUTES: dict[str, dict[str, Handler]] = {
     "/": {"GET": SimulatorApp._root},

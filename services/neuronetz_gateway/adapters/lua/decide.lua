@@ -2,13 +2,16 @@
 --
 -- KEYS, 6 per level (1..6 key, 7..12 tenant), all in one {t<id>} slot:
 --   rpm ZSET, conc ZSET, tpm HASH, daily / monthly / total budget counters
+--   13 (optional) the single-use marker of the proxy's signed identity
 -- ARGV:
 --   1 mode "admit" | "reserve"     2 now ms      3 now unix second
 --   4 RPM member (unique per hit)  5 lease id ("" = none)  6 lease expiry ms
 --   7 lease ZSET ttl ms            8 tokens to reserve (reserve only)
 --   9..14 key limits, 15..20 tenant limits: rpm tpm concurrency daily monthly total (-1 = unlimited)
+--   21 (with KEYS[13]) the marker's lifetime in ms
 -- Returns one of
 --   {"missing", {"key:daily_tokens", ...}}   budget counters to rebuild from the ledger first
+--   {"replay"}   KEYS[13] was already set: the identity was used before; nothing recorded
 --   {"ok" | "refused", key_stats, tenant_stats, refusals}
 --     stats = {requests, window_tokens, daily, monthly, total}, -1 where not counted
 --     (reserve does not count requests: -1)
@@ -55,6 +58,11 @@ for level = 1, 2 do
   end
 end
 if #missing > 0 then return {"missing", missing} end
+
+-- 1b. single use: claim the identity (after the rebuild check, so a rerun is no replay)
+if KEYS[13] and not redis.call("SET", KEYS[13], "1", "NX", "PX", ARGV[21]) then
+  return {"replay"}
+end
 
 -- 2. count and check every limit at both levels; nothing is recorded yet
 local stats = {}
