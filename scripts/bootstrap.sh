@@ -3,6 +3,8 @@
 # (.ci/run) runs, so the two cannot drift. Safe to repeat; installs only what is missing.
 #   Debian packages: caddy, postgresql, redis-server (+ tools), prometheus (promtool), nodejs/npm
 #   Python tools, pinned: tools/requirements.txt (pdm, go-task)
+#   The coding agents the end-to-end suite runs, pinned: tools/coding-agents.txt (npm, into
+#   .tools/npm, which git ignores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +33,11 @@ command -v npm >/dev/null 2>&1 || apt_install nodejs npm
 id postgres >/dev/null 2>&1 || $SUDO useradd --system --home /var/lib/postgresql --shell /bin/sh postgres
 
 python3 -m pip install -q -r tools/requirements.txt
+
+# Claude Code and Codex CLI, exactly the pinned versions (tests/e2e/test_coding_agents.py).
+mapfile -t agents < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' tools/coding-agents.txt)
+npm ls --prefix .tools/npm "${agents[@]}" >/dev/null 2>&1 \
+  || npm install --prefix .tools/npm --no-audit --no-fund --loglevel=error "${agents[@]}"
 
 caddy version
 task --version

@@ -76,6 +76,9 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     ollama_url: str = "http://127.0.0.1:11434"
     gateway_secret: Secret = field(default_factory=lambda: Secret(""))
+    # the secret being rotated out: still accepted for identities and key
+    # fingerprints, never used for anything new (empty = none)
+    gateway_secret_previous: Secret = field(default_factory=lambda: Secret(""))
     log_level: str = "info"
     log_format: str = "auto"  # auto | json | console
     redis_prefix: str = "nz"  # namespace for every Redis key (one per deployment)
@@ -104,6 +107,11 @@ class Settings:
     prompt_purge_interval_seconds: float = 3600.0
     # auth: how long a verified key stays in the Redis cache shared by the replicas
     key_cache_redis_ttl_seconds: float = 300.0
+
+    def previous_secret(self) -> bytes | None:
+        """``NZ_GATEWAY_SECRET_PREVIOUS`` as bytes, or ``None`` when unset."""
+        value = self.gateway_secret_previous.get()
+        return value.encode() if value.strip() else None
 
     def __post_init__(self) -> None:
         _check_url("database_url", self.database_url, ("postgresql", "postgres"))
@@ -154,12 +162,18 @@ RECOMMENDED_SECRET_LENGTH = 32
 
 def secret_warnings(settings: Settings) -> list[str]:
     """Advice an entry point prints at start-up (a short secret still works)."""
+    warnings = []
     if len(settings.gateway_secret.get()) < RECOMMENDED_SECRET_LENGTH:
-        return [
+        warnings.append(
             f"{_env('gateway_secret')} is shorter than {RECOMMENDED_SECRET_LENGTH} characters: "
             "use a long random value in production"
-        ]
-    return []
+        )
+    if settings.gateway_secret_previous == settings.gateway_secret:
+        warnings.append(
+            f"{_env('gateway_secret_previous')} equals {_env('gateway_secret')}: "
+            "nothing is being rotated"
+        )
+    return warnings
 
 
 def check_spool_dir(path: str) -> None:
@@ -190,8 +204,9 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
         if raw is None or raw == "":
             continue
         values[f.name] = _coerce(name, f.type, raw)
-    if "gateway_secret" in values and isinstance(values["gateway_secret"], str):
-        values["gateway_secret"] = Secret(values["gateway_secret"])
+    for name in ("gateway_secret", "gateway_secret_previous"):
+        if isinstance(values.get(name), str):
+            values[name] = Secret(values[name])
     return Settings(**values)
 
 
@@ -217,4 +232,17 @@ def load_database_url(environ: Mapping[str, str] | None = None) -> str:
     return url
 
 
-__all__ += ["check_spool_dir", "default_spool_dir", "load_database_url", "secret_warnings"]
+def load_gateway_secret(environ: Mapping[str, str] | None = None) -> bytes | None:
+    """``NZ_GATEWAY_SECRET`` alone, or ``None`` (the CLI fingerprints new keys with it)."""
+    env = os.environ if environ is None else environ
+    value = env.get(_env("gateway_secret"), "")
+    return value.encode() if value.strip() else None
+
+
+__all__ += [
+    "check_spool_dir",
+    "default_spool_dir",
+    "load_database_url",
+    "load_gateway_secret",
+    "secret_warnings",
+]

@@ -1,4 +1,4 @@
-"""Through real Caddy and auth: the Anthropic Messages surface with the official client.
+"""Through real Caddy and auth: the Anthropic Messages and OpenAI Responses surfaces.
 
 Keys as ``x-api-key`` (the SDK's default) and as ``Authorization: Bearer``
 (Claude Code's ``ANTHROPIC_AUTH_TOKEN``, with its ``?beta=true``); auth's
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import anthropic
 import httpx
+import openai
 import pytest
 
 from tests.e2e.conftest import Ledger
@@ -72,3 +73,21 @@ async def test_refusals_are_in_anthropics_dialect(e2e_stack: E2EStack, ledger: L
     assert too_large.json()["error"]["type"] == "request_too_large"
     assert unknown.status_code == 404
     assert unknown.json()["error"]["type"] == "not_found_error"
+
+
+async def test_openai_responses_work_through_caddy(e2e_stack: E2EStack, ledger: Ledger) -> None:
+    wrong = openai.OpenAI(base_url=f"{e2e_stack.url}/v1", api_key="nz_wrong", max_retries=0)
+    with wrong, pytest.raises(openai.AuthenticationError):
+        wrong.responses.create(model="llama3.2", input="Say hello")
+    caller = await ledger.issue()
+    with openai.OpenAI(base_url=f"{e2e_stack.url}/v1", api_key=caller.key, max_retries=0) as client:
+        reply = client.responses.create(model="llama3.2", input="Say hello")
+        with client.responses.stream(model="llama3.2", input="Say hello") as stream:
+            streamed = stream.get_final_response()
+        with pytest.raises(openai.NotFoundError):
+            client.responses.create(model="not-installed", input="Say hello")
+    assert reply.output_text and streamed.output_text == reply.output_text
+    assert reply.usage is not None
+    totals = await ledger.wait_for_requests(caller.tenant, 3)
+    assert totals.completion_tokens == 2 * reply.usage.output_tokens
+    assert totals.prompt_tokens == 2 * reply.usage.input_tokens

@@ -117,6 +117,30 @@ async def test_openai_max_tokens_zero_is_a_400_and_a_large_one_is_clamped(
             sim_clear(e2e_stack)
 
 
+async def test_anthropic_max_tokens_below_one_is_a_400_and_a_large_one_is_clamped(
+    e2e_stack: E2EStack, ledger: Ledger
+) -> None:
+    caller = await ledger.issue(max_num_predict=16)
+    auth = {"x-api-key": caller.key, "anthropic-version": "2023-06-01"}
+    body = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
+    sim_clear(e2e_stack)
+    async with httpx.AsyncClient(base_url=e2e_stack.url, timeout=10) as client:
+        for value in (0, 0.5, -1, 1e-9):
+            refused = await client.post(
+                "/v1/messages", json={**body, "max_tokens": value}, headers=auth
+            )
+            assert refused.status_code == 400, (value, refused.text)
+            assert refused.json()["type"] == "error"
+            assert refused.json()["error"]["type"] == "invalid_request_error"
+        assert _model_requests(e2e_stack) == []
+        clamped = await client.post(
+            "/v1/messages", json={**body, "max_tokens": 10**9}, headers=auth
+        )
+    assert clamped.status_code == 200, clamped.text
+    assert clamped.json()["usage"]["output_tokens"] == 16
+    assert _forwarded_num_predict(e2e_stack) == [16]
+
+
 # ---------------------------------------------------------------- keep_alive
 
 SHARED_MODEL_ABUSE: list[Any] = ["1ns", 0.5, "999999h", 1e300, 0, "0", -1, "-1m", "59s", "25h",
@@ -230,6 +254,8 @@ POST_ROUTES = [
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
 ]
 
 
@@ -249,7 +275,10 @@ async def test_a_body_that_is_not_utf8_is_a_400_in_the_dialect_on_every_route(
                 answer = await client.post(path, content=body, headers=auth)
                 assert answer.status_code == 400, (path, body, answer.text)
                 error = answer.json()["error"]
-                if path.startswith("/v1/"):
+                if path.startswith("/v1/messages"):
+                    assert answer.json()["type"] == "error", (path, answer.text)
+                    assert error["type"] == "invalid_request_error", (path, error)
+                elif path.startswith("/v1/"):
                     assert error["type"] == "invalid_request_error", (path, error)
                 else:
                     assert isinstance(error, str), (path, error)

@@ -19,6 +19,7 @@ import httpx
 from neuronetz_gateway.adapters.hashing import KeyHasher
 from neuronetz_gateway.adapters.postgres.store import KeyRecord, Store
 from neuronetz_gateway.auth.app import AuthService, create_app
+from neuronetz_gateway.domain.key_fingerprints import FingerprintKeys
 from neuronetz_gateway.domain.keys import generate_key
 from neuronetz_gateway.domain.policy import PolicySettings
 from neuronetz_gateway.settings import Secret, Settings, load_settings
@@ -46,12 +47,12 @@ def make_settings(
     database_url: str, redis_url: str, redis_prefix: str, **overrides: Any
 ) -> Settings:
     """Settings for an app under test (nothing read from the environment)."""
+    overrides.setdefault("gateway_secret", Secret(TEST_SECRET))
     return load_settings(
         {},
         database_url=database_url,
         redis_url=redis_url,
         redis_prefix=redis_prefix,
-        gateway_secret=Secret(TEST_SECRET),
         **overrides,
     )
 
@@ -70,8 +71,13 @@ async def make_key(
     tenant_name: str | None = None,
     expires_at: datetime | None = None,
     hasher: KeyHasher | None = None,
+    fingerprint_secret: bytes | None = None,
 ) -> MadeKey:
-    """A new key (and a new tenant unless ``tenant_name`` names an existing one)."""
+    """A new key (and a new tenant unless ``tenant_name`` names an existing one).
+
+    Hash-only, like a key made by a CLI without ``NZ_GATEWAY_SECRET``, unless
+    ``fingerprint_secret`` is given (what the CLI stores when it has the secret).
+    """
     if tenant_name is None:
         tenant_name = unique("tenant")
         await store.create_tenant(tenant_name, tenant or PolicySettings())
@@ -85,6 +91,11 @@ async def make_key(
         expires_at=expires_at,
         log_prompts=False,
         prompt_ttl_days=None,
+        secret_fingerprint=(
+            None
+            if fingerprint_secret is None
+            else FingerprintKeys(fingerprint_secret).make(parsed.full)
+        ),
     )
     return MadeKey(parsed.full, record)
 

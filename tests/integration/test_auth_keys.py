@@ -123,22 +123,22 @@ class _CountingStore(Store):
         return await super().find_key_for_auth(prefix)
 
 
-async def test_a_throttled_prefix_costs_no_postgres_lookup(
+async def test_a_burst_of_secrets_on_one_prefix_costs_one_lookup_known_or_not(
     settings: Settings, store: Store
 ) -> None:
+    # There is no per-prefix refusal before the lookup (a throttled known prefix
+    # answering faster than an unknown one would tell which prefixes exist);
+    # concurrent misses on one prefix share one Postgres lookup instead.
     victim = await make_key(store)
     counting = _CountingStore(store.pool)
     async with running_app(settings, counting, cheap_hasher()) as (client, _):
-        for _ in range(3):  # spend the prefix's failure budget
-            assert (
-                await authorize(client, generate_key(victim.record.prefix).full)
-            ).status_code == 401
-        before = counting.lookups
-        for _ in range(40):  # a sustained flood of new wrong secrets
-            assert (
-                await authorize(client, generate_key(victim.record.prefix).full)
-            ).status_code == 401
-        assert counting.lookups - before <= 1  # at most one refill (one try per 5 s)
+        for prefix in (victim.record.prefix, generate_key().prefix):
+            before = counting.lookups
+            answers = await asyncio.gather(
+                *(authorize(client, generate_key(prefix).full) for _ in range(40))
+            )
+            assert {a.status_code for a in answers} == {401}
+            assert counting.lookups - before <= 10
 
 
 async def test_a_cached_key_costs_no_argon2(settings: Settings, store: Store) -> None:
@@ -157,9 +157,10 @@ async def test_a_cached_key_costs_no_argon2(settings: Settings, store: Store) ->
     # a second replica finds it in the shared Redis cache: still no Argon2
     other = cheap_hasher()
     async with running_app(settings, store, other) as (client, _):
-        # the new replica flushed the caches on start (it cannot know what it missed)
+        # the new replica flushed the caches on start (it cannot know what it missed);
+        # the fingerprint stored on first use decides the key: still no Argon2
         assert (await authorize(client, made.full)).status_code == 200
-        assert other.verifications == 1
+        assert other.verifications == 0
     async with running_app(settings, store, cheap_hasher(), listen=False) as (client, _):
         assert (await authorize(client, made.full)).status_code == 200
         assert 'nz_auth_key_cache_total{result="redis_hit"}' in (await client.get("/metrics")).text

@@ -43,6 +43,7 @@ ROUTE_BY_PATH = {
     "/v1/embeddings": "v1.embeddings",
     "/v1/models": "v1.models",
     "/v1/key": "v1.key",
+    "/v1/responses": "v1.responses",
     "/v1/messages": "v1.messages",
     "/v1/messages/count_tokens": "v1.messages.count_tokens",
 }

@@ -104,7 +104,10 @@ def test_blocks_tools_and_thinking() -> None:
         ({"max_tokens": 0}, "max_tokens"),
         ({"messages": []}, "messages"),
         ({"temperature": 3}, "temperature"),
-        ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "system", "content": [
+            {"type": "tool_result", "tool_use_id": "t", "content": "x"}]}]},
+         "messages[0].content[0]"),
         ({"messages": [{"role": "user", "content": [{"type": "document"}]}]},
          "messages[0].content[0].type"),
         ({"tools": [{"name": "web_search", "type": "web_search_20250305"}]}, "tools[0].type"),
@@ -235,3 +238,31 @@ def test_stream_failure_is_an_error_event() -> None:
     other = MessageStreamTranslator("msg_2", "m", prompt_estimate=1)
     ((name, body),) = _events(other.fail("cut"))
     assert name == "error" and body["error"]["message"] == "cut"
+
+
+async def test_silence_between_reads_becomes_keepalive_ticks() -> None:
+    import asyncio
+    from collections.abc import AsyncIterator
+
+    from neuronetz_gateway.proxy.agent_relay import lines_or_silence
+
+    async def slow() -> AsyncIterator[bytes]:
+        yield b"a"
+        await asyncio.sleep(0.25)
+        yield b"b"
+
+    got = [x async for x in lines_or_silence(slow(), 0.1)]
+    assert got[0] == b"a" and got[-1] == b"b"
+    assert got[1:-1] == [None] * (len(got) - 2) and len(got) >= 3
+
+
+def test_a_system_message_inside_messages_is_kept_in_place() -> None:
+    # Claude Code 2.1 sends one after the first user turn
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "system", "content": [{"type": "text", "text": "reminder"}]},
+    ]
+    assert _translate(messages=messages)["messages"] == [
+        {"role": "user", "content": "hi"},
+        {"role": "system", "content": "reminder"},
+    ]

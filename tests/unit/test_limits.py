@@ -240,3 +240,47 @@ def test_retry_after_stays_within_one_window_under_clock_skew() -> None:
 )
 def test_period_ids_of_a_unix_time_match_the_datetime_ones(now: datetime) -> None:
     assert period_ids(now.timestamp()) == (day_id(now), month_id(now))
+
+
+def test_reset_durations_are_spelled_as_openai_does() -> None:
+    from neuronetz_gateway.domain.limits import format_duration
+
+    assert [format_duration(ms) for ms in (0, 20, 1000, 1500, 59_999, 60_000, 61_250)] == [
+        "0ms",
+        "20ms",
+        "1s",
+        "1.5s",
+        "59.999s",
+        "1m0s",
+        "1m1.25s",
+    ]
+
+
+def test_reset_is_when_the_binding_levels_oldest_entry_leaves_the_window() -> None:
+    now_ms = 1_000_000
+    allowance = compute_allowance(
+        Limits(rpm=10, tpm=1000),
+        Limits(rpm=100, tpm=500),
+        LevelUsage(
+            requests=9,
+            window_tokens=100,
+            oldest_hit_ms=now_ms - 45_000,
+            oldest_token_second=(now_ms - 30_000) // 1000,
+        ),
+        LevelUsage(
+            requests=9,
+            window_tokens=400,
+            oldest_hit_ms=now_ms - 1_000,
+            oldest_token_second=(now_ms - 10_000) // 1000,
+        ),
+        now_ms,
+    )
+    # requests: the key binds (1 left of 10); tokens: the tenant binds (100 left of 500)
+    assert allowance.reset_requests_ms == 15_000
+    assert allowance.reset_tokens_ms == 50_000
+    headers = ratelimit_headers(allowance)
+    assert headers["x-ratelimit-reset-requests"] == "15s"
+    assert headers["x-ratelimit-reset-tokens"] == "50s"
+    # nothing counted yet: already at the initial state
+    empty = compute_allowance(Limits(rpm=5), Limits(), LevelUsage(requests=0), LevelUsage(), now_ms)
+    assert empty.reset_requests_ms == 0

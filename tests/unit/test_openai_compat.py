@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import struct
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -250,13 +251,29 @@ def test_assistant_tool_calls_and_tool_results() -> None:
         "role": "assistant",
         "content": "",
         "tool_calls": [
-            {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
-            {"function": {"name": "get_time", "arguments": {}}},
+            {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}, "id": "call_abc"},
+            {"function": {"name": "get_time", "arguments": {}}, "id": "call_def"},
         ],
     }
-    assert out["messages"][2] == {"role": "tool", "content": "noon", "tool_name": "get_time"}
-    assert out["messages"][3] == {"role": "tool", "content": "sunny", "tool_name": "get_weather"}
-    assert out["messages"][4] == {"role": "tool", "content": "?", "tool_name": "legacy"}
+    # the ids reach Ollama (>= 0.12 links results by them), beside the names older ones use
+    assert out["messages"][2] == {
+        "role": "tool",
+        "content": "noon",
+        "tool_name": "get_time",
+        "tool_call_id": "call_def",
+    }
+    assert out["messages"][3] == {
+        "role": "tool",
+        "content": "sunny",
+        "tool_name": "get_weather",
+        "tool_call_id": "call_abc",
+    }
+    assert out["messages"][4] == {
+        "role": "tool",
+        "content": "?",
+        "tool_name": "legacy",
+        "tool_call_id": "unknown",
+    }
 
 
 @pytest.mark.parametrize("arguments", ["{not json", "[1, 2]", '"text"'])
@@ -469,7 +486,11 @@ def test_chat_completion_body_length_and_tool_calls() -> None:
     assert choice.finish_reason == "tool_calls"
     assert choice.message.tool_calls is not None
     ids = [c.id for c in choice.message.tool_calls]
-    assert ids == ["call_0", "call_1"]
+    # Ollama sent no ids: fresh ones, unique within and across responses
+    again = json.loads(chat_completion_body(calls, request_id="r", model="m"))
+    ids += [c["id"] for c in again["choices"][0]["message"]["tool_calls"]]
+    assert all(re.fullmatch(r"call_[0-9a-f]{24}", i) for i in ids)
+    assert len(set(ids)) == 4
     first = choice.message.tool_calls[0]
     assert first.type == "function"
     assert first.function.name == "get_weather"
@@ -679,10 +700,12 @@ def test_chat_stream_tool_calls_accumulate_in_the_official_client() -> None:
     assert choice.finish_reason == "tool_calls"
     assert choice.message.tool_calls is not None
     calls = [(c.id, c.function.name, c.function.arguments) for c in choice.message.tool_calls]
-    assert calls == [
-        ("call_0", "get_weather", '{"city":"Paris"}'),
-        ("call_1", "get_time", '{"tz":"UTC"}'),
+    assert [c[1:] for c in calls] == [
+        ("get_weather", '{"city":"Paris"}'),
+        ("get_time", '{"tz":"UTC"}'),
     ]
+    assert all(c[0].startswith("call_") and len(c[0]) == 29 for c in calls)
+    assert calls[0][0] != calls[1][0]
     assert final.usage is not None
     assert final.usage.completion_tokens == 0
 

@@ -33,7 +33,7 @@ def test_route_ids_are_the_specified_ones() -> None:
     assert {r.id for r in ROUTES} | {"v1.model"} == {
         "generate", "chat", "embed", "embeddings", "show", "tags", "ps", "version", "key",
         "v1.chat.completions", "v1.completions", "v1.embeddings", "v1.models", "v1.model", "v1.key",
-        "v1.messages", "v1.messages.count_tokens",
+        "v1.messages", "v1.messages.count_tokens", "v1.responses",
     }  # fmt: skip
 
 
@@ -118,7 +118,8 @@ NOT_FOUND = [
     "/api/signout",
     "/api/experimental/web_search",
     "/api/experimental",
-    "/v1/responses",
+    "/v1/responses/",
+    "/v1/responses/resp_1",
     "/v1/messages/",
     "/v1/messages/batches",
     "/v1",

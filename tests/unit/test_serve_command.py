@@ -39,3 +39,15 @@ def test_bad_url_is_named() -> None:
     result = _serve("auth", NZ_GATEWAY_SECRET="s" * 40, NZ_REDIS_URL="http://nope")
     assert result.returncode == 2
     assert "NZ_REDIS_URL" in result.stderr
+
+
+def test_an_otlp_protocol_other_than_http_is_named() -> None:
+    result = _serve(
+        "auth",
+        NZ_GATEWAY_SECRET="s" * 40,
+        OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:4318",
+        OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
+    )
+    assert result.returncode == 2
+    assert "OTEL_EXPORTER_OTLP_PROTOCOL" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -86,3 +86,13 @@ def test_spool_dir_is_checked_and_named(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(SettingsError, match="NZ_AUDIT_SPOOL_DIR"):
         check_spool_dir(str(blocker / "spool"))
+
+
+def test_the_previous_secret_is_optional_hidden_and_checked_for_sense() -> None:
+    assert load_settings(GOOD).previous_secret() is None
+    rotating = load_settings({**GOOD, "NZ_GATEWAY_SECRET_PREVIOUS": "p" * 40})
+    assert rotating.previous_secret() == b"p" * 40
+    assert "p" * 40 not in repr(rotating)
+    assert secret_warnings(rotating) == []
+    same = load_settings({**GOOD, "NZ_GATEWAY_SECRET_PREVIOUS": GOOD["NZ_GATEWAY_SECRET"]})
+    assert any("nothing is being rotated" in w for w in secret_warnings(same))

@@ -48,3 +48,16 @@ def test_setup_tools_are_pinned_exactly() -> None:
         assert re.fullmatch(r"[A-Za-z0-9_.-]+(\[[a-z0-9,]+\])?==[0-9][0-9A-Za-z.+-]*", pin), pin
     script = (ROOT / "scripts" / "bootstrap.sh").read_text()
     assert "-r tools/requirements.txt" in script
+
+
+def test_coding_agents_are_pinned_exactly_and_installed_by_the_script() -> None:
+    lines = (ROOT / "tools" / "coding-agents.txt").read_text().splitlines()
+    pins = [line.split("#", 1)[0].strip() for line in lines]
+    pins = [pin for pin in pins if pin]
+    assert {pin.rsplit("@", 1)[0] for pin in pins} == {"@anthropic-ai/claude-code", "@openai/codex"}
+    for pin in pins:
+        assert re.fullmatch(r"@[a-z0-9-]+/[a-z0-9-]+@[0-9]+\.[0-9]+\.[0-9]+", pin), pin
+    script = (ROOT / "scripts" / "bootstrap.sh").read_text()
+    assert "tools/coding-agents.txt" in script
+    assert "npm install --prefix .tools/npm" in script
+    assert ".tools/" in (ROOT / ".gitignore").read_text().splitlines()

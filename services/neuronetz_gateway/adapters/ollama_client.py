@@ -153,6 +153,7 @@ class OllamaClient:
         body: bytes | None = None,
         *,
         request_id: str | None = None,
+        traceparent: str | None = None,
         limit_seconds: float | None = None,
     ) -> UpstreamResponse:
         """Send a request to ``path`` (fixed upstream path) and return once headers arrive."""
@@ -160,6 +161,8 @@ class OllamaClient:
         headers = _JSON_HEADERS if body is not None else _BASE_HEADERS
         if request_id is not None:
             headers = {**headers, "x-request-id": request_id}
+        if traceparent is not None:  # tracing on: Ollama (or what fronts it) joins the trace
+            headers = {**headers, "traceparent": traceparent}
         kwargs = {}
         if limit_seconds is not None:
             kwargs["timeout"] = aiohttp.ClientTimeout(total=limit_seconds)

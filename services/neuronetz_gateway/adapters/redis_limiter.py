@@ -157,14 +157,19 @@ def _text(value: Any) -> str:
 
 
 def _usage(stats: Sequence[Any]) -> LevelUsage:
-    """Script stats ``{requests, window_tokens, daily, monthly, total}``; -1 = not counted."""
-    requests, window, daily, monthly, total = (int(v) for v in stats)
+    """Script stats ``{requests, window_tokens, daily, monthly, total[, oldest hit ms, oldest
+    token second]}`` (decide sends all seven, settle the first five); -1 = not counted."""
+    values = [int(v) for v in stats]
+    requests, window, daily, monthly, total = values[:5]
+    oldest_hit, oldest_second = values[5:7] if len(values) >= 7 else (-1, -1)
     return LevelUsage(
         requests=None if requests < 0 else requests,
         window_tokens=None if window < 0 else window,
         daily=None if daily < 0 else daily,
         monthly=None if monthly < 0 else monthly,
         total=None if total < 0 else total,
+        oldest_hit_ms=None if oldest_hit < 0 else oldest_hit,
+        oldest_token_second=None if oldest_second < 0 else oldest_second,
     )
 
 
@@ -547,16 +552,17 @@ class Limiter:
         if _text(reply[0]) == "replay":
             raise IdentityReplayed(request_id)
         status, key_stats, tenant_stats, raw_refusals = reply
+        tenant_usage = _usage(tenant_stats)
         allowance = compute_allowance(
-            key_limits, tenant_limits, _usage(key_stats), _usage(tenant_stats)
+            key_limits, tenant_limits, _usage(key_stats), tenant_usage, now_ms
         )
         if _text(status) == "ok":
-            return decide((), allowance, lease_id)
+            return decide((), allowance, lease_id, tenant_usage)
         need = 1 if mode == "admit" else tokens
         limits = {"key": key_limits, "tenant": tenant_limits}
         now = datetime.fromtimestamp(now_ms / 1000, UTC)
         refusals = [self._refusal(raw, limits, now_ms, now, need) for raw in raw_refusals]
-        return decide(refusals, allowance)
+        return decide(refusals, allowance, tenant_usage=tenant_usage)
 
     @staticmethod
     def _refusal(

@@ -40,6 +40,7 @@ from neuronetz_gateway.auth.revocation import KeyEventListener
 from neuronetz_gateway.fast_paths import FastPathLitestar
 from neuronetz_gateway.logging import configure_logging, get_logger
 from neuronetz_gateway.settings import Settings, load_settings
+from neuronetz_gateway.tracing import TRACEPARENT_HEADER, Tracing, tracing_from_env
 
 __all__ = ["AuthService", "create_app", "create_app_from_env", "open_shared_redis"]
 
@@ -73,19 +74,25 @@ def create_app(
     metrics: AuthMetrics | None = None,
     clock: Callable[[], float] = time.time,
     listen: bool = True,
+    tracing: Tracing | None = None,
 ) -> Litestar:
-    """The auth app; collaborators not given are opened (and closed) by the app itself."""
+    """The auth app; collaborators not given are opened (and closed) by the app itself.
+
+    ``tracing`` (None: off) belongs to the caller, who shuts it down.
+    """
     service = AuthService(settings, metrics or AuthMetrics())
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
-            await _wire(service, stack, store, redis, hasher, limiter, clock, listen)
+            await _wire(service, stack, store, redis, hasher, limiter, clock, listen, tracing)
             app.state.auth = service
             yield
 
     async def decide(scope: Scope, receive: Receive, send: Send) -> None:
         request = _decision_request(scope)
+        if tracing is not None:
+            request.traceparent = _header(scope, _TRACEPARENT)
         authorizer = service.authorizer
         if authorizer is None:  # pragma: no cover - only before the lifespan ran
             answer = responses.unavailable("native", "-")
@@ -113,8 +120,9 @@ def create_app(
             body["key_listener"] = service.listener.listening
         return Response(body, status_code=200 if ok else 503)
 
-    @get("/metrics", sync_to_thread=False)
-    def metrics_endpoint() -> Response[bytes]:
+    @get("/metrics")
+    async def metrics_endpoint() -> Response[bytes]:
+        service.metrics.dependencies(**await _readiness(service))
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     app = FastPathLitestar(
@@ -137,6 +145,7 @@ async def _wire(
     limiter: Limiter | None,
     clock: Callable[[], float],
     listen: bool,
+    tracing: Tracing | None,
 ) -> None:
     settings = service.settings
     if store is None:
@@ -171,6 +180,7 @@ async def _wire(
             redis, prefix=settings.redis_prefix, ttl_seconds=settings.key_cache_redis_ttl_seconds
         ),
         secret=settings.gateway_secret.encode(),
+        previous_secret=settings.previous_secret(),
         metrics=service.metrics,
         clock=clock,
     )
@@ -184,6 +194,7 @@ async def _wire(
         identity_ttl_seconds=settings.identity_ttl_seconds,
         timeout_seconds=settings.decision_timeout_seconds,
         clock=clock,
+        tracing=tracing,
     )
     if listen:
         listener = KeyEventListener(
@@ -225,6 +236,16 @@ def _set_use_local(verifier: KeyVerifier) -> Callable[[bool], None]:
         verifier.use_local = listening
 
     return set_state
+
+
+_TRACEPARENT = TRACEPARENT_HEADER.encode()
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
 
 
 def _decision_request(scope: Scope) -> DecisionRequest:
@@ -276,4 +297,8 @@ def create_app_from_env() -> Litestar:
     """Granian's factory: settings from ``NZ_*`` (validated), logging, then the app."""
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
-    return create_app(settings)
+    tracing = tracing_from_env("auth")
+    app = create_app(settings, tracing=tracing)
+    if tracing is not None:
+        app.on_shutdown.append(tracing.shutdown)
+    return app

@@ -41,6 +41,7 @@ from neuronetz_gateway.domain.key_state import KeyState
 from neuronetz_gateway.domain.limits import Decision
 from neuronetz_gateway.domain.routes import Outcome, RouteMatch, classify
 from neuronetz_gateway.logging import get_logger
+from neuronetz_gateway.tracing import Tracing
 
 __all__ = ["Authorizer", "DecisionRequest", "new_request_id", "presented_key"]
 
@@ -68,7 +69,7 @@ def presented_key(authorization: str | None, api_key: str | None) -> str | None:
 class DecisionRequest:
     """The parts of a forward_auth call the decision needs (header values as sent)."""
 
-    __slots__ = ("api_key", "authorization", "client_request_id", "method", "uri")
+    __slots__ = ("api_key", "authorization", "client_request_id", "method", "traceparent", "uri")
 
     def __init__(
         self,
@@ -77,8 +78,10 @@ class DecisionRequest:
         authorization: str | None = None,
         api_key: str | None = None,
         client_request_id: str | None = None,
+        traceparent: str | None = None,
     ) -> None:
         self.method = method
+        self.traceparent = traceparent  # the client's W3C trace context (read if tracing is on)
         self.uri = uri
         self.authorization = authorization
         self.api_key = api_key
@@ -98,8 +101,10 @@ class Authorizer:
         identity_ttl_seconds: int,
         timeout_seconds: float,
         clock: Callable[[], float] = time.time,
+        tracing: Tracing | None = None,
     ) -> None:
         self._verifier = verifier
+        self.tracing = tracing
         self._limiter = limiter
         self._secret = secret
         self._metrics = metrics
@@ -112,14 +117,23 @@ class Authorizer:
         started = time.perf_counter()
         request_id = new_request_id()  # ours: a client's X-Request-Id is only logged
         fields: dict[str, object] = {"request_id": request_id}
+        tracing, span, traceparent = self.tracing, None, None
+        if tracing is not None:
+            span = tracing.start("authorize", request.traceparent)
+            traceparent = tracing.traceparent(span)
         try:
-            answer, outcome, reason = await self._decide(request, request_id, fields)
+            answer, outcome, reason = await self._decide(request, request_id, fields, traceparent)
         except Exception:  # a bug must still fail closed, in the route's dialect, not 500
             log.exception("authorize_failed", request_id=request_id)
             surface = surface_of((request.uri or "").split("?", 1)[0])
             answer, outcome, reason = responses.unavailable(surface, request_id), "error", "bug"
+        answer = responses.with_request_id(answer, request_id)
         elapsed = time.perf_counter() - started
         self._metrics.decision(outcome, reason, elapsed)
+        if span is not None:
+            Tracing.finish(
+                span, _span_attributes(fields, outcome, reason), status_code=answer.status
+            )
         client_id = request.client_request_id
         if client_id is not None and _SANE_CLIENT_ID.fullmatch(client_id):
             fields["client_request_id"] = client_id
@@ -134,7 +148,11 @@ class Authorizer:
         return answer
 
     async def _decide(
-        self, request: DecisionRequest, request_id: str, fields: dict[str, object]
+        self,
+        request: DecisionRequest,
+        request_id: str,
+        fields: dict[str, object],
+        traceparent: str | None,
     ) -> tuple[Answer, str, str]:
         if request.method is None or request.uri is None:
             return responses.bad_request("native"), "refused", "no_forwarded_request"
@@ -172,6 +190,9 @@ class Authorizer:
                         tenant_limits=key.tenant_limits,
                         request_id=request_id,
                     )
+                    self._metrics.tenant_budgets(
+                        key.tenant_name, key.tenant_limits, decision.tenant_usage
+                    )
         except TimeoutError:
             return responses.unavailable(surface, request_id), "unavailable", "timeout"
         except KeyStoreUnavailable:
@@ -198,10 +219,25 @@ class Authorizer:
             log_prompts=key.log_prompts,
             prompt_ttl_days=key.prompt_ttl_days,
             key_state=state,
+            traceparent=traceparent,
         )
         token = sign_identity(identity, self._secret)
         reason = "ok" if state is None else "key_info"
         return responses.allowed(token, request_id), "allowed", reason
+
+
+def _span_attributes(fields: dict[str, object], outcome: str, reason: str) -> dict[str, str]:
+    """What auth's span says: ids, route, tenant, decision (never the key, not even its prefix)."""
+    attributes = {
+        "neuronetz.request_id": str(fields["request_id"]),
+        "neuronetz.decision.outcome": outcome,
+        "neuronetz.decision.reason": reason,
+    }
+    if "route" in fields:
+        attributes["neuronetz.route"] = str(fields["route"])
+    if "tenant" in fields:
+        attributes["neuronetz.tenant"] = str(fields["tenant"])
+    return attributes
 
 
 def _route_refusal(match: RouteMatch) -> Answer:

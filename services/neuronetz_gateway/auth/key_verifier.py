@@ -1,4 +1,4 @@
-"""Key verification without Argon2 on the hot path.
+"""Key verification without Argon2 on the hot path, and without Argon2 for a wrong key.
 
 Order of work, cheapest first::
 
@@ -7,21 +7,32 @@ Order of work, cheapest first::
     in-process negative cache                      a repeated wrong key stops here
     single flight per fingerprint                  a burst of one cold key: one lookup
       Redis cache (shared by replicas)
-      per-prefix failure budget                    many *different* wrong secrets
-      Postgres by prefix (Store.find_key_for_auth)
+      Postgres by prefix (Store.find_key_for_auth) an unknown prefix stops here;
+        one lookup in flight per prefix            a burst of secrets on one prefix: one
       revoked / expired: refused without Argon2
-      per-prefix failure budget (again, after the wait for the lookup)
-      Argon2id in a thread, bounded, one at a time per prefix
+      stored fingerprints (domain.key_fingerprints) a known key is accepted here,
+                                                   a wrong secret refused here
+      only for a hash without a usable fingerprint:
+        per-prefix failure budget                  many *different* wrong secrets
+        Argon2id in a thread, bounded, one at a time per prefix;
+        on a match the fingerprint is stored, so this happens once per key
 
-Why a per-prefix budget: a mistyped key almost never passes the checksum,
-so a wrong secret with a valid checksum under a real prefix is an attack (or
-a client still using a rotated-out key, which the negative cache absorbs
-after one verification). Once a prefix has failed ``failure_burst`` times,
-further unknown secrets for it are refused without Argon2 until the budget
-refills (one verification per ``failure_refill_seconds``). A legitimate key
-that is cached keeps working meanwhile; one that is not may be refused
-during an active attack on its prefix: that is the price of bounding the
-Argon2 work.
+Why fingerprints: someone who knows only a key's public prefix can send
+wrong secrets with valid checksums. Refused by the stored keyed fingerprint
+(HMAC under the server secret), they cost one lookup, exactly what an
+unknown prefix costs, so timing does not tell whether a prefix exists, and
+they spend nothing of the Argon2 budget, so the owner's key, cached or not,
+keeps working. Argon2 stays the verifier of record: a fingerprint is stored
+only after Argon2 accepted the key (or by the CLI that made the key), and
+a trigger clears it whenever its hash changes.
+
+The per-prefix budget now bounds only the Argon2 work for keys without a
+usable fingerprint (made by a CLI without ``NZ_GATEWAY_SECRET`` and never
+used, or fingerprinted under a secret this replica does not hold): once a
+prefix has failed ``failure_burst`` times, further unknown secrets for it are
+refused without Argon2 until the budget refills (one verification per
+``failure_refill_seconds``). Such a key, while under attack, may be refused:
+the price of bounding the Argon2 work, paid until its first success.
 
 Errors::
 
@@ -45,6 +56,7 @@ from neuronetz_gateway.adapters.hashing import KeyHasher
 from neuronetz_gateway.adapters.postgres.store import AuthKeyRecord, Store
 from neuronetz_gateway.auth.key_cache import LocalKeyCache, RedisKeyCache, VerifiedKey
 from neuronetz_gateway.auth.metrics import AuthMetrics
+from neuronetz_gateway.domain.key_fingerprints import FingerprintKeys, Verdict
 from neuronetz_gateway.domain.keys import (
     KEY_LENGTH,
     PREFIX_LENGTH,
@@ -113,16 +125,19 @@ class KeyVerifier:
         monotonic: Callable[[], float] = time.monotonic,
         failure_burst: int = 3,
         failure_refill_seconds: float = 5.0,
+        previous_secret: bytes | None = None,
     ) -> None:
         self._store = store
         self._hasher = hasher
         self._local = local
         self._remote = remote
         self._secret = secret
+        self._fingerprints = FingerprintKeys(secret, previous_secret)
         self._metrics = metrics
         self._clock = clock
         self._budget = _FailureBudget(failure_burst, failure_refill_seconds, monotonic)
         self._flights: dict[str, asyncio.Task[KeyCheck]] = {}
+        self._lookups: dict[str, asyncio.Task[AuthKeyRecord | None]] = {}
         self._prefix_locks: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._remote_dirty = False
@@ -188,13 +203,10 @@ class KeyVerifier:
                 self._local.put(fp, cached, epoch)
             return KeyCheck(cached, "ok", prefix)
         self._metrics.key_cache("miss")
-        if not self._budget.available(prefix):
-            # Under attack: refuse before Postgres too, not only before Argon2. A
-            # legitimate key cached in Redis was served above.
-            self._metrics.argon2_throttled.inc()
-            return KeyCheck(None, "throttled", prefix)
+        # No per-prefix refusal before this lookup: it would make a known prefix
+        # under attack answer faster than an unknown one (a prefix oracle).
         try:
-            record = await self._store.find_key_for_auth(prefix)
+            record = await self._lookup(prefix)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise KeyStoreUnavailable(f"postgres: {type(exc).__name__}") from exc
         if record is None:
@@ -207,15 +219,16 @@ class KeyVerifier:
         )
         if state is not None:
             return self._refuse(fp, state, prefix)
-        lock = self._prefix_locks.setdefault(prefix, asyncio.Lock())
-        try:
-            async with lock:
-                verified = await self._verify(record, full_key, fp, now)
-        finally:
-            if not lock.locked() and self._prefix_locks.get(prefix) is lock:
-                del self._prefix_locks[prefix]
-        if isinstance(verified, str):
-            return KeyCheck(None, verified, prefix)
+        candidates = _candidates(record, now)
+        verified = await self._by_fingerprint(record, candidates, full_key)
+        if verified is None:
+            unsure = [c for c in candidates if c.verdict is Verdict.UNKNOWN]
+            if not unsure:  # every hash has a fingerprint and none is this key's
+                return self._refuse(fp, "wrong_secret", prefix)
+            outcome = await self._verify_locked(record, unsure, full_key, fp)
+            if isinstance(outcome, str):
+                return KeyCheck(None, outcome, prefix)
+            verified = outcome
         try:
             if await self._remote.put(fp, verified, since_ms) and self.use_local:
                 self._local.put(fp, verified, epoch)
@@ -223,40 +236,102 @@ class KeyVerifier:
             raise KeyStoreUnavailable(f"redis: {type(exc).__name__}") from exc
         return KeyCheck(verified, "ok", prefix)
 
+    async def _lookup(self, prefix: str) -> AuthKeyRecord | None:
+        """One Postgres lookup per prefix at a time, shared by every key that waits for it.
+
+        A burst of different secrets under one prefix (known or not: the same
+        for both) costs one query, not one each.
+        """
+        lookup = self._lookups.get(prefix)
+        if lookup is None:
+            lookup = asyncio.get_running_loop().create_task(self._store.find_key_for_auth(prefix))
+            self._lookups[prefix] = lookup
+            lookup.add_done_callback(lambda done: self._lookup_done(prefix, done))
+        return await asyncio.shield(lookup)
+
+    def _lookup_done(self, prefix: str, task: asyncio.Task[AuthKeyRecord | None]) -> None:
+        if self._lookups.get(prefix) is task:
+            del self._lookups[prefix]
+        if not task.cancelled():
+            task.exception()  # retrieved: nobody may be left waiting for it
+
     def _refuse(self, fp: str, reason: str, prefix: str) -> KeyCheck:
         self._local.put_negative(fp, reason)
         return KeyCheck(None, reason, prefix)
 
-    async def _verify(
-        self, record: AuthKeyRecord, full_key: str, fp: str, now: float
+    async def _by_fingerprint(
+        self, record: AuthKeyRecord, candidates: list[_Candidate], full_key: str
+    ) -> VerifiedKey | None:
+        """The key if a stored fingerprint matches it; ``None`` otherwise (no Argon2)."""
+        for candidate in candidates:
+            candidate.verdict = self._fingerprints.check(candidate.fingerprint, full_key)
+            self._metrics.fingerprint(candidate.verdict.value)
+        for candidate in candidates:
+            if candidate.verdict is Verdict.MATCH_PREVIOUS_SECRET:
+                # NZ_GATEWAY_SECRET is being rotated: re-key the fingerprint, so the
+                # key stays decidable without Argon2 once the old secret is dropped
+                await self._store_fingerprint(record, candidate, full_key)
+            if candidate.verdict in (Verdict.MATCH, Verdict.MATCH_PREVIOUS_SECRET):
+                return _verified_key(record, candidate.valid_until)
+        return None
+
+    async def _verify_locked(
+        self, record: AuthKeyRecord, unsure: list[_Candidate], full_key: str, fp: str
     ) -> VerifiedKey | str:
-        """Argon2 against the current hash, then the previous one within its grace."""
+        """:meth:`_verify`, one at a time per prefix (the budget is per prefix)."""
+        prefix = record.key.prefix
+        lock = self._prefix_locks.setdefault(prefix, asyncio.Lock())
+        try:
+            async with lock:
+                return await self._verify(record, unsure, full_key, fp)
+        finally:
+            if not lock.locked() and self._prefix_locks.get(prefix) is lock:
+                del self._prefix_locks[prefix]
+
+    async def _verify(
+        self, record: AuthKeyRecord, unsure: list[_Candidate], full_key: str, fp: str
+    ) -> VerifiedKey | str:
+        """Argon2 against the hashes no fingerprint could decide, within the budget."""
         prefix = record.key.prefix
         if self._local.get_negative(fp) is not None:  # settled while we queued
             return "wrong_secret"
         if not self._budget.available(prefix):
             self._metrics.argon2_throttled.inc()
             return "throttled"  # not remembered: the same key may be right later
-        grace_end = record.key.previous_valid_until
-        candidates: list[tuple[str, float | None]] = [(record.secret_hash, None)]
-        if record.previous_hash and grace_end is not None and grace_end.timestamp() > now:
-            candidates.append((record.previous_hash, grace_end.timestamp()))
-        for stored_hash, valid_until in candidates:
-            matched = await self._hasher.verify(stored_hash, full_key)
+        for candidate in unsure:
+            matched = await self._hasher.verify(candidate.stored_hash, full_key)
             self._metrics.argon2(matched)
             if matched:
-                if valid_until is None and self._hasher.needs_rehash(stored_hash):
-                    self._spawn(self._rehash(record.key.id, stored_hash, full_key))
-                return _verified_key(record, valid_until)
+                if not candidate.previous and self._hasher.needs_rehash(candidate.stored_hash):
+                    self._spawn(self._rehash(record.key.id, candidate.stored_hash, full_key))
+                else:
+                    await self._store_fingerprint(record, candidate, full_key)
+                return _verified_key(record, candidate.valid_until)
         self._budget.spend(prefix)
         self._local.put_negative(fp, "wrong_secret")
         return "wrong_secret"
+
+    async def _store_fingerprint(
+        self, record: AuthKeyRecord, candidate: _Candidate, full_key: str
+    ) -> None:
+        """Best effort: without it the key still verifies, with Argon2."""
+        try:
+            await self._store.set_key_fingerprint(
+                record.key.id,
+                previous=candidate.previous,
+                verified_hash=candidate.stored_hash,
+                fingerprint=self._fingerprints.make(full_key),
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("fingerprint_store_failed", key_id=record.key.id, error=type(exc).__name__)
 
     async def _rehash(self, key_id: int, old_hash: str, full_key: str) -> None:
         """Store a hash with today's parameters (its UPDATE also evicts the caches)."""
         try:
             new_hash = await asyncio.to_thread(self._hasher.hash, full_key)
-            await self._store.update_key_hash(key_id, old_hash, new_hash)
+            await self._store.update_key_hash(
+                key_id, old_hash, new_hash, self._fingerprints.make(full_key)
+            )
         except Exception as exc:  # noqa: BLE001 - best effort; the old hash still verifies
             log.warning("rehash_failed", key_id=key_id, error=type(exc).__name__)
 
@@ -304,6 +379,26 @@ class KeyVerifier:
         """Wait for background work (rehashes) to finish."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+@dataclass(slots=True)
+class _Candidate:
+    """One hash the presented key may match: the current one, or the one in its grace."""
+
+    stored_hash: str
+    fingerprint: str | None
+    previous: bool
+    valid_until: float | None  # the end of the rotation grace for the previous hash
+    verdict: Verdict = Verdict.UNKNOWN
+
+
+def _candidates(record: AuthKeyRecord, now: float) -> list[_Candidate]:
+    found = [_Candidate(record.secret_hash, record.secret_fingerprint, False, None)]
+    grace_end = record.key.previous_valid_until
+    if record.previous_hash and grace_end is not None and grace_end.timestamp() > now:
+        grace = grace_end.timestamp()
+        found.append(_Candidate(record.previous_hash, record.previous_fingerprint, True, grace))
+    return found
 
 
 def _verified_key(record: AuthKeyRecord, grace_end: float | None) -> VerifiedKey:

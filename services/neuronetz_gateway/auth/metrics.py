@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from neuronetz_gateway.domain.identity import Limits
+from neuronetz_gateway.domain.limits import LevelUsage
+
 __all__ = ["AuthMetrics"]
 
 _LATENCY_BUCKETS = (
@@ -56,6 +59,14 @@ class AuthMetrics:
             ["result"],
             registry=self.registry,
         )
+        self._fingerprints = Counter(
+            "nz_auth_key_fingerprints",
+            "Stored key fingerprints checked on a cache miss, by verdict: match,"
+            " match_previous_secret (re-keyed under NZ_GATEWAY_SECRET), mismatch,"
+            " unknown (none yet, or under a secret this replica lacks: Argon2 decides).",
+            ["verdict"],
+            registry=self.registry,
+        )
         self.argon2_throttled = Counter(
             "nz_auth_argon2_throttled",
             "Candidate keys refused without Argon2 because their prefix failed too often.",
@@ -83,6 +94,20 @@ class AuthMetrics:
             "Whole-cache flushes (after a listener gap or a failed eviction).",
             registry=self.registry,
         )
+        self.dependency_up = Gauge(
+            "nz_auth_dependency_up",
+            "1 when the dependency (redis, postgres) answered at the last scrape, else 0.",
+            ["dependency"],
+            registry=self.registry,
+        )
+        self._budget_remaining = Gauge(
+            "nz_auth_tenant_budget_remaining_ratio",
+            "Share of a tenant's token budget (daily, monthly, total) left at its last decision "
+            "on this replica (1 = untouched, 0 = spent); take min() across replicas.",
+            ["tenant", "budget"],
+            registry=self.registry,
+        )
+        self._gauges: dict[tuple[str, str], Gauge] = {}
         self._children: dict[tuple[str, ...], Counter] = {}
 
     def _child(self, metric: Counter, *labels: str) -> Counter:
@@ -105,9 +130,37 @@ class AuthMetrics:
         """Count one Argon2id verification."""
         self._child(self._argon2, "match" if matched else "mismatch").inc()
 
+    def fingerprint(self, verdict: str) -> None:
+        """Count one stored fingerprint checked against a presented key."""
+        self._child(self._fingerprints, verdict).inc()
+
     def key_event(self, kind: str) -> None:
         """Count one ``nz_key_events`` notification."""
         self._child(self._key_events, kind).inc()
+
+    def tenant_budgets(self, tenant: str, limits: Limits, used: LevelUsage | None) -> None:
+        """Record the tenant's remaining budget shares from one decision's counters."""
+        if used is None:
+            return
+        for budget, limit, spent in (
+            ("daily", limits.daily_tokens, used.daily),
+            ("monthly", limits.monthly_tokens, used.monthly),
+            ("total", limits.total_tokens, used.total),
+        ):
+            if limit is None or spent is None:
+                continue
+            ratio = max(0, limit - spent) / limit if limit > 0 else 0.0
+            gauge = self._gauges.get((tenant, budget))
+            if gauge is None:
+                gauge = self._gauges[(tenant, budget)] = self._budget_remaining.labels(
+                    tenant, budget
+                )
+            gauge.set(ratio)
+
+    def dependencies(self, **up: bool) -> None:
+        """Record what the scrape-time probes found (``redis=True, postgres=False``)."""
+        for name, ok in up.items():
+            self.dependency_up.labels(name).set(1 if ok else 0)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""

@@ -2,9 +2,9 @@
 
 Caddy's forward_auth passes every non-2xx answer to the client as it is, so
 these are the client's final responses, in the dialect of the path. The
-static refusals (400, 401, 403, 404, 405) are prebuilt bytes and carry no
-per-request header, so every 401 is byte-identical whatever the reason;
-429 and 503 carry ``X-Request-Id`` for support.
+static refusals (400, 401, 403, 404, 405) are prebuilt bytes, so every 401
+is byte-identical whatever the reason, but for the ``X-Request-Id`` that
+:func:`with_request_id` adds to every answer for support.
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ __all__ = [
     "too_many_requests",
     "unauthorized",
     "unavailable",
+    "with_request_id",
 ]
 
 REQUEST_ID_HEADER = "x-request-id"
 UNAVAILABLE_RETRY_AFTER = 1
+SHOULD_RETRY_HEADER = b"x-should-retry"
 
 Headers = tuple[tuple[bytes, bytes], ...]
 
@@ -121,14 +123,28 @@ def _limit_message(decision: Decision) -> str:
 
 
 def too_many_requests(surface: Surface, decision: Decision, request_id: str) -> Answer:
-    """429 naming the limit, with ``Retry-After`` and the remaining allowances."""
+    """429 naming the limit, with ``Retry-After`` and the remaining allowances.
+
+    A spent budget is not worth retrying soon: ``x-should-retry: false`` tells
+    the OpenAI SDKs (Python and Node) not to retry, whatever ``Retry-After``
+    says (they would otherwise sleep it, or retry at once).
+    """
     extra: list[tuple[bytes, bytes]] = [
         (b"retry-after", str(max(1, decision.retry_after)).encode()),
         (REQUEST_ID_HEADER.encode(), request_id.encode()),
     ]
-    extra += [(k.encode(), v.encode()) for k, v in ratelimit_headers(decision.allowance).items()]
     code = decision.error_code or "rate_limit_exceeded"
-    return _error(surface, 429, code, _limit_message(decision), tuple(extra))
+    if code == "budget_exceeded":
+        extra.append((SHOULD_RETRY_HEADER, b"false"))
+    extra += [(k.encode(), v.encode()) for k, v in ratelimit_headers(decision.allowance).items()]
+    body = error_body(surface, 429, code, _limit_message(decision), limit=decision.reason)
+    headers = (
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *_COMMON,
+        *extra,
+    )
+    return Answer(429, headers, body)
 
 
 def unavailable(surface: Surface, request_id: str) -> Answer:
@@ -144,6 +160,15 @@ def unavailable(surface: Surface, request_id: str) -> Answer:
 
 _IDENTITY = IDENTITY_HEADER.encode()
 _REQUEST_ID = REQUEST_ID_HEADER.encode()
+
+
+def with_request_id(answer: Answer, request_id: str) -> Answer:
+    """``answer`` with ``X-Request-Id`` (unless it has one): every answer names its request."""
+    if any(name == _REQUEST_ID for name, _ in answer.headers):
+        return answer
+    return Answer(answer.status, (*answer.headers, (_REQUEST_ID, request_id.encode())), answer.body)
+
+
 _ALLOWED_COMMON: Headers = ((b"content-length", b"0"), *_COMMON)
 
 

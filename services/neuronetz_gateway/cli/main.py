@@ -28,11 +28,13 @@ from neuronetz_gateway.adapters.postgres.store import (
     open_pool,
 )
 from neuronetz_gateway.cli.dev import dev
+from neuronetz_gateway.cli.doctor import doctor
 from neuronetz_gateway.cli.serve import serve
 from neuronetz_gateway.domain.errors import GatewayError, InvalidInput
+from neuronetz_gateway.domain.key_fingerprints import FingerprintKeys
 from neuronetz_gateway.domain.keys import generate_key, is_valid_prefix
 from neuronetz_gateway.domain.policy import POLICY_FIELDS, PolicySettings, check_policy_value
-from neuronetz_gateway.settings import SettingsError, load_database_url
+from neuronetz_gateway.settings import SettingsError, load_database_url, load_gateway_secret
 
 __all__ = ["app", "main"]
 
@@ -189,6 +191,26 @@ def _print_json(value: object) -> None:
     typer.echo(json.dumps(value, default=str, indent=None))
 
 
+def _fingerprint(full_key: str) -> str | None:
+    """The new key's fingerprint under ``NZ_GATEWAY_SECRET``, when this shell has it.
+
+    Without it the key is stored hash-only and the auth service adds the
+    fingerprint on first use; until then a flood of wrong secrets on its prefix
+    can delay it (the Argon2 budget), so the command says so (after it worked).
+    """
+    secret = load_gateway_secret()
+    return None if secret is None else FingerprintKeys(secret).make(full_key)
+
+
+def _note_missing_fingerprint(fingerprint: str | None) -> None:
+    if fingerprint is None:
+        typer.echo(
+            "note: NZ_GATEWAY_SECRET is not set here, so the key is stored without its "
+            "fingerprint; the auth service adds it on first use",
+            err=True,
+        )
+
+
 def _check_prefix(prefix: str) -> None:
     if not is_valid_prefix(prefix):
         raise InvalidInput(f"{prefix!r} is not a key prefix (nz_ followed by 8 characters)")
@@ -292,6 +314,7 @@ def create_key(
     ttl = (prompt_ttl_days or DEFAULT_PROMPT_TTL_DAYS) if log_prompts else None
     key = generate_key()
     secret_hash = KeyHasher().hash(key.full)
+    fingerprint = _fingerprint(key.full)
 
     async def work(store: Store) -> KeyRecord:
         return await store.create_key(
@@ -299,6 +322,7 @@ def create_key(
             name=name,
             prefix=key.prefix,
             secret_hash=secret_hash,
+            secret_fingerprint=fingerprint,
             policy=PolicySettings().updated(changes),
             expires_at=expiry_from_days(datetime.now(UTC), expires_in_days),
             log_prompts=log_prompts,
@@ -306,6 +330,7 @@ def create_key(
         )
 
     record = _run(work)
+    _note_missing_fingerprint(fingerprint)
     if as_json:
         _print_json(
             {
@@ -372,7 +397,9 @@ def rotate_key(
         _fail(str(exc))
     key = generate_key(prefix)
     new_hash = KeyHasher().hash(key.full)
-    record = _run(lambda store: store.rotate_key(prefix, new_hash, grace_seconds))
+    fingerprint = _fingerprint(key.full)
+    record = _run(lambda store: store.rotate_key(prefix, new_hash, grace_seconds, fingerprint))
+    _note_missing_fingerprint(fingerprint)
     if as_json:
         _print_json(
             {
@@ -515,6 +542,7 @@ DEFAULT_PROMPT_TTL_DAYS = 30
 
 app.command("serve")(serve)
 app.command("dev")(dev)
+app.command("doctor")(doctor)
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from neuronetz_gateway.settings import (
     load_settings,
     secret_warnings,
 )
+from neuronetz_gateway.tracing import TracingConfigError, check_tracing_env
 
 __all__ = ["Service", "serve"]
 
@@ -49,7 +50,8 @@ def serve(
         settings = load_settings()
         if service is Service.proxy:
             check_spool_dir(settings.audit_spool_dir)
-    except SettingsError as exc:
+        check_tracing_env()
+    except (SettingsError, TracingConfigError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     if workers < 1:

@@ -103,7 +103,8 @@ _Block = (
 
 
 class _MessageIn(msgspec.Struct):
-    role: Literal["user", "assistant"]
+    # "system" inside messages: Claude Code sends one (text blocks only)
+    role: Literal["user", "assistant", "system"]
     content: str | list[_Block]
 
 

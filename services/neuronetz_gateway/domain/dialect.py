@@ -107,13 +107,29 @@ class _NativeBody(msgspec.Struct):
     error: str
 
 
+class _NativeLimitBody(msgspec.Struct):
+    """A native refusal by a limit: Ollama's ``error`` plus which limit (SPEC section 5)."""
+
+    error: str
+    code: str
+    limit: str
+
+
 def error_body(
-    path_or_surface: str, status: int, code: str, message: str, *, param: str | None = None
+    path_or_surface: str,
+    status: int,
+    code: str,
+    message: str,
+    *,
+    param: str | None = None,
+    limit: str | None = None,
 ) -> bytes:
     """The JSON error body for ``status`` in the dialect of a path (or a named surface).
 
     ``path_or_surface`` is a surface's name or the request path (see
-    :func:`surface_of`).
+    :func:`surface_of`). ``limit`` (a refusal by a limit: ``rpm``,
+    ``daily_tokens``, ...) makes the native body ``{"error", "code",
+    "limit"}``; OpenAI's and Anthropic's objects name it in the message.
     """
     known = path_or_surface in _SURFACES
     surface = path_or_surface if known else surface_of(path_or_surface)
@@ -125,4 +141,6 @@ def error_body(
     if surface == ANTHROPIC:
         kind = anthropic_error_type(status)
         return _encoder.encode(_AnthropicBody(error=_AnthropicError(type=kind, message=message)))
+    if limit is not None:
+        return _encoder.encode(_NativeLimitBody(error=message, code=code, limit=limit))
     return _encoder.encode(_NativeBody(error=message))

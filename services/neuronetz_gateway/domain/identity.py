@@ -65,6 +65,9 @@ class Allowance(msgspec.Struct, frozen=True, omit_defaults=True):
     remaining_daily_tokens: int | None = None
     remaining_monthly_tokens: int | None = None
     remaining_total_tokens: int | None = None
+    # ms until the requests / tokens remaining next go up (x-ratelimit-reset-*)
+    reset_requests_ms: int | None = None
+    reset_tokens_ms: int | None = None
 
 
 class Identity(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -86,6 +89,7 @@ class Identity(msgspec.Struct, frozen=True, omit_defaults=True):
     log_prompts: bool = False
     prompt_ttl_days: int | None = None
     key_state: KeyState | None = None  # the key-info routes only: what is left, when
+    traceparent: str | None = None  # W3C trace context of auth's span (tracing on only)
 
 
 _encoder = msgspec.json.Encoder()

@@ -38,6 +38,7 @@ __all__ = [
     "day_id",
     "day_start",
     "decide",
+    "format_duration",
     "month_id",
     "month_start",
     "period_ids",
@@ -208,6 +209,8 @@ class Decision:
     lease_id: str | None = None  # set by admit when a concurrency limit applies
     # remaining values for the x-ratelimit-* headers (tighter of key and tenant)
     allowance: Allowance = field(default_factory=Allowance)
+    # what the tenant level has used (admit / reserve), for the budget-burn gauges
+    tenant_usage: LevelUsage | None = field(default=None, compare=False)
 
     @property
     def error_code(self) -> str | None:
@@ -218,7 +221,10 @@ class Decision:
 
 
 def decide(
-    refusals: Iterable[Refusal], allowance: Allowance, lease_id: str | None = None
+    refusals: Iterable[Refusal],
+    allowance: Allowance,
+    lease_id: str | None = None,
+    tenant_usage: LevelUsage | None = None,
 ) -> Decision:
     """Allowed when nothing refused; else the refusal with the longest wait.
 
@@ -230,13 +236,16 @@ def decide(
         if worst is None or refusal.retry_after > worst.retry_after:
             worst = refusal
     if worst is None:
-        return Decision(allowed=True, lease_id=lease_id, allowance=allowance)
+        return Decision(
+            allowed=True, lease_id=lease_id, allowance=allowance, tenant_usage=tenant_usage
+        )
     return Decision(
         allowed=False,
         reason=worst.reason,
         level=worst.level,
         retry_after=max(1, worst.retry_after),
         allowance=allowance,
+        tenant_usage=tenant_usage,
     )
 
 
@@ -252,6 +261,10 @@ class LevelUsage:
     daily: int | None = None  # budget counters (spent + reserved)
     monthly: int | None = None
     total: int | None = None
+    # when the remaining values next go up: the oldest hit in the RPM window (unix ms)
+    # and the oldest second with tokens in the TPM window (unix s); None = none counted
+    oldest_hit_ms: int | None = None
+    oldest_token_second: int | None = None
 
 
 def _tightest(
@@ -275,9 +288,18 @@ def _tightest(
 
 
 def compute_allowance(
-    key_limits: Limits, tenant_limits: Limits, key: LevelUsage, tenant: LevelUsage
+    key_limits: Limits,
+    tenant_limits: Limits,
+    key: LevelUsage,
+    tenant: LevelUsage,
+    now_ms: int | None = None,
 ) -> Allowance:
-    """Remaining allowances, the tighter of key and tenant; ``None`` where unlimited."""
+    """Remaining allowances, the tighter of key and tenant; ``None`` where unlimited.
+
+    With ``now_ms``, also when the binding level's requests / tokens next
+    free up (OpenAI's ``x-ratelimit-reset-*``): the oldest counted hit or
+    token bucket leaving the 60 s window; 0 when nothing is counted.
+    """
     k, t = key_limits, tenant_limits
     limit_requests, remaining_requests = _tightest(k.rpm, key.requests, t.rpm, tenant.requests)
     limit_tokens, remaining_tokens = _tightest(
@@ -286,6 +308,15 @@ def compute_allowance(
     _, daily = _tightest(k.daily_tokens, key.daily, t.daily_tokens, tenant.daily)
     _, monthly = _tightest(k.monthly_tokens, key.monthly, t.monthly_tokens, tenant.monthly)
     _, total = _tightest(k.total_tokens, key.total, t.total_tokens, tenant.total)
+    reset_requests = reset_tokens = None
+    if now_ms is not None:
+        if limit_requests is not None:
+            binding = _binding(k.rpm, key.requests, key, tenant, remaining_requests)
+            reset_requests = _reset_ms(binding.oldest_hit_ms, now_ms)
+        if limit_tokens is not None:
+            binding = _binding(k.tpm, key.window_tokens, key, tenant, remaining_tokens)
+            oldest = binding.oldest_token_second
+            reset_tokens = _reset_ms(None if oldest is None else oldest * 1000, now_ms)
     return Allowance(
         limit_requests=limit_requests,
         remaining_requests=remaining_requests,
@@ -294,7 +325,38 @@ def compute_allowance(
         remaining_daily_tokens=daily,
         remaining_monthly_tokens=monthly,
         remaining_total_tokens=total,
+        reset_requests_ms=reset_requests,
+        reset_tokens_ms=reset_tokens,
     )
+
+
+def _binding(
+    key_limit: int | None,
+    key_used: int | None,
+    key: LevelUsage,
+    tenant: LevelUsage,
+    remaining: int | None,
+) -> LevelUsage:
+    """The level :func:`_tightest` chose: the key's when its remainder is the one reported."""
+    if key_limit is not None and key_used is not None and max(0, key_limit - key_used) == remaining:
+        return key
+    return tenant
+
+
+def _reset_ms(oldest_ms: int | None, now_ms: int) -> int:
+    """Milliseconds until a window entry stamped ``oldest_ms`` leaves the 60 s window."""
+    if oldest_ms is None:
+        return 0
+    return max(0, min(WINDOW_MS, oldest_ms + WINDOW_MS - now_ms))
+
+
+def format_duration(ms: int) -> str:
+    """A duration as OpenAI's reset headers spell it (Go's style): ``20ms``, ``1.5s``, ``1m0s``."""
+    if ms < 1000:
+        return f"{ms}ms"
+    minutes, rest = divmod(ms, 60_000)
+    seconds = f"{rest // 1000}" if rest % 1000 == 0 else f"{rest / 1000:.3f}".rstrip("0")
+    return f"{minutes}m{seconds}s" if minutes else f"{seconds}s"
 
 
 _HEADERS = (
@@ -315,4 +377,8 @@ def ratelimit_headers(allowance: Allowance) -> dict[str, str]:
         value = getattr(allowance, attr)
         if value is not None:
             headers[header] = str(value)
+    if allowance.reset_requests_ms is not None:
+        headers["x-ratelimit-reset-requests"] = format_duration(allowance.reset_requests_ms)
+    if allowance.reset_tokens_ms is not None:
+        headers["x-ratelimit-reset-tokens"] = format_duration(allowance.reset_tokens_ms)
     return headers

@@ -148,6 +148,8 @@ def decode_request(decoder: msgspec.json.Decoder[_T], body: bytes) -> _T:
             path = f"{path}.{field}" if path else field
         text = f"{message} (at '{path}')" if path else message
         raise SurfaceError(text, path or None) from None
+    except UnicodeDecodeError:
+        raise SurfaceError("The request body is not valid UTF-8.") from None
     except (msgspec.DecodeError, RecursionError):
         # RecursionError: nesting deeper than any real request
         raise SurfaceError("The request body is not valid JSON.") from None

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import secrets
 import sys
 import time
 from array import array
@@ -53,14 +54,17 @@ __all__ = [
     "OllamaEmbedResponse",
     "OllamaFunctionCall",
     "OllamaGenerateRequest",
+    "OllamaLogprob",
     "OllamaMessage",
     "OllamaModelEntry",
     "OllamaOptions",
     "OllamaResponseMessage",
     "OllamaTags",
+    "OllamaTokenLogprob",
     "OllamaToolCall",
     "TranslationError",
     "chat_completion_body",
+    "chat_logprobs",
     "completion_body",
     "decode_ollama_chunk",
     "decode_ollama_embed",
@@ -73,6 +77,8 @@ __all__ = [
     "ollama_error_to_openai",
     "openai_error_body",
     "owned_by",
+    "text_logprobs",
+    "tool_call_id",
     "translate_chat_request",
     "translate_completion_request",
     "translate_embeddings_request",
@@ -117,10 +123,11 @@ class OllamaFunctionCall(msgspec.Struct):
     arguments: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-class OllamaToolCall(msgspec.Struct):
-    """One tool call in an Ollama message (extra fields such as ``id`` are ignored)."""
+class OllamaToolCall(msgspec.Struct, omit_defaults=True):
+    """One tool call in an Ollama message; ``id`` links it to its result (Ollama >= 0.12)."""
 
     function: OllamaFunctionCall
+    id: str | None = None
 
 
 class OllamaMessage(msgspec.Struct, omit_defaults=True):
@@ -131,6 +138,8 @@ class OllamaMessage(msgspec.Struct, omit_defaults=True):
     images: list[str] | None = None
     tool_calls: list[OllamaToolCall] | None = None
     tool_name: str | None = None
+    tool_call_id: str | None = None
+    thinking: str | None = None
 
 
 # ``stream`` has no default on purpose: omit_defaults would drop ``false``, and
@@ -144,6 +153,10 @@ class OllamaChatRequest(msgspec.Struct, omit_defaults=True):
     tools: list[dict[str, Any]] | None = None
     format: str | dict[str, Any] | None = None
     options: OllamaOptions | None = None
+    #: ``false`` turns thinking off; ``"low"``/``"medium"``/``"high"`` set its effort.
+    think: bool | str | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
 class OllamaGenerateRequest(msgspec.Struct, omit_defaults=True):
@@ -154,6 +167,8 @@ class OllamaGenerateRequest(msgspec.Struct, omit_defaults=True):
     stream: bool
     suffix: str | None = None
     options: OllamaOptions | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
 class OllamaEmbedRequest(msgspec.Struct, omit_defaults=True):
@@ -170,6 +185,21 @@ class OllamaResponseMessage(msgspec.Struct):
     role: str = "assistant"
     content: str = ""
     tool_calls: list[OllamaToolCall] | None = None
+    thinking: str | None = None
+
+
+class OllamaTokenLogprob(msgspec.Struct):
+    """One token's log probability, as Ollama reports it."""
+
+    token: str = ""
+    logprob: float = 0.0
+    bytes: list[int] | None = None
+
+
+class OllamaLogprob(OllamaTokenLogprob):
+    """A generated token's log probability and, when asked, the likeliest alternatives."""
+
+    top_logprobs: list[OllamaTokenLogprob] | None = None
 
 
 class OllamaChunk(msgspec.Struct):
@@ -188,6 +218,7 @@ class OllamaChunk(msgspec.Struct):
     prompt_eval_count: int | None = None
     eval_count: int | None = None
     error: str | None = None
+    logprobs: list[OllamaLogprob] | None = None
 
 
 class OllamaEmbedResponse(msgspec.Struct):
@@ -218,6 +249,8 @@ _Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
 _Unit = Annotated[float, msgspec.Meta(ge=0, le=1)]
 _Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
 _PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+#: OpenAI's range for ``top_logprobs`` (and Ollama's).
+_TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=20)]
 
 
 class _ImageURL(msgspec.Struct):
@@ -231,6 +264,21 @@ class _TextPart(msgspec.Struct, tag="text", tag_field="type"):
 
 class _ImagePart(msgspec.Struct, tag="image_url", tag_field="type"):
     image_url: _ImageURL
+
+
+class _AudioPart(msgspec.Struct, tag="input_audio", tag_field="type"):
+    """Decoded only to be refused by name: Ollama takes no audio."""
+
+    input_audio: Any = None
+
+
+class _FilePart(msgspec.Struct, tag="file", tag_field="type"):
+    """Decoded only to be refused by name: Ollama takes no files."""
+
+    file: Any = None
+
+
+_Part = _TextPart | _ImagePart | _AudioPart | _FilePart
 
 
 class _FunctionCallIn(msgspec.Struct):
@@ -247,10 +295,13 @@ class _ToolCallIn(msgspec.Struct):
 
 class _MessageIn(msgspec.Struct):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[_TextPart | _ImagePart] | None = None
+    content: str | list[_Part] | None = None
     name: str | None = None
     tool_calls: list[_ToolCallIn] | None = None
     tool_call_id: str | None = None
+    # an assistant turn's thinking, sent back in the history (Ollama's and others' names)
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
 
 class _ToolIn(msgspec.Struct):
@@ -273,6 +324,10 @@ class _StreamOptions(msgspec.Struct):
     include_usage: bool | None = None
 
 
+class _ReasoningIn(msgspec.Struct):
+    effort: str | None = None
+
+
 class _SamplingFields(msgspec.Struct, kw_only=True):
     stream: bool | None = None
     stream_options: _StreamOptions | None = None
@@ -284,6 +339,7 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     presence_penalty: _Penalty | None = None
     max_tokens: _PositiveInt | None = None
     n: int | None = None
+    logit_bias: dict[str, Any] | None = None
 
 
 class _ChatRequestIn(_SamplingFields, kw_only=True):
@@ -293,6 +349,12 @@ class _ChatRequestIn(_SamplingFields, kw_only=True):
     tools: list[_ToolIn] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: _ResponseFormat | None = None
+    reasoning_effort: str | None = None
+    reasoning: _ReasoningIn | None = None
+    logprobs: bool | None = None
+    top_logprobs: _TopLogprobs | None = None
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
 
 
 class _CompletionRequestIn(_SamplingFields, kw_only=True):
@@ -302,6 +364,7 @@ class _CompletionRequestIn(_SamplingFields, kw_only=True):
     suffix: str | None = None
     echo: bool | None = None
     best_of: int | None = None
+    logprobs: _TopLogprobs | None = None
 
 
 class _EmbeddingsRequestIn(msgspec.Struct):
@@ -375,32 +438,103 @@ def _split_validation_error(text: str) -> tuple[str, str | None]:
 def translate_chat_request(body: bytes) -> ChatRequestTranslation:
     """OpenAI ``/v1/chat/completions`` body -> Ollama ``/api/chat`` request."""
     req = _decode_openai(_chat_request_decoder, body)
-    _check_single_choice(req.n)
+    _check_sampling(req)
+    if req.audio is not None or (req.modalities and "audio" in req.modalities):
+        raise TranslationError(
+            "Audio output is not supported.",
+            "audio" if req.audio is not None else "modalities",
+            "unsupported_parameter",
+        )
     if not req.messages:
         raise TranslationError("'messages' must contain at least one message.", "messages")
-    tools: list[dict[str, Any]] | None = None
-    # Ollama cannot force a tool, so "required" and a named function are
-    # best-effort (the tools are offered); "none" withholds them.
-    if req.tools and req.tool_choice != "none":
-        tools = [_translate_tool(tool, i) for i, tool in enumerate(req.tools)]
+    if req.top_logprobs and not req.logprobs:
+        raise TranslationError(
+            "'top_logprobs' requires 'logprobs' to be true.", "top_logprobs", "invalid_value"
+        )
     options = _options(req, req.max_completion_tokens or req.max_tokens)
     return ChatRequestTranslation(
         ollama=OllamaChatRequest(
             model=req.model,
             messages=_translate_messages(req.messages),
             stream=bool(req.stream),
-            tools=tools,
+            tools=_chat_tools(req),
             format=_translate_format(req.response_format),
             options=options,
+            think=_think(req),
+            logprobs=True if req.logprobs else None,
+            top_logprobs=(req.top_logprobs or None) if req.logprobs else None,
         ),
         include_usage=_include_usage(req),
     )
 
 
+def _chat_tools(req: _ChatRequestIn) -> list[dict[str, Any]] | None:
+    """The tools to offer. Ollama cannot force a call: ``"required"`` offers them all
+    (documented as best effort), a named function offers only that one, ``"none"`` none."""
+    if not req.tools:
+        return None
+    choice = req.tool_choice
+    if choice == "none":
+        return None
+    tools = [_translate_tool(tool, i) for i, tool in enumerate(req.tools)]
+    if choice is None or choice in ("auto", "required"):
+        return tools
+    if isinstance(choice, dict):
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        named = [t for t in tools if t["function"].get("name") == name]
+        if choice.get("type") == "function" and named:
+            return named
+        raise TranslationError(
+            "'tool_choice' must name one of the function tools in 'tools'.",
+            "tool_choice",
+            "invalid_value",
+        )
+    raise TranslationError(
+        f"Invalid value for 'tool_choice': {choice!r}; expected 'none', 'auto', "
+        "'required' or a function.",
+        "tool_choice",
+        "invalid_value",
+    )
+
+
+#: OpenAI's reasoning efforts (and tiers clients add) -> the nearest ``think`` every
+#: thinking-capable Ollama accepts; ``none`` turns thinking off.
+_THINK_BY_EFFORT: dict[str, bool | str] = {
+    "none": False,
+    "minimal": "low",
+    "low": "low",
+    "medium": "medium",
+    "high": "high",
+    "xhigh": "high",
+    "max": "high",
+    "ultra": "high",
+}
+
+
+def _think(req: _ChatRequestIn) -> bool | str | None:
+    """``reasoning.effort`` (Responses-style) or ``reasoning_effort`` -> Ollama's ``think``."""
+    if req.reasoning is not None and req.reasoning.effort is not None:
+        effort, param = req.reasoning.effort, "reasoning.effort"
+    elif req.reasoning_effort is not None:
+        effort, param = req.reasoning_effort, "reasoning_effort"
+    else:
+        return None  # the model's own default
+    think = _THINK_BY_EFFORT.get(effort.lower())
+    if think is None:
+        raise TranslationError(
+            f"Invalid value for '{param}': {effort!r}; expected one of "
+            "'none', 'minimal', 'low', 'medium', 'high', 'xhigh'.",
+            param,
+            "invalid_value",
+        )
+    return think
+
+
 def translate_completion_request(body: bytes) -> CompletionRequestTranslation:
     """OpenAI ``/v1/completions`` body -> Ollama ``/api/generate`` request."""
     req = _decode_openai(_completion_request_decoder, body)
-    _check_single_choice(req.n)
+    _check_sampling(req)
     if req.echo:
         raise TranslationError("'echo' is not supported.", "echo", "unsupported_parameter")
     if req.best_of is not None and req.best_of > 1:
@@ -423,6 +557,9 @@ def translate_completion_request(body: bytes) -> CompletionRequestTranslation:
             stream=bool(req.stream),
             suffix=req.suffix,
             options=_options(req, req.max_tokens),
+            # ``logprobs: N`` asks for the chosen token's and the N likeliest ones
+            logprobs=True if req.logprobs is not None else None,
+            top_logprobs=req.logprobs or None,
         ),
         include_usage=_include_usage(req),
     )
@@ -434,12 +571,17 @@ def translate_embeddings_request(body: bytes) -> EmbeddingsRequestTranslation:
     value = req.input
     if isinstance(value, list):
         if not value:
-            raise TranslationError("'input' must not be empty.", "input")
+            raise TranslationError("'input' must not be empty.", "input", "invalid_value")
         if not all(isinstance(item, str) for item in value):
             raise TranslationError(
                 "'input' must be a string or a list of strings; token arrays are not supported.",
                 "input",
             )
+    # OpenAI refuses empty text (its client raises on the empty list Ollama answers)
+    if value == "" or (isinstance(value, list) and "" in value):
+        raise TranslationError(
+            "'input' must not contain an empty string.", "input", "invalid_value"
+        )
     return EmbeddingsRequestTranslation(
         ollama=OllamaEmbedRequest(model=req.model, input=value, dimensions=req.dimensions),
         encoding_format=req.encoding_format,
@@ -453,9 +595,16 @@ def encode_ollama_request(
     return _encoder.encode(request)
 
 
-def _check_single_choice(n: int | None) -> None:
-    if n is not None and n != 1:
+def _check_sampling(req: _SamplingFields) -> None:
+    """Refuse, by name, what Ollama cannot do: several choices, token biases."""
+    if req.n is not None and req.n != 1:
         raise TranslationError("Only n=1 is supported.", "n", "unsupported_parameter")
+    if req.logit_bias:
+        raise TranslationError(
+            "'logit_bias' is not supported: the model server has no equivalent.",
+            "logit_bias",
+            "unsupported_parameter",
+        )
 
 
 def _include_usage(req: _SamplingFields) -> bool:
@@ -523,13 +672,21 @@ def _translate_messages(messages: list[_MessageIn]) -> list[OllamaMessage]:
             tool_calls = []
             for j, call in enumerate(msg.tool_calls):
                 args = _tool_arguments(call.function.arguments, f"messages[{i}].tool_calls[{j}]")
-                tool_calls.append(OllamaToolCall(OllamaFunctionCall(call.function.name, args)))
+                function = OllamaFunctionCall(call.function.name, args)
+                tool_calls.append(OllamaToolCall(function, call.id or None))
                 if call.id:
                     tool_names[call.id] = call.function.name
         tool_name: str | None = None
+        tool_call_id: str | None = None
         if msg.role == "tool":
             tool_name = tool_names.get(msg.tool_call_id or "") or msg.name
-        out.append(OllamaMessage(role, content, images, tool_calls, tool_name))
+            tool_call_id = msg.tool_call_id or None
+        thinking = (msg.reasoning or msg.reasoning_content) if msg.role == "assistant" else None
+        out.append(
+            OllamaMessage(
+                role, content, images, tool_calls, tool_name, tool_call_id, thinking or None
+            )
+        )
     return out
 
 
@@ -548,7 +705,7 @@ def _tool_arguments(arguments: str | dict[str, Any], param: str) -> dict[str, An
 
 
 def _translate_content(
-    content: str | list[_TextPart | _ImagePart] | None, index: int
+    content: str | list[_Part] | None, index: int
 ) -> tuple[str, list[str] | None]:
     if content is None:
         return "", None
@@ -559,8 +716,15 @@ def _translate_content(
     for j, part in enumerate(content):
         if isinstance(part, _TextPart):
             texts.append(part.text)
-        else:
+        elif isinstance(part, _ImagePart):
             images.append(_image_data(part.image_url.url, f"messages[{index}].content[{j}]"))
+        else:
+            kind = "Audio" if isinstance(part, _AudioPart) else "File"
+            raise TranslationError(
+                f"{kind} content parts are not supported; send text or images.",
+                f"messages[{index}].content[{j}].type",
+                "unsupported_parameter",
+            )
     return "\n".join(texts), (images or None)
 
 
@@ -618,24 +782,49 @@ class _ToolCallOut(msgspec.Struct):
     function: _FunctionOut
 
 
-# Two message shapes instead of omit_defaults: ``content`` must stay in the
-# JSON even when it is ``null`` (beside tool calls), as OpenAI sends it.
-class _MessageOut(msgspec.Struct):
+# ``content`` has no default, so it stays in the JSON even when it is ``null``
+# (beside tool calls), as OpenAI sends it; the rest appear only when set.
+class _MessageOut(msgspec.Struct, omit_defaults=True):
     role: str
     content: str | None
+    #: The model's thinking: ``reasoning`` is Ollama's own ``/v1`` name,
+    #: ``reasoning_content`` the one of DeepSeek's API, vLLM and LiteLLM.
+    reasoning: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[_ToolCallOut] | None = None
 
 
-class _MessageOutWithTools(msgspec.Struct):
-    role: str
-    content: str | None
-    tool_calls: list[_ToolCallOut]
+class _TopLogprobOut(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class _TokenLogprobOut(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[_TopLogprobOut]
+
+
+class _ChatLogprobs(msgspec.Struct):
+    content: list[_TokenLogprobOut]
 
 
 class _ChatChoice(msgspec.Struct):
     index: int
-    message: _MessageOut | _MessageOutWithTools
-    logprobs: None
+    message: _MessageOut
+    logprobs: _ChatLogprobs | None
     finish_reason: str
+
+
+class _TextLogprobs(msgspec.Struct):
+    """The legacy completions shape: parallel lists, alternatives as ``{token: logprob}``."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
 
 
 class _ChatCompletion(msgspec.Struct):
@@ -651,7 +840,7 @@ class _ChatCompletion(msgspec.Struct):
 class _TextChoice(msgspec.Struct):
     index: int
     text: str
-    logprobs: None
+    logprobs: _TextLogprobs | None
     # ``null`` until the stream's finish chunk, as OpenAI sends it.
     finish_reason: str | None
 
@@ -706,14 +895,17 @@ class _DeltaToolCall(msgspec.Struct):
 class _Delta(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[_DeltaToolCall] | None = None
 
 
-class _ChunkChoice(msgspec.Struct):
+class _ChunkChoice(msgspec.Struct, omit_defaults=True):
     index: int
     delta: _Delta
     # ``null`` until the finish chunk, as OpenAI sends it; clients test it.
     finish_reason: str | None
+    logprobs: _ChatLogprobs | None = None
 
 
 class _ChatChunk(msgspec.Struct, omit_defaults=True):
@@ -771,11 +963,50 @@ def _usage(chunk: OllamaChunk) -> _Usage:
     return _Usage(prompt, completion, prompt + completion)
 
 
+def tool_call_id(call: OllamaToolCall) -> str:
+    """Ollama's id for a call, or a fresh unique one (ids must not repeat across turns)."""
+    return call.id or f"call_{secrets.token_hex(12)}"
+
+
 def _tool_calls_out(calls: list[OllamaToolCall]) -> list[_ToolCallOut]:
     return [
-        _ToolCallOut(f"call_{n}", "function", _function_out(call.function))
-        for n, call in enumerate(calls)
+        _ToolCallOut(tool_call_id(call), "function", _function_out(call.function)) for call in calls
     ]
+
+
+def _top_out(top: list[OllamaTokenLogprob] | None) -> list[_TopLogprobOut]:
+    return [_TopLogprobOut(t.token, t.logprob, t.bytes) for t in top or ()]
+
+
+def chat_logprobs(logprobs: list[OllamaLogprob] | None) -> _ChatLogprobs | None:
+    """Ollama's per-token logprobs -> a chat choice's ``logprobs`` (``None`` when absent)."""
+    if not logprobs:
+        return None
+    return _ChatLogprobs(
+        [
+            _TokenLogprobOut(lp.token, lp.logprob, lp.bytes, _top_out(lp.top_logprobs))
+            for lp in logprobs
+        ]
+    )
+
+
+def text_logprobs(logprobs: list[OllamaLogprob] | None, offset: int = 0) -> _TextLogprobs | None:
+    """Ollama's per-token logprobs -> a completion choice's legacy ``logprobs``.
+
+    ``offset``: where in the whole text this piece starts (``text_offset``).
+    """
+    if not logprobs:
+        return None
+    offsets: list[int] = []
+    for lp in logprobs:
+        offsets.append(offset)
+        offset += len(lp.token)
+    return _TextLogprobs(
+        tokens=[lp.token for lp in logprobs],
+        token_logprobs=[lp.logprob for lp in logprobs],
+        top_logprobs=[{t.token: t.logprob for t in lp.top_logprobs or ()} for lp in logprobs],
+        text_offset=offsets,
+    )
 
 
 def _function_out(function: OllamaFunctionCall) -> _FunctionOut:
@@ -784,9 +1015,10 @@ def _function_out(function: OllamaFunctionCall) -> _FunctionOut:
 
 
 def _finish_reason(done_reason: str | None, *, tool_calls: bool = False) -> str:
-    if tool_calls:
-        return "tool_calls"
-    return "length" if done_reason == "length" else "stop"
+    # a cut-off answer is "length" even when it had begun a tool call
+    if done_reason == "length":
+        return "length"
+    return "tool_calls" if tool_calls else "stop"
 
 
 def chat_completion_body(
@@ -794,12 +1026,12 @@ def chat_completion_body(
 ) -> bytes:
     """A non-streaming Ollama chat response -> OpenAI ``chat.completion`` JSON."""
     msg = response.message or OllamaResponseMessage()
-    message: _MessageOut | _MessageOutWithTools
+    thinking = msg.thinking or None
     if msg.tool_calls:
         calls = _tool_calls_out(msg.tool_calls)
-        message = _MessageOutWithTools("assistant", msg.content or None, calls)
+        message = _MessageOut("assistant", msg.content or None, thinking, thinking, calls)
     else:
-        message = _MessageOut("assistant", msg.content)
+        message = _MessageOut("assistant", msg.content, thinking, thinking)
     reason = _finish_reason(response.done_reason, tool_calls=bool(msg.tool_calls))
     return _encoder.encode(
         _ChatCompletion(
@@ -808,7 +1040,7 @@ def chat_completion_body(
             created=_now() if created is None else created,
             model=model,
             system_fingerprint=SYSTEM_FINGERPRINT,
-            choices=[_ChatChoice(0, message, None, reason)],
+            choices=[_ChatChoice(0, message, chat_logprobs(response.logprobs), reason)],
             usage=_usage(response),
         )
     )
@@ -818,7 +1050,12 @@ def completion_body(
     response: OllamaChunk, *, request_id: str, model: str, created: int | None = None
 ) -> bytes:
     """A non-streaming Ollama generate response -> OpenAI ``text_completion`` JSON."""
-    choice = _TextChoice(0, response.response or "", None, _finish_reason(response.done_reason))
+    choice = _TextChoice(
+        0,
+        response.response or "",
+        text_logprobs(response.logprobs),
+        _finish_reason(response.done_reason),
+    )
     return _encoder.encode(
         _TextCompletion(
             id=f"cmpl-{request_id}",
@@ -1063,8 +1300,13 @@ class ChatStreamTranslator(_StreamTranslator):
             usage,
         )
 
-    def _delta_frame(self, delta: _Delta, finish_reason: str | None = None) -> bytes:
-        return _frame(self._chunk([_ChunkChoice(0, delta, finish_reason)]))
+    def _delta_frame(
+        self,
+        delta: _Delta,
+        finish_reason: str | None = None,
+        logprobs: _ChatLogprobs | None = None,
+    ) -> bytes:
+        return _frame(self._chunk([_ChunkChoice(0, delta, finish_reason, logprobs)]))
 
     def _text_payload(self, text: str) -> msgspec.Struct:
         return self._chunk([_ChunkChoice(0, _Delta(content=text), None)])
@@ -1075,23 +1317,35 @@ class ChatStreamTranslator(_StreamTranslator):
             self._started = True
             out = self._delta_frame(_Delta(role="assistant", content=""))
         msg = chunk.message
+        # the chunk's logprobs ride on its first frame, as Ollama's own /v1 sends them
+        logprobs = chat_logprobs(chunk.logprobs) if chunk.logprobs else None
+        if msg is not None and msg.thinking:
+            # streamed while the model thinks, and counted: thinking is billed output
+            self.content_chunks += 1
+            delta = _Delta(reasoning=msg.thinking, reasoning_content=msg.thinking)
+            out += self._delta_frame(delta, None, logprobs)
+            logprobs = None
         if msg is not None and msg.content:
             self.content_chunks += 1
-            out += self._text_frame(msg.content)
+            if logprobs is None:
+                out += self._text_frame(msg.content)
+            else:
+                out += self._delta_frame(_Delta(content=msg.content), None, logprobs)
+                logprobs = None
         if msg is not None and msg.tool_calls:
             self.content_chunks += 1
             first = self._tool_calls
             calls = [
                 _DeltaToolCall(
                     first + n,
-                    f"call_{first + n}",
+                    tool_call_id(c),
                     "function",
                     _DeltaFunction(c.function.name, _encoder.encode(c.function.arguments).decode()),
                 )
                 for n, c in enumerate(msg.tool_calls)
             ]
             self._tool_calls += len(calls)
-            out += self._delta_frame(_Delta(tool_calls=calls))
+            out += self._delta_frame(_Delta(tool_calls=calls), None, logprobs)
         if chunk.done:
             reason = _finish_reason(chunk.done_reason, tool_calls=self._tool_calls > 0)
             out += self._delta_frame(_Delta(), reason)
@@ -1108,7 +1362,7 @@ class CompletionStreamTranslator(_StreamTranslator):
     with ``include_usage``), then ``data: [DONE]``.
     """
 
-    __slots__ = ()
+    __slots__ = ("_offset",)
 
     def __init__(
         self,
@@ -1119,6 +1373,7 @@ class CompletionStreamTranslator(_StreamTranslator):
         created: int | None = None,
     ) -> None:
         super().__init__(f"cmpl-{request_id}", model, include_usage=include_usage, created=created)
+        self._offset = 0  # characters of text sent so far (logprobs' text_offset)
 
     def _completion(
         self, choices: list[_TextChoice], usage: _Usage | None = None
@@ -1140,7 +1395,12 @@ class CompletionStreamTranslator(_StreamTranslator):
         out = b""
         if chunk.response:
             self.content_chunks += 1
-            out = self._text_frame(chunk.response)
+            if chunk.logprobs:
+                logprobs = text_logprobs(chunk.logprobs, self._offset)
+                out = _frame(self._completion([_TextChoice(0, chunk.response, logprobs, None)]))
+            else:
+                out = self._text_frame(chunk.response)
+            self._offset += len(chunk.response)
         if chunk.done:
             reason = _finish_reason(chunk.done_reason)
             out += _frame(self._completion([_TextChoice(0, "", None, reason)]))

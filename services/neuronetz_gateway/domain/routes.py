@@ -79,6 +79,7 @@ ROUTES: tuple[Route, ...] = (
     Route("v1.embeddings", "POST", "/v1/embeddings"),
     Route("v1.models", "GET", "/v1/models"),
     Route("v1.key", "GET", "/v1/key"),
+    Route("v1.responses", "POST", "/v1/responses"),
     Route("v1.messages", "POST", "/v1/messages", query=True),
     Route("v1.messages.count_tokens", "POST", "/v1/messages/count_tokens", query=True),
 )

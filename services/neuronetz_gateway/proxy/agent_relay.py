@@ -39,6 +39,7 @@ from neuronetz_gateway.domain.ollama_chat import (
     encode_chat_request,
     estimate_chat_prompt,
 )
+from neuronetz_gateway.domain.options import output_limit
 from neuronetz_gateway.proxy.asgi import Receive, Send, end_body, send_body, start_response
 from neuronetz_gateway.proxy.exchange import Exchange
 from neuronetz_gateway.proxy.refusals import Refusal
@@ -48,6 +49,7 @@ __all__ = [
     "KEEPALIVE_SECONDS",
     "EventTranslator",
     "check_agent_model",
+    "lines_or_silence",
     "refuse_input",
     "relay_events",
     "run_chat",
@@ -104,7 +106,10 @@ def _cap_output(ex: Exchange, request: ChatRequest) -> int | None:
     """Clamp ``num_predict`` to the key's cap (never refused for being large)."""
     options = request.options
     requested = options.num_predict if options is not None else None
-    capped = capped_num_predict(requested, ex.identity.caps.max_num_predict)
+    # read as Ollama reads it first: one past any bound is unbounded (domain/options.py)
+    capped = capped_num_predict(
+        output_limit("max_tokens", requested), ex.identity.caps.max_num_predict
+    )
     if capped != requested:
         if options is None:
             request.options = ChatOptions(num_predict=capped)
@@ -166,7 +171,7 @@ async def run_chat(
     await ex.respond(send, 200, body_of(chunk), _JSON)
 
 
-async def _lines_or_silence(
+async def lines_or_silence(
     chunks: AsyncIterator[bytes], every: float
 ) -> AsyncIterator[bytes | None]:
     """The upstream's reads, and ``None`` after each ``every`` seconds without one."""
@@ -205,7 +210,7 @@ async def _translate_stream(
     keepalive_seconds: float,
 ) -> None:
     pending = b""
-    async for data in _lines_or_silence(aiter(upstream.chunks()), keepalive_seconds):
+    async for data in lines_or_silence(aiter(upstream.chunks()), keepalive_seconds):
         if data is None:
             await send_body(send, translator.ping())
             continue

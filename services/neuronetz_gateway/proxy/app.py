@@ -31,9 +31,10 @@ from neuronetz_gateway.fast_paths import FastPathLitestar
 from neuronetz_gateway.logging import configure_logging, get_logger
 from neuronetz_gateway.proxy.context import ProxyContext
 from neuronetz_gateway.proxy.discovery import ModelDiscovery
-from neuronetz_gateway.proxy.metrics import ProxyMetrics
+from neuronetz_gateway.proxy.metrics import DEFAULT_BACKEND, ProxyMetrics
 from neuronetz_gateway.proxy.routes import proxied_fast_paths, proxied_route_handlers
 from neuronetz_gateway.settings import Settings, load_settings
+from neuronetz_gateway.tracing import Tracing, tracing_from_env
 
 __all__ = ["create_app", "create_app_from_env"]
 
@@ -60,8 +61,12 @@ def create_app(
     pool: asyncpg.Pool | None = None,
     redis: Any = None,
     ollama: OllamaClient | None = None,
+    tracing: Tracing | None = None,
 ) -> Litestar:
-    """The proxy app; collaborators not given are opened (and closed) by its lifespan."""
+    """The proxy app; collaborators not given are opened (and closed) by its lifespan.
+
+    ``tracing`` (None: off) belongs to the caller, who shuts it down.
+    """
     metrics = ProxyMetrics()
 
     @contextlib.asynccontextmanager
@@ -119,6 +124,7 @@ def create_app(
                 ),
                 audit=audit,
                 metrics=metrics,
+                tracing=tracing,
             )
             app.state.store = store
             purge = asyncio.create_task(
@@ -139,21 +145,22 @@ def create_app(
     @get("/readyz", media_type=MediaType.JSON)
     async def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
         """Redis, Postgres and Ollama all answer; 503 otherwise."""
-        ctx: ProxyContext = request.app.state.proxy
-        store: Store = request.app.state.store
-        redis_ok, postgres_ok, ollama_ok = await asyncio.gather(
-            ctx.limiter.ping(), _postgres_ok(store), ctx.ollama.ping(_PROBE_TIMEOUT)
-        )
-        checks = {"redis": redis_ok, "postgres": postgres_ok, "ollama": ollama_ok}
+        checks = await _probe(request)
         ready = all(checks.values())
         return Response(
             {"status": "ready" if ready else "unavailable", "checks": checks},
             status_code=200 if ready else 503,
         )
 
-    @get("/metrics", media_type="text/plain; version=0.0.4; charset=utf-8", sync_to_thread=False)
-    def metrics_endpoint() -> bytes:
-        """Prometheus text format."""
+    @get("/metrics", media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def metrics_endpoint(request: Request[Any, Any, Any]) -> bytes:
+        """Prometheus text format; Redis, Postgres and Ollama are probed for the ``*_up`` gauges."""
+        checks = await _probe(request)
+        metrics.probed(
+            redis=checks["redis"],
+            postgres=checks["postgres"],
+            backends={DEFAULT_BACKEND: checks["ollama"]},
+        )
         return metrics.render()
 
     app = FastPathLitestar(
@@ -164,6 +171,16 @@ def create_app(
     )
     app.fast_paths = proxied_fast_paths()
     return app
+
+
+async def _probe(request: Request[Any, Any, Any]) -> dict[str, bool]:
+    """Whether Redis, Postgres and Ollama answer (readiness and the ``*_up`` gauges)."""
+    ctx: ProxyContext = request.app.state.proxy
+    store: Store = request.app.state.store
+    redis_ok, postgres_ok, ollama_ok = await asyncio.gather(
+        ctx.limiter.ping(), _postgres_ok(store), ctx.ollama.ping(_PROBE_TIMEOUT)
+    )
+    return {"redis": redis_ok, "postgres": postgres_ok, "ollama": ollama_ok}
 
 
 async def _postgres_ok(store: Store) -> bool:
@@ -193,4 +210,8 @@ def create_app_from_env() -> Litestar:
     """What Granian calls in each worker: settings from ``NZ_*``, logging, the app."""
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
-    return create_app(settings)
+    tracing = tracing_from_env("proxy")
+    app = create_app(settings, tracing=tracing)
+    if tracing is not None:
+        app.on_shutdown.append(tracing.shutdown)
+    return app

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 __all__ = [
+    "DRAIN_BYTES",
     "BodyTooLarge",
     "Headers",
     "Receive",
@@ -42,14 +43,38 @@ def request_header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+#: Past the limit, at most this much more of a body is read (and dropped) before the 413.
+DRAIN_BYTES = 64 * 1024 * 1024
+
+
+async def _drain(receive: Receive, budget: int) -> None:
+    """Read and drop the rest of a refused body (at most ``budget`` bytes).
+
+    Answering while the client is still sending makes the server close a
+    connection with unread bytes: the peer (Caddy) then sees a reset instead
+    of the 413 and answers 502/503 itself, or the client sees a broken pipe.
+    Reading the rest first lets the 413 arrive. Caddy's own body limit (and its
+    ``read_body`` timeout) bound what there is to read.
+    """
+    while budget > 0:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body"):
+            return
+
+
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
     """The whole body, at most ``limit`` bytes (:class:`BodyTooLarge` past it).
 
-    ``None`` when the client left before sending it all. A declared
-    ``content-length`` over the limit is refused before reading anything.
+    ``None`` when the client left before sending it all. A body past the limit
+    (declared by ``content-length`` or found while reading) is drained, not
+    kept, before :class:`BodyTooLarge` is raised (see :func:`_drain`).
     """
     declared = request_header(scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
+        await _drain(receive, DRAIN_BYTES)
         raise BodyTooLarge
     message = await receive()
     if message["type"] == "http.disconnect":
@@ -68,6 +93,8 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
+            if message.get("more_body"):
+                await _drain(receive, DRAIN_BYTES)
             raise BodyTooLarge
         parts.append(chunk)
         if not message.get("more_body"):

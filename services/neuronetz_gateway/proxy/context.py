@@ -10,6 +10,7 @@ from neuronetz_gateway.adapters.redis_limiter import Limiter
 from neuronetz_gateway.proxy.discovery import ModelDiscovery
 from neuronetz_gateway.proxy.metrics import ProxyMetrics
 from neuronetz_gateway.settings import Settings
+from neuronetz_gateway.tracing import Tracing
 
 __all__ = ["ProxyContext"]
 
@@ -25,3 +26,4 @@ class ProxyContext:
     discovery: ModelDiscovery
     audit: AuditWriter
     metrics: ProxyMetrics
+    tracing: Tracing | None = None  # None: tracing is off

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -31,7 +32,13 @@ from neuronetz_gateway.logging import get_logger
 from neuronetz_gateway.proxy.asgi import Headers, Send, send_response
 from neuronetz_gateway.proxy.context import ProxyContext
 from neuronetz_gateway.proxy.discovery import Catalogue, DiscoveryFailed
+from neuronetz_gateway.proxy.metrics import DEFAULT_BACKEND
 from neuronetz_gateway.proxy.refusals import Refusal, model_unavailable
+from neuronetz_gateway.proxy.spans import backend_address, span_attributes, span_name
+from neuronetz_gateway.tracing import Tracing
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import Span
 
 __all__ = ["Exchange", "IdentityReplayed", "counts_tokens"]
 
@@ -45,6 +52,7 @@ _TOKEN_FIELDS = (
     "remaining_daily_tokens",
     "remaining_monthly_tokens",
     "remaining_total_tokens",
+    "reset_tokens_ms",
 )
 
 
@@ -84,6 +92,7 @@ class Exchange:
 
     __slots__ = (
         "allowance",
+        "backend",
         "canonical",
         "claimed",
         "completion_tokens",
@@ -101,10 +110,12 @@ class Exchange:
         "response_text",
         "route",
         "settled",
+        "span",
         "started",
         "status",
         "streamed",
         "surface",
+        "traceparent",
         "ts",
         "ttfb_ms",
         "upstream_error",
@@ -133,9 +144,17 @@ class Exchange:
         self.claimed = False
         self.status = 500
         self.ttfb_ms: int | None = None
+        self.backend: str | None = None  # the backend the request went to, once sent
         self.upstream_error: str | None = None
         self.prompt_text: str | None = None
         self.response_text: str | None = None
+        self.span: Span | None = None
+        self.traceparent: str | None = None  # sent on to Ollama when tracing is on
+
+    def start_span(self, tracing: Tracing) -> None:
+        """This request's span, the child of auth's (its context came signed)."""
+        self.span = tracing.start(f"proxy {self.route}", self.identity.traceparent)
+        self.traceparent = tracing.traceparent(self.span)
 
     # -- headers ----------------------------------------------------------------
 
@@ -162,6 +181,14 @@ class Exchange:
             elapsed = time.perf_counter() - self.started
             self.ttfb_ms = int(elapsed * 1000)
             self.ctx.metrics.ttfb.labels(self.route).observe(elapsed)
+            if self.backend is not None:
+                self.ctx.metrics.backend_ttft.labels(self.backend).observe(elapsed)
+
+    def to_backend(self, backend: str = DEFAULT_BACKEND) -> None:
+        """The request goes to ``backend`` now: it is in flight there until :meth:`finish`."""
+        if self.backend is None:
+            self.backend = backend
+            self.ctx.metrics.backend_in_flight.labels(backend).inc()
 
     # -- models -------------------------------------------------------------------
 
@@ -179,15 +206,15 @@ class Exchange:
             ) from None
 
     async def check_model(self, model: str) -> str:
-        """The canonical name of an allowed, installed model, else the one identical 403."""
+        """The canonical name of an allowed, installed model, else the one identical refusal."""
         self.model = model[:200]
         canonical = canonical_model(model)
         if not canonical:
-            raise model_unavailable(model)
+            raise model_unavailable(model, self.surface)
         catalogue = await self.catalogue()
         allowed = self.identity.models
         if canonical not in catalogue.entries or (allowed is not None and canonical not in allowed):
-            raise model_unavailable(model)
+            raise model_unavailable(model, self.surface)
         self.canonical = canonical
         return canonical
 
@@ -244,6 +271,8 @@ class Exchange:
                 f"{what} exceeded ({decision.reason}, {decision.level}); this request could "
                 f"use up to {tokens} tokens",
                 retry_after=decision.retry_after,
+                limit=decision.reason,
+                should_retry=False if code == "budget_exceeded" else None,
             )
         self.reserved = tokens
         self.reserved_at = reserved_at
@@ -355,12 +384,26 @@ class Exchange:
                     response_text=self.response_text or "",
                 )
             )
+        if self.span is not None:
+            self.span.update_name(span_name(self.route, model))
+            attributes = span_attributes(
+                row,
+                surface=self.surface,
+                backend=backend_address(ctx.ollama.base_url),
+                tenant=identity.tenant_name,
+            )
+            Tracing.finish(self.span, attributes, status_code=self.status)
         metrics = ctx.metrics
         metrics.requests.labels(self.route, str(self.status)).inc()
-        if self.prompt_tokens:
-            metrics.tokens.labels("prompt").inc(self.prompt_tokens)
-        if self.completion_tokens:
-            metrics.tokens.labels("completion").inc(self.completion_tokens)
+        metrics.request_seconds.labels(self.route).observe(duration_ms / 1000)
+        if self.backend is not None:
+            metrics.backend_in_flight.labels(self.backend).dec()
+        for kind, count in (("prompt", self.prompt_tokens), ("completion", self.completion_tokens)):
+            if count:
+                metrics.tokens.labels(kind).inc(count)
+                metrics.tenant_tokens.labels(identity.tenant_name, model or "-", kind).inc(count)
+                if self.backend is not None:
+                    metrics.backend_tokens.labels(self.backend, kind).inc(count)
         if self.disconnected:
             metrics.client_disconnects.inc()
         # the canonical line: the audit row (no prompt text in it) and what only the log has

@@ -1,4 +1,9 @@
-"""The proxy's Prometheus metrics, on a registry of its own (one per app)."""
+"""The proxy's Prometheus metrics, on a registry of its own (one per app).
+
+Backends are labelled ``backend``; with one Ollama URL that is ``default``
+(a fleet, SPEC section 12, names each). Tenant labels are tenant names,
+bounded by the tenants an operator creates; models by the installed models.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,11 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["ProxyMetrics"]
+__all__ = ["DEFAULT_BACKEND", "ProxyMetrics"]
 
 _TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+DEFAULT_BACKEND = "default"
 
 
 class ProxyMetrics:
@@ -51,6 +58,51 @@ class ProxyMetrics:
             "Signed identities presented again after their one use (answered 401).",
             registry=self.registry,
         )
+        self.request_seconds = Histogram(
+            "nz_proxy_request_duration_seconds",
+            "Time from request to the end of its answer (streams included), by route.",
+            ("route",),
+            buckets=_DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.tenant_tokens = Counter(
+            "nz_proxy_tenant_tokens_total",
+            "Tokens charged by tenant, model and kind (prompt or completion).",
+            ("tenant", "model", "kind"),
+            registry=self.registry,
+        )
+        self.backend_in_flight = Gauge(
+            "nz_proxy_backend_in_flight",
+            "Requests sent to a backend and not yet finished.",
+            ("backend",),
+            registry=self.registry,
+        )
+        self.backend_ttft = Histogram(
+            "nz_proxy_backend_ttft_seconds",
+            "Time from request to a backend's first byte (model load and queueing included).",
+            ("backend",),
+            buckets=_TTFB_BUCKETS,
+            registry=self.registry,
+        )
+        self.backend_tokens = Counter(
+            "nz_proxy_backend_tokens_total",
+            "Tokens a backend processed, by kind (prompt or completion): rate() is tokens/s.",
+            ("backend", "kind"),
+            registry=self.registry,
+        )
+        self.backend_up = Gauge(
+            "nz_proxy_backend_up",
+            "1 when the backend answered its probe at the last scrape, else 0.",
+            ("backend",),
+            registry=self.registry,
+        )
+        self.dependency_up = Gauge(
+            "nz_proxy_dependency_up",
+            "1 when the dependency (redis, postgres) answered at the last scrape, else 0.",
+            ("dependency",),
+            registry=self.registry,
+        )
+        self.backend_in_flight.labels(DEFAULT_BACKEND).set(0)
         self.audit_queue = Gauge(
             "nz_proxy_audit_queue_depth", "Audit rows waiting for a batch.", registry=self.registry
         )
@@ -66,6 +118,13 @@ class ProxyMetrics:
         """Read the audit backlog at scrape time (no work on the hot path)."""
         self.audit_queue.set_function(queue_depth)
         self.audit_spool.set_function(spool_files)
+
+    def probed(self, *, redis: bool, postgres: bool, backends: dict[str, bool]) -> None:
+        """Record what the scrape-time probes found."""
+        self.dependency_up.labels("redis").set(1 if redis else 0)
+        self.dependency_up.labels("postgres").set(1 if postgres else 0)
+        for backend, up in backends.items():
+            self.backend_up.labels(backend).set(1 if up else 0)
 
     def render(self) -> bytes:
         """The text exposition format."""

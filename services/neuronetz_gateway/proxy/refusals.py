@@ -17,6 +17,8 @@ class Refusal(Exception):
         param: str | None = None,
         retry_after: int | None = None,
         body: bytes | None = None,
+        limit: str | None = None,
+        should_retry: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.body = body  # a body already in the dialect (e.g. a translated upstream error)
@@ -25,14 +27,27 @@ class Refusal(Exception):
         self.message = message
         self.param = param
         self.retry_after = retry_after
+        self.limit = limit  # the limit that refused (429s), named in the native body
+        self.should_retry = should_retry  # sent as x-should-retry when set
 
 
 class ClientLeft(Exception):
     """The client went away before its request was complete: nothing to answer."""
 
 
-def model_unavailable(model: str) -> Refusal:
-    """The one 403 for a model that is not allowed *or* not installed (indistinguishable)."""
+def model_unavailable(model: str, surface: str = "native") -> Refusal:
+    """The one answer for a model that is not allowed *or* not installed (indistinguishable).
+
+    Native: 403. OpenAI's ``/v1``: its 404 ``model_not_found``, which its SDKs
+    raise as ``NotFoundError`` (a 403 would read as a permission problem).
+    """
+    if surface == "openai":
+        return Refusal(
+            404,
+            "model_not_found",
+            f"The model '{model}' does not exist or you do not have access to it.",
+            param="model",
+        )
     return Refusal(
         403,
         "forbidden",

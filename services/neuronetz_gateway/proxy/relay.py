@@ -65,8 +65,11 @@ _LOST = b'{"error":"the model server closed the stream before it finished"}\n'
 async def forward(ex: Exchange, method: str, path: str, body: bytes | None) -> UpstreamResponse:
     """Send to Ollama (the identity claimed first); a refused connection or a timeout: 502/504."""
     await ex.claim()
+    ex.to_backend()
     try:
-        return await ex.ctx.ollama.send(method, path, body, request_id=ex.identity.request_id)
+        return await ex.ctx.ollama.send(
+            method, path, body, request_id=ex.identity.request_id, traceparent=ex.traceparent
+        )
     except UpstreamTimeout:
         ex.upstream_error = "timeout"
         ex.ctx.metrics.upstream_errors.labels("timeout").inc()
@@ -301,7 +304,7 @@ async def upstream_refusal(ex: Exchange, upstream: UpstreamResponse) -> Refusal:
     if status == 404 and ex.model is not None:
         # the discovery cache was stale: answer exactly as for any unavailable model
         ex.ctx.discovery.forget()
-        return model_unavailable(ex.model)
+        return model_unavailable(ex.model, ex.surface)
     if ex.surface == "openai":
         mapped, body = ollama_error_to_openai(status, message)
         return Refusal(mapped, "upstream_error", message, body=body, retry_after=_retry(status))

@@ -24,7 +24,7 @@ from litestar.types import Send as LitestarSend
 from neuronetz_gateway.domain.dialect import ANTHROPIC, NATIVE, OPENAI, Surface, error_body
 from neuronetz_gateway.domain.identity import IdentityError, verify_identity
 from neuronetz_gateway.logging import get_logger
-from neuronetz_gateway.proxy import anthropic, key_info, native, openai
+from neuronetz_gateway.proxy import anthropic, key_info, native, openai, responses
 from neuronetz_gateway.proxy.asgi import Receive, Scope, Send, request_header, send_response
 from neuronetz_gateway.proxy.context import ProxyContext
 from neuronetz_gateway.proxy.exchange import Exchange, IdentityReplayed
@@ -75,8 +75,15 @@ async def _refuse(ex: Exchange, send: Send, refusal: Refusal) -> bool:
     headers = ex.headers(_JSON)
     if refusal.retry_after is not None:
         headers.append((b"retry-after", str(refusal.retry_after).encode()))
+    if refusal.should_retry is not None:
+        headers.append((b"x-should-retry", b"true" if refusal.should_retry else b"false"))
     body = refusal.body or error_body(
-        ex.surface, refusal.status, refusal.code, refusal.message, param=refusal.param
+        ex.surface,
+        refusal.status,
+        refusal.code,
+        refusal.message,
+        param=refusal.param,
+        limit=refusal.limit,
     )
     ex.status = refusal.status
     ex.responded = True
@@ -100,6 +107,8 @@ async def serve(
         await _unauthorised(ctx, route, send)
         return
     ex = Exchange(ctx, identity, route, _surface(route))
+    if ctx.tracing is not None:
+        ex.start_span(ctx.tracing)
     if scope["method"] != method:
         work = _wrong_method(method)
     replayed = False
@@ -177,6 +186,7 @@ def _routes() -> list[tuple[str, str, str, RouteWork]]:
         ("/v1/completions", "v1.completions", "POST", openai.completions),
         ("/v1/embeddings", "v1.embeddings", "POST", openai.embeddings),
         ("/v1/key", "v1.key", "GET", key_info.key_info),
+        ("/v1/responses", "v1.responses", "POST", responses.responses),
         ("/v1/messages", "v1.messages", "POST", anthropic.messages),
         ("/v1/messages/count_tokens", "v1.messages.count_tokens", "POST", anthropic.count_tokens),
     ]

@@ -13,8 +13,8 @@
 --   {"missing", {"key:daily_tokens", ...}}   budget counters to rebuild from the ledger first
 --   {"replay"}   KEYS[13] was already set: the identity was used before; nothing recorded
 --   {"ok" | "refused", key_stats, tenant_stats, refusals}
---     stats = {requests, window_tokens, daily, monthly, total}, -1 where not counted
---     (reserve does not count requests: -1)
+--     stats = {requests, window_tokens, daily, monthly, total, oldest hit ms, oldest
+--     token second}, -1 where not counted (reserve does not count requests: -1)
 --     refusal = {reason, level, details...}: rpm -> leaving hit ms; tpm -> second, tokens, ...
 local mode = ARGV[1]
 local now_ms = tonumber(ARGV[2])
@@ -69,7 +69,7 @@ local stats = {}
 local refusals = {}
 local window_fields = {{}, {}}
 for level = 1, 2 do
-  local s = {-1, -1, -1, -1, -1}
+  local s = {-1, -1, -1, -1, -1, -1, -1}
   local rpm = limit_of(level, 1)
   -- reserve leaves RPM alone (admit counted the request); its caller uses token values only
   if rpm and mode == "admit" then
@@ -77,6 +77,8 @@ for level = 1, 2 do
     redis.call("ZREMRANGEBYSCORE", rpm_key, "-inf", now_ms - WINDOW_MS)
     local count = redis.call("ZCARD", rpm_key)
     s[1] = count
+    local oldest = redis.call("ZRANGE", rpm_key, 0, 0, "WITHSCORES")
+    if oldest[2] then s[6] = tonumber(oldest[2]) end
     if count >= rpm then
       -- the hit whose departure brings the count below the limit
       local leaving = redis.call("ZRANGE", rpm_key, count - rpm, count - rpm, "WITHSCORES")
@@ -105,6 +107,7 @@ for level = 1, 2 do
         sum = sum + n
         live[#live + 1] = second
         live[#live + 1] = n
+        if s[7] < 0 or second < s[7] then s[7] = second end
       else
         redis.call("HDEL", tpm_key, fields[i])
       end
@@ -138,6 +141,7 @@ for level = 1, 2 do
       redis.call("ZADD", rpm_key, ARGV[2], member)
       redis.call("PEXPIRE", rpm_key, RPM_TTL_MS)
       s[1] = s[1] + 1
+      if s[6] < 0 then s[6] = now_ms end
     end
     if lease_id ~= "" and limit_of(level, 3) then
       local conc_key = key_of(level, 2)
@@ -150,6 +154,7 @@ for level = 1, 2 do
       redis.call("HINCRBY", tpm_key, ARGV[3], ARGV[8])
       redis.call("EXPIRE", tpm_key, TPM_TTL_S)
       s[2] = s[2] + tokens
+      if s[7] < 0 then s[7] = now_s end
     end
     for b = 1, 3 do
       -- an existing counter of an unset budget is kept true too, so that

@@ -86,6 +86,8 @@ class AuthKeyRecord:
     tenant: TenantRecord
     secret_hash: str
     previous_hash: str | None
+    secret_fingerprint: str | None = None  # of secret_hash (domain.key_fingerprints)
+    previous_fingerprint: str | None = None  # of previous_hash
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,12 +204,14 @@ class Store:
         expires_at: datetime | None,
         log_prompts: bool,
         prompt_ttl_days: int | None,
+        secret_fingerprint: str | None = None,
     ) -> KeyRecord:
+        """Store a new key; ``secret_fingerprint`` when the caller holds the server secret."""
         check_name("key", name)
         _check_policy(policy)
         tenant = await self.get_tenant(tenant_name)
         columns = ", ".join(POLICY_COLUMNS)
-        params = ", ".join(f"${i + 8}" for i in range(len(POLICY_COLUMNS)))
+        params = ", ".join(f"${i + 9}" for i in range(len(POLICY_COLUMNS)))
         values = [getattr(policy, c) for c in POLICY_COLUMNS]
         values[POLICY_COLUMNS.index("models")] = (
             None if policy.models is None else list(policy.models)
@@ -215,7 +219,8 @@ class Store:
         try:
             await self.pool.execute(
                 "INSERT INTO api_key (tenant, name, prefix, secret_hash, expires_at, log_prompts,"  # noqa: S608 (column names are ours)
-                f" prompt_ttl_days, {columns}) VALUES ($1, $2, $3, $4, $5, $6, $7, {params})",
+                f" prompt_ttl_days, secret_fingerprint, {columns})"
+                f" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, {params})",
                 tenant.id,
                 name,
                 prefix,
@@ -223,6 +228,7 @@ class Store:
                 expires_at,
                 log_prompts,
                 prompt_ttl_days,
+                secret_fingerprint,
                 *values,
             )
         except asyncpg.UniqueViolationError as exc:
@@ -261,6 +267,8 @@ class Store:
             tenant=_tenant_from(t),
             secret_hash=k["secret_hash"],
             previous_hash=k["previous_hash"],
+            secret_fingerprint=k.get("secret_fingerprint"),
+            previous_fingerprint=k.get("previous_fingerprint"),
         )
 
     async def revoke_key(self, prefix: str) -> KeyRecord:
@@ -272,8 +280,18 @@ class Store:
         )
         return await self.get_key(prefix)
 
-    async def rotate_key(self, prefix: str, new_hash: str, grace_seconds: int) -> KeyRecord:
-        """Replace the secret; the old one stays valid ``grace_seconds`` (0 = not at all)."""
+    async def rotate_key(
+        self,
+        prefix: str,
+        new_hash: str,
+        grace_seconds: int,
+        new_fingerprint: str | None = None,
+    ) -> KeyRecord:
+        """Replace the secret; the old one stays valid ``grace_seconds`` (0 = not at all).
+
+        The old secret's fingerprint moves along with its hash; the new one's is
+        ``new_fingerprint`` (``None``: stored by the auth service on first use).
+        """
         if grace_seconds < 0:
             raise InvalidInput("grace-seconds must not be negative")
         if grace_seconds > MAX_GRACE_SECONDS:
@@ -283,22 +301,61 @@ class Store:
             raise InvalidInput(f"key {prefix} is revoked; create a new key instead")
         await self.pool.execute(
             "UPDATE api_key SET previous_hash = CASE WHEN $3 > 0 THEN secret_hash END,"
+            " previous_fingerprint = CASE WHEN $3 > 0 THEN secret_fingerprint END,"
             " previous_valid_until = CASE WHEN $3 > 0 THEN now() + make_interval(secs => $3) END,"
-            " secret_hash = $2 WHERE prefix = $1",
+            " secret_hash = $2, secret_fingerprint = $4 WHERE prefix = $1",
             prefix,
             new_hash,
             float(grace_seconds),
+            new_fingerprint,
         )
         return await self.get_key(prefix)
 
-    async def update_key_hash(self, key_id: int, old_hash: str, new_hash: str) -> None:
-        """Store a rehash (``needs_rehash``) unless the hash changed meanwhile."""
-        await self.pool.execute(
-            "UPDATE api_key SET secret_hash = $3 WHERE id = $1 AND secret_hash = $2",
-            key_id,
-            old_hash,
-            new_hash,
+    async def update_key_hash(
+        self, key_id: int, old_hash: str, new_hash: str, fingerprint: str | None = None
+    ) -> None:
+        """Store a rehash (``needs_rehash``) unless the hash changed meanwhile.
+
+        The hash change clears the fingerprint (trigger, migration m0006); the
+        second statement stores ``fingerprint`` again for the new hash.
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE api_key SET secret_hash = $3 WHERE id = $1 AND secret_hash = $2",
+                key_id,
+                old_hash,
+                new_hash,
+            )
+            if fingerprint is not None:
+                await conn.execute(
+                    "UPDATE api_key SET secret_fingerprint = $3 WHERE id = $1 AND secret_hash = $2",
+                    key_id,
+                    new_hash,
+                    fingerprint,
+                )
+
+    async def set_key_fingerprint(
+        self, key_id: int, *, previous: bool, verified_hash: str, fingerprint: str
+    ) -> bool:
+        """Store the fingerprint of the secret Argon2 just verified against ``verified_hash``.
+
+        Only while that hash is still the key's (current or, with ``previous``,
+        the one in its rotation grace): a rotation meanwhile wins. Returns
+        whether a row changed.
+        """
+        column, hash_column = (
+            ("previous_fingerprint", "previous_hash")
+            if previous
+            else ("secret_fingerprint", "secret_hash")
         )
+        status: str = await self.pool.execute(
+            f"UPDATE api_key SET {column} = $3 WHERE id = $1 AND {hash_column} = $2"  # noqa: S608 (names are ours)
+            f" AND {column} IS DISTINCT FROM $3",
+            key_id,
+            verified_hash,
+            fingerprint,
+        )
+        return status.rsplit(maxsplit=1)[-1] != "0"
 
     async def update_key_policy(self, prefix: str, changes: Mapping[str, object]) -> KeyRecord:
         key = await self.get_key(prefix)
