@@ -28,6 +28,8 @@ async def test_anthropic_client_works_through_caddy(e2e_stack: E2EStack, ledger:
         with client.messages.stream(**MESSAGE) as stream:  # type: ignore[arg-type]
             streamed = stream.get_final_message()
         counted = client.messages.count_tokens(model="llama3.2", messages=USER)  # type: ignore[arg-type]
+        models = [m.id for m in client.models.list()]  # /v1/models serves this SDK too
+    assert "llama3.2:latest" in models
     assert reply.content[0].text  # type: ignore[union-attr]
     assert streamed.content[0].text == reply.content[0].text  # type: ignore[union-attr]
     assert counted.input_tokens > 0
@@ -39,13 +41,13 @@ async def test_anthropic_client_works_through_caddy(e2e_stack: E2EStack, ledger:
         "input_tokens": reply.usage.input_tokens,
         "output_tokens": reply.usage.output_tokens,
     }
-    totals = await ledger.wait_for_requests(caller.tenant, 4)
-    assert totals.requests == 4
+    totals = await ledger.wait_for_requests(caller.tenant, 5)
+    assert totals.requests == 5
     # three generations with the same prompt and answer; count_tokens charges nothing
     assert totals.prompt_tokens == 3 * reply.usage.input_tokens
     assert totals.completion_tokens == 3 * reply.usage.output_tokens
     routes = [row["route"] for row in await ledger.audit(caller.tenant)]
-    assert sorted(routes) == ["v1.messages"] * 3 + ["v1.messages.count_tokens"]
+    assert sorted(routes) == ["v1.messages"] * 3 + ["v1.messages.count_tokens", "v1.models"]
 
 
 async def test_refusals_are_in_anthropics_dialect(e2e_stack: E2EStack, ledger: Ledger) -> None:

@@ -392,11 +392,16 @@ async def test_unreachable_auth_gives_503_in_dialect_and_a_dead_replica_is_skipp
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
             native = await client.post("/api/chat", json=CHAT_BODY, headers=auth)
             openai_style = await client.post("/v1/chat/completions", json=OPENAI_BODY, headers=auth)
-    for refused in (native, openai_style):
+            anthropic_style = await client.post(
+                "/v1/messages", json={**OPENAI_BODY, "max_tokens": 8}, headers=auth
+            )
+    for refused in (native, openai_style, anthropic_style):
         assert refused.status_code == 503
         assert refused.headers["retry-after"] == "1"
     assert isinstance(native.json()["error"], str)
     assert openai_style.json()["error"]["code"] == "service_unavailable"
+    assert anthropic_style.json()["type"] == "error"
+    assert anthropic_style.json()["error"]["type"] == "overloaded_error"
     # One dead replica among live ones: Caddy retries another, every request passes.
     with extra_caddy(e2e_stack, tmp_path, auth=[dead, *live_auth], proxy=[dead, *proxies]) as url:
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:

@@ -86,3 +86,37 @@ async def test_revocation_is_seen_by_every_auth_instance_within_a_second(
         await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - revoked_at)))
         later = await asyncio.gather(*(client.get("/api/tags", headers=auth) for _ in range(12)))
     assert {r.status_code for r in later} == {401}
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
+async def test_revoking_a_key_ends_its_running_stream_through_caddy(
+    e2e_stack: E2EStack, ledger: Ledger, path: str
+) -> None:
+    caller = await ledger.issue()
+    auth = {"Authorization": f"Bearer {caller.key}"}
+    body = {**OPENAI_CHAT, "stream": True}
+    sim_configure(e2e_stack, chunks=200, chunk_delay_ms=50.0)  # ten seconds of answer
+    lines: list[str] = []
+    try:
+        async with (
+            httpx.AsyncClient(base_url=e2e_stack.url, timeout=30) as client,
+            client.stream("POST", path, json=body, headers=auth) as reply,
+        ):
+            assert reply.status_code == 200
+            async for line in reply.aiter_lines():
+                if not line:
+                    continue
+                lines.append(line)
+                if len(lines) == 3:
+                    await ledger.store.revoke_key(caller.prefix)
+                    revoked_at = time.monotonic()
+            ended_after = time.monotonic() - revoked_at
+    finally:
+        sim_configure(e2e_stack, chunks=20, chunk_delay_ms=0.0)
+    assert ended_after < 1.0, f"the stream ran on {ended_after:.2f}s after revoke"
+    assert "the API key was revoked" in lines[-1]
+    assert len(lines) < 100
+    await ledger.wait_for_requests(caller.tenant, 1)
+    (row,) = await ledger.audit(caller.tenant)
+    assert row["revoked"] is True
+    assert row["completion_tokens"] >= 2

@@ -117,6 +117,29 @@ async def test_openai_max_tokens_zero_is_a_400_and_a_large_one_is_clamped(
             sim_clear(e2e_stack)
 
 
+async def test_responses_max_output_tokens_below_one_is_a_400_and_a_large_one_is_clamped(
+    e2e_stack: E2EStack, ledger: Ledger
+) -> None:
+    caller = await ledger.issue(max_num_predict=16)
+    auth = {"Authorization": f"Bearer {caller.key}"}
+    body = {"model": "llama3.2", "input": "hi"}
+    sim_clear(e2e_stack)
+    async with httpx.AsyncClient(base_url=e2e_stack.url, timeout=10) as client:
+        for value in (0, 0.5, -1, 1e-9):
+            refused = await client.post(
+                "/v1/responses", json={**body, "max_output_tokens": value}, headers=auth
+            )
+            assert refused.status_code == 400, (value, refused.text)
+            assert refused.json()["error"]["type"] == "invalid_request_error"
+        assert _model_requests(e2e_stack) == []
+        clamped = await client.post(
+            "/v1/responses", json={**body, "max_output_tokens": 10**9}, headers=auth
+        )
+    assert clamped.status_code == 200, clamped.text
+    assert clamped.json()["usage"]["output_tokens"] == 16
+    assert _forwarded_num_predict(e2e_stack) == [16]
+
+
 async def test_anthropic_max_tokens_below_one_is_a_400_and_a_large_one_is_clamped(
     e2e_stack: E2EStack, ledger: Ledger
 ) -> None:
@@ -254,6 +277,7 @@ POST_ROUTES = [
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",
+    "/v1/responses",
     "/v1/messages",
     "/v1/messages/count_tokens",
 ]

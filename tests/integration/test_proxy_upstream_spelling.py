@@ -115,7 +115,7 @@ def test_ollama_client_reads_a_spaced_stream_through_the_proxy(
     proxy: ProxyServer, sim: SimulatorServer
 ) -> None:
     sim.configure(script=[{"lines": _chat_lines(["a", "b"], prompt=5, evals=2), "split": 5}])
-    client = ollama.Client(host=proxy.url, event_hooks={"request": [identity_hook()]})
+    client = ollama.Client(host=proxy.url, event_hooks={"request": [identity_hook(**new_ids())]})
     try:
         parts = list(client.chat(model="llama3.2", messages=CHAT["messages"], stream=True))
     finally:
@@ -155,9 +155,9 @@ def test_scripted_reply_is_used_once_then_the_simulator_answers_again(
     proxy: ProxyServer, sim: SimulatorServer
 ) -> None:
     sim.configure(script=[{"lines": _chat_lines(["only"], prompt=1, evals=1)}])
-    headers = {IDENTITY_HEADER: signed("chat")}
+    headers = {IDENTITY_HEADER: signed("chat", **new_ids())}
     first = httpx.post(f"{proxy.url}/api/chat", json=CHAT, headers=headers, timeout=10)
-    headers = {IDENTITY_HEADER: signed("chat")}
+    headers = {IDENTITY_HEADER: signed("chat", **new_ids())}
     second = httpx.post(f"{proxy.url}/api/chat", json=CHAT, headers=headers, timeout=10)
     assert b'"only"' in first.content
     assert b'"only"' not in second.content

@@ -59,7 +59,7 @@ async def test_migrate_twice_is_a_no_op(pg_admin_url: str) -> None:
     name, url = await _fresh_database(pg_admin_url)
     try:
         first = await asyncio.to_thread(run_cli, url, "migrate")
-        assert "applied 5 migration(s)" in first.stdout
+        assert "applied 6 migration(s)" in first.stdout
         after_first = await _schema_snapshot(url)
         second = await asyncio.to_thread(run_cli, url, "migrate")
         assert "schema up to date" in second.stdout
@@ -289,3 +289,4 @@ async def test_cli_json_matches_the_database(database_url: str, store: Store) ->
     assert len(audit) == 2
     assert {a["prompt_tokens"] for a in audit} <= {10, 11, 12}
     assert all(a["key_prefix"] == keys[0]["prefix"] for a in audit)
+    assert all(a["revoked"] is False for a in audit)  # migration m0004's column

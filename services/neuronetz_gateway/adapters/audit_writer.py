@@ -44,8 +44,8 @@ log = get_logger(__name__)
 _INSERT_AUDIT = """
 INSERT INTO usage_log (request_id, ts, tenant_id, key_id, key_prefix, route, model, status,
     prompt_tokens, completion_tokens, ttfb_ms, duration_ms, streamed, client_disconnected,
-    estimated)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+    estimated, revoked)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
 ON CONFLICT (request_id) DO NOTHING
 """
 _INSERT_PROMPT = """
@@ -94,6 +94,7 @@ def _audit_args(row: AuditRow) -> tuple[Any, ...]:
         row.streamed,
         row.client_disconnected,
         row.estimated,
+        row.revoked,
     )
 
 

@@ -11,6 +11,9 @@ sign of a gap (the server closed it, a ping failed or timed out):
 3. flushes every cache (``on_gap``): notifications sent during the gap are
    lost, so nothing cached before it is trusted,
 4. vouches again (``on_state(True)``).
+
+The proxy runs one too (:mod:`neuronetz_gateway.proxy.revocation`), to end
+a revoked key's running streams; both pass their own metrics.
 """
 
 from __future__ import annotations
@@ -20,20 +23,39 @@ import contextlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 
-from neuronetz_gateway.auth.metrics import AuthMetrics
 from neuronetz_gateway.logging import get_logger
 
-__all__ = ["CHANNEL", "KeyEventListener"]
+__all__ = ["CHANNEL", "KeyEventListener", "ListenerMetrics"]
 
 CHANNEL = "nz_key_events"
 APPLICATION_NAME = "nz-auth-key-listener"
 _PING = "ping:"
 
 log = get_logger(__name__)
+
+
+class _Gauge(Protocol):
+    def set(self, value: float) -> None: ...
+
+
+class _Histogram(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
+class ListenerMetrics(Protocol):
+    """What the listener counts (the auth's and the proxy's metrics both have it)."""
+
+    @property
+    def listener_up(self) -> _Gauge: ...
+
+    @property
+    def revocation_lag_seconds(self) -> _Histogram: ...
+
+    def key_event(self, kind: str) -> None: ...
 
 
 class KeyEventListener:
@@ -47,7 +69,8 @@ class KeyEventListener:
         on_event_async: Callable[[str, str], Coroutine[Any, Any, None]],
         on_gap: Callable[[], Awaitable[None]],
         on_state: Callable[[bool], None],
-        metrics: AuthMetrics,
+        metrics: ListenerMetrics,
+        application_name: str = APPLICATION_NAME,
         ping_interval: float = 1.0,
         ping_timeout: float = 2.0,
         max_backoff: float = 2.0,
@@ -58,6 +81,7 @@ class KeyEventListener:
         self._on_gap = on_gap
         self._on_state = on_state
         self._metrics = metrics
+        self._application_name = application_name
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._max_backoff = max_backoff
@@ -105,7 +129,7 @@ class KeyEventListener:
             try:
                 conn = connected = await asyncio.wait_for(
                     asyncpg.connect(
-                        self._dsn, server_settings={"application_name": APPLICATION_NAME}
+                        self._dsn, server_settings={"application_name": self._application_name}
                     ),
                     timeout=self._ping_timeout * 2,
                 )

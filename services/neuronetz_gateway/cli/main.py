@@ -528,6 +528,7 @@ def audit(
             f"{_iso(r['ts'])} {r['request_id']} {r['key_prefix']} {r['route']} {r['model'] or '-'}"
             f" {r['status']} p={r['prompt_tokens']} c={r['completion_tokens']}"
             f" {r['duration_ms']}ms{' disconnected' if r['client_disconnected'] else ''}"
+            f"{' revoked' if r['revoked'] else ''}"
         )
 
 

@@ -312,6 +312,8 @@ class AuditRow(msgspec.Struct, frozen=True):
     streamed: bool
     client_disconnected: bool
     estimated: bool
+    #: ended early because the key was revoked while it ran (spooled rows lack it: False)
+    revoked: bool = False
 
 
 class PromptRow(msgspec.Struct, frozen=True):

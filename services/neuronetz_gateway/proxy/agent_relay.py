@@ -41,14 +41,19 @@ from neuronetz_gateway.domain.ollama_chat import (
 )
 from neuronetz_gateway.domain.options import output_limit
 from neuronetz_gateway.proxy.asgi import Receive, Send, end_body, send_body, start_response
-from neuronetz_gateway.proxy.exchange import Exchange
+from neuronetz_gateway.proxy.exchange import REVOKED_MESSAGE, Exchange
 from neuronetz_gateway.proxy.refusals import Refusal
-from neuronetz_gateway.proxy.relay import forward, read_whole, upstream_refusal, watch_client
+from neuronetz_gateway.proxy.relay import (
+    ended_by_revocation,
+    forward,
+    read_whole,
+    upstream_refusal,
+    watch_client,
+)
 
 __all__ = [
     "KEEPALIVE_SECONDS",
     "EventTranslator",
-    "check_agent_model",
     "lines_or_silence",
     "refuse_input",
     "relay_events",
@@ -85,21 +90,6 @@ def refuse_input(exc: SurfaceError, body: Callable[[str], bytes] | None = None) 
         param=exc.param,
         body=body(exc.message) if body is not None else None,
     )
-
-
-async def check_agent_model(ex: Exchange, model: str) -> None:
-    """The model check, answered 404 (what both agent SDKs expect) for a model out of reach."""
-    try:
-        await ex.check_model(model)
-    except Refusal as refusal:
-        if refusal.status != 403:
-            raise
-        raise Refusal(
-            404,
-            "model_not_found",
-            f"The model '{model[:200]}' does not exist or is not available to this key",
-            param="model",
-        ) from None
 
 
 def _cap_output(ex: Exchange, request: ChatRequest) -> int | None:
@@ -248,6 +238,9 @@ async def relay_events(
         await _translate_stream(ex, upstream, send, translator, keep, keepalive_seconds)
         if watch.left:
             pass
+        elif ex.revoked:
+            ended_by_revocation(ex)
+            await send_body(send, translator.fail(REVOKED_MESSAGE))
         elif not translator.finished:
             _midstream_failure(ex, "truncated")
             await send_body(send, translator.fail("the model server closed the stream early"))
@@ -258,7 +251,11 @@ async def relay_events(
         _midstream_failure(ex, "unreadable")
         await send_body(send, translator.fail("the model server sent an unreadable stream"))
     except UpstreamError as exc:
-        if not watch.left:
+        if ex.revoked:
+            ended_by_revocation(ex)
+            with contextlib.suppress(Exception):
+                await send_body(send, translator.fail(REVOKED_MESSAGE))
+        elif not watch.left:
             _midstream_failure(ex, "timeout" if isinstance(exc, UpstreamTimeout) else "midstream")
             with contextlib.suppress(Exception):
                 await send_body(send, translator.fail("the model server stream broke off"))

@@ -17,7 +17,7 @@ from neuronetz_gateway.domain.anthropic_compat import (
     translate_messages_request,
 )
 from neuronetz_gateway.domain.ollama_chat import SurfaceError, estimate_chat_prompt
-from neuronetz_gateway.proxy.agent_relay import check_agent_model, refuse_input, run_chat
+from neuronetz_gateway.proxy.agent_relay import refuse_input, run_chat
 from neuronetz_gateway.proxy.asgi import Receive, Scope, Send
 from neuronetz_gateway.proxy.exchange import Exchange
 from neuronetz_gateway.proxy.native import read_request_body
@@ -34,7 +34,7 @@ async def messages(ex: Exchange, scope: Scope, receive: Receive, send: Send) -> 
         request = translate_messages_request(raw).ollama
     except SurfaceError as exc:
         raise refuse_input(exc) from None
-    await check_agent_model(ex, request.model)
+    await ex.check_model(request.model)  # 404 on this surface, missing or not allowed
     message_id = f"msg_{ex.identity.request_id}"
     model = request.model
     await run_chat(
@@ -55,5 +55,5 @@ async def count_tokens(ex: Exchange, scope: Scope, receive: Receive, send: Send)
         request = translate_count_tokens_request(raw)
     except SurfaceError as exc:
         raise refuse_input(exc) from None
-    await check_agent_model(ex, request.model)
+    await ex.check_model(request.model)  # 404 on this surface, missing or not allowed
     await ex.respond(send, 200, count_tokens_body(estimate_chat_prompt(request)), _JSON)

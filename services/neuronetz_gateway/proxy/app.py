@@ -4,7 +4,8 @@
 (tests may pass their own); the missing ones are opened in the lifespan:
 the asyncpg pool (``min_size=0``, so the proxy starts and serves while
 Postgres is down: audit rows spool), the Redis client, the one upstream
-session, the audit writer and the prompt-log purge task. Granian runs
+session, the audit writer, the prompt-log purge task and the LISTEN
+connection that ends a revoked key's running requests. Granian runs
 :func:`create_app_from_env` in every worker (``neuronetz-gateway serve proxy``).
 """
 
@@ -32,6 +33,7 @@ from neuronetz_gateway.logging import configure_logging, get_logger
 from neuronetz_gateway.proxy.context import ProxyContext
 from neuronetz_gateway.proxy.discovery import ModelDiscovery
 from neuronetz_gateway.proxy.metrics import DEFAULT_BACKEND, ProxyMetrics
+from neuronetz_gateway.proxy.revocation import RevocationWatch
 from neuronetz_gateway.proxy.routes import proxied_fast_paths, proxied_route_handlers
 from neuronetz_gateway.settings import Settings, load_settings
 from neuronetz_gateway.tracing import Tracing, tracing_from_env
@@ -127,6 +129,12 @@ def create_app(
                 tracing=tracing,
             )
             app.state.store = store
+            # a revoked key's running requests end within a second, on every replica
+            watch = RevocationWatch(
+                settings.database_url, app.state.proxy.running, store.revoked_keys, metrics
+            )
+            await watch.start()
+            stack.push_async_callback(watch.stop)
             purge = asyncio.create_task(
                 _purge_prompts(store, settings.prompt_purge_interval_seconds), name="prompt-purge"
             )

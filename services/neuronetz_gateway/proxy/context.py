@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from neuronetz_gateway.adapters.audit_writer import AuditWriter
 from neuronetz_gateway.adapters.ollama_client import OllamaClient
 from neuronetz_gateway.adapters.redis_limiter import Limiter
 from neuronetz_gateway.proxy.discovery import ModelDiscovery
 from neuronetz_gateway.proxy.metrics import ProxyMetrics
+from neuronetz_gateway.proxy.running import RunningRequests
 from neuronetz_gateway.settings import Settings
 from neuronetz_gateway.tracing import Tracing
 
@@ -26,4 +27,5 @@ class ProxyContext:
     discovery: ModelDiscovery
     audit: AuditWriter
     metrics: ProxyMetrics
+    running: RunningRequests = field(default_factory=RunningRequests)
     tracing: Tracing | None = None  # None: tracing is off

@@ -16,12 +16,14 @@ log line. None of it carries prompt text except the opted-in prompt row.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from neuronetz_gateway.adapters.ollama_client import UpstreamResponse
 from neuronetz_gateway.adapters.redis_limiter import IdentityReplayed, LimiterUnavailable
 from neuronetz_gateway.domain.accounting import AuditRow, PromptRow
 from neuronetz_gateway.domain.dialect import Surface
@@ -40,10 +42,12 @@ from neuronetz_gateway.tracing import Tracing
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import Span
 
-__all__ = ["Exchange", "IdentityReplayed", "counts_tokens"]
+__all__ = ["REVOKED_MESSAGE", "Exchange", "IdentityReplayed", "counts_tokens"]
 
 log = get_logger("neuronetz_gateway.proxy")
 
+#: The mid-stream error (and 401 message) of a request whose key was revoked while it ran.
+REVOKED_MESSAGE = "the API key was revoked"
 #: Without a retention the operator chose, opted-in prompt logs live this long.
 DEFAULT_PROMPT_TTL_DAYS = 30
 _TOKEN_FIELDS = (
@@ -108,6 +112,7 @@ class Exchange:
         "reserved_at",
         "responded",
         "response_text",
+        "revoked",
         "route",
         "settled",
         "span",
@@ -118,7 +123,9 @@ class Exchange:
         "traceparent",
         "ts",
         "ttfb_ms",
+        "upstream",
         "upstream_error",
+        "upstream_wait",
     )
 
     def __init__(self, ctx: ProxyContext, identity: Identity, route: str, surface: Surface) -> None:
@@ -142,6 +149,9 @@ class Exchange:
         self.settled = False
         self.responded = False
         self.claimed = False
+        self.revoked = False
+        self.upstream: UpstreamResponse | None = None
+        self.upstream_wait: asyncio.Future[Any] | None = None
         self.status = 500
         self.ttfb_ms: int | None = None
         self.backend: str | None = None  # the backend the request went to, once sent
@@ -217,6 +227,33 @@ class Exchange:
             raise model_unavailable(model, self.surface)
         self.canonical = canonical
         return canonical
+
+    # -- revocation -------------------------------------------------------------------
+
+    def revoke(self) -> None:
+        """The key was revoked while this ran: close the upstream (Ollama stops generating).
+
+        The relay in charge sees :attr:`revoked` and ends the answer with the
+        surface's error; a request that has not gone upstream yet never will.
+        """
+        self.revoked = True
+        if self.upstream is not None:
+            self.upstream.abort()
+        if self.upstream_wait is not None:
+            self.upstream_wait.cancel()
+
+    def end_replayed(self) -> None:
+        """A replay: off the running list, its span ended as the 401 it is; nothing else."""
+        self.ctx.running.discard(self)
+        self.ctx.metrics.identity_replays.inc()
+        if self.span is not None:
+            Tracing.finish(self.span, {"nz.identity.replayed": True}, status_code=401)
+            self.span = None
+
+    def revoked_refusal(self) -> Refusal:
+        """What a revoked request is answered when nothing was sent yet."""
+        self.status = 401
+        return Refusal(401, "invalid_api_key", REVOKED_MESSAGE)
 
     # -- single use -------------------------------------------------------------------
 
@@ -342,11 +379,12 @@ class Exchange:
         """
         identity = self.identity
         ctx = self.ctx
+        ctx.running.discard(self)
         if not self.claimed:
             try:
                 await self.claim()
             except IdentityReplayed:
-                ctx.metrics.identity_replays.inc()
+                self.end_replayed()
                 return
             except Refusal:
                 pass  # Redis away: nothing was granted, the row is still written
@@ -369,6 +407,7 @@ class Exchange:
             streamed=self.streamed,
             client_disconnected=self.disconnected,
             estimated=self.estimated,
+            revoked=self.revoked,
         )
         ctx.audit.submit(row)
         if identity.log_prompts and self.prompt_text is not None:

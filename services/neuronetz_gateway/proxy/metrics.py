@@ -58,6 +58,28 @@ class ProxyMetrics:
             "Signed identities presented again after their one use (answered 401).",
             registry=self.registry,
         )
+        self.revoked_requests = Counter(
+            "nz_proxy_revoked_requests_total",
+            "Running requests ended because their key was revoked.",
+            registry=self.registry,
+        )
+        self.listener_up = Gauge(
+            "nz_proxy_key_listener_up",
+            "1 while LISTEN nz_key_events is active (revoked keys' streams are ended).",
+            registry=self.registry,
+        )
+        self.revocation_lag_seconds = Histogram(
+            "nz_proxy_revocation_lag_seconds",
+            "Time from a NOTIFY on nz_key_events to its delivery here (measured by pings).",
+            buckets=_TTFB_BUCKETS,
+            registry=self.registry,
+        )
+        self._key_events = Counter(
+            "nz_proxy_key_events_total",
+            "nz_key_events notifications received, by kind (key, tenant, unknown).",
+            ("kind",),
+            registry=self.registry,
+        )
         self.request_seconds = Histogram(
             "nz_proxy_request_duration_seconds",
             "Time from request to the end of its answer (streams included), by route.",
@@ -118,6 +140,10 @@ class ProxyMetrics:
         """Read the audit backlog at scrape time (no work on the hot path)."""
         self.audit_queue.set_function(queue_depth)
         self.audit_spool.set_function(spool_files)
+
+    def key_event(self, kind: str) -> None:
+        """Count one ``nz_key_events`` notification."""
+        self._key_events.labels(kind).inc()
 
     def probed(self, *, redis: bool, postgres: bool, backends: dict[str, bool]) -> None:
         """Record what the scrape-time probes found."""

@@ -38,10 +38,11 @@ class ClientLeft(Exception):
 def model_unavailable(model: str, surface: str = "native") -> Refusal:
     """The one answer for a model that is not allowed *or* not installed (indistinguishable).
 
-    Native: 403. OpenAI's ``/v1``: its 404 ``model_not_found``, which its SDKs
-    raise as ``NotFoundError`` (a 403 would read as a permission problem).
+    Native: 403. OpenAI's ``/v1`` and Anthropic's ``/v1/messages``: 404
+    (``model_not_found`` / ``not_found_error``), which their SDKs raise as
+    ``NotFoundError`` (a 403 would read as a permission problem).
     """
-    if surface == "openai":
+    if surface in ("openai", "anthropic"):
         return Refusal(
             404,
             "model_not_found",

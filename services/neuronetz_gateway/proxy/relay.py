@@ -35,7 +35,7 @@ from neuronetz_gateway.domain.openai_compat import (
 from neuronetz_gateway.domain.stream_lines import LineSplitter, NativeStreamScan
 from neuronetz_gateway.logging import get_logger
 from neuronetz_gateway.proxy.asgi import Receive, Send, end_body, send_body, start_response
-from neuronetz_gateway.proxy.exchange import Exchange
+from neuronetz_gateway.proxy.exchange import REVOKED_MESSAGE, Exchange
 from neuronetz_gateway.proxy.refusals import (
     ClientLeft,
     Refusal,
@@ -47,6 +47,7 @@ __all__ = [
     "ClientWatch",
     "NativeStreamScan",
     "NdjsonScan",
+    "ended_by_revocation",
     "forward",
     "read_whole",
     "relay_ndjson",
@@ -60,16 +61,30 @@ log = get_logger(__name__)
 _NDJSON = b"application/x-ndjson"
 _SSE = b"text/event-stream"
 _LOST = b'{"error":"the model server closed the stream before it finished"}\n'
+_REVOKED = msgspec.json.encode({"error": REVOKED_MESSAGE}) + b"\n"
 
 
 async def forward(ex: Exchange, method: str, path: str, body: bytes | None) -> UpstreamResponse:
     """Send to Ollama (the identity claimed first); a refused connection or a timeout: 502/504."""
     await ex.claim()
+    if ex.revoked:
+        raise ex.revoked_refusal()
     ex.to_backend()
-    try:
-        return await ex.ctx.ollama.send(
+    # a task, so that a revocation can stop the wait for the answer's headers
+    # (a non-streamed answer sends them only when it is complete)
+    sending: asyncio.Future[UpstreamResponse] = asyncio.ensure_future(
+        ex.ctx.ollama.send(
             method, path, body, request_id=ex.identity.request_id, traceparent=ex.traceparent
         )
+    )
+    ex.upstream_wait = sending
+    try:
+        upstream = await sending
+    except asyncio.CancelledError:
+        if not ex.revoked:
+            raise
+        ex.charge_estimate(0)
+        raise ex.revoked_refusal() from None
     except UpstreamTimeout:
         ex.upstream_error = "timeout"
         ex.ctx.metrics.upstream_errors.labels("timeout").inc()
@@ -78,6 +93,13 @@ async def forward(ex: Exchange, method: str, path: str, body: bytes | None) -> U
         ex.upstream_error = "unavailable"
         ex.ctx.metrics.upstream_errors.labels("unavailable").inc()
         raise upstream_unavailable() from None
+    finally:
+        ex.upstream_wait = None
+    ex.upstream = upstream
+    if ex.revoked:  # revoked while the request went out
+        upstream.abort()
+        raise ex.revoked_refusal()
+    return upstream
 
 
 class ClientWatch:
@@ -148,6 +170,15 @@ def watch_client(ex: Exchange, receive: Receive, upstream: UpstreamResponse) -> 
 NdjsonScan = NativeStreamScan
 
 
+def ended_by_revocation(ex: Exchange) -> None:
+    """The stream was cut because its key was revoked (the audit row says so)."""
+    ex.status = 401
+
+
+def _revoked_event() -> bytes:
+    return error_event(REVOKED_MESSAGE, error_type="invalid_request_error", code="invalid_api_key")
+
+
 def _midstream_failure(ex: Exchange, kind: str) -> None:
     ex.upstream_error = kind
     ex.status = 502
@@ -174,13 +205,20 @@ async def relay_ndjson(
                 keep.append(data)
             scan.feed(data)
         scan.close()
-        if scan.error is not None:
+        if ex.revoked:
+            ended_by_revocation(ex)
+            await send_body(send, _REVOKED)
+        elif scan.error is not None:
             _midstream_failure(ex, "midstream")  # its error line went to the client
         elif scan.final is None and not watch.left:
             _midstream_failure(ex, "truncated")
             await send_body(send, _LOST)
     except UpstreamError as exc:
-        if not watch.left:
+        if ex.revoked:
+            ended_by_revocation(ex)
+            with contextlib.suppress(Exception):
+                await send_body(send, _REVOKED)
+        elif not watch.left:
             _midstream_failure(ex, "timeout" if isinstance(exc, UpstreamTimeout) else "midstream")
             with contextlib.suppress(Exception):
                 await send_body(send, _LOST)
@@ -197,6 +235,26 @@ async def relay_ndjson(
         ex.response_text = response_text(b"".join(keep))
     if not watch.left:
         await end_body(send)
+
+
+async def _end_sse(
+    ex: Exchange,
+    send: Send,
+    translator: ChatStreamTranslator | CompletionStreamTranslator,
+    *,
+    left: bool,
+) -> None:
+    """After the upstream's last read: the error frame the stream still owes, if any."""
+    if left:
+        return
+    if ex.revoked:
+        ended_by_revocation(ex)
+        await send_body(send, _revoked_event())
+    elif not translator.finished:
+        _midstream_failure(ex, "truncated")
+        await send_body(send, error_event("the model server closed the stream early"))
+    elif translator.failed:
+        _midstream_failure(ex, "midstream")
 
 
 async def relay_sse(
@@ -228,19 +286,17 @@ async def relay_sse(
             out = translator.feed_line(rest)
             if out:
                 await send_body(send, out)
-        if watch.left:
-            pass
-        elif not translator.finished:
-            _midstream_failure(ex, "truncated")
-            await send_body(send, error_event("the model server closed the stream early"))
-        elif translator.failed:
-            _midstream_failure(ex, "midstream")
+        await _end_sse(ex, send, translator, left=watch.left)
     except (msgspec.DecodeError, msgspec.ValidationError):
         upstream.abort()
         _midstream_failure(ex, "unreadable")
         await send_body(send, error_event("the model server sent an unreadable stream"))
     except UpstreamError as exc:
-        if not watch.left:
+        if ex.revoked:
+            ended_by_revocation(ex)
+            with contextlib.suppress(Exception):
+                await send_body(send, _revoked_event())
+        elif not watch.left:
             _midstream_failure(ex, "timeout" if isinstance(exc, UpstreamTimeout) else "midstream")
             with contextlib.suppress(Exception):
                 await send_body(send, error_event("the model server stream broke off"))
@@ -258,10 +314,23 @@ async def relay_sse(
 async def read_whole(ex: Exchange, upstream: UpstreamResponse, receive: Receive) -> bytes:
     """A non-streamed answer, read while watching the client (who may leave: ClientLeft)."""
     watch = watch_client(ex, receive, upstream)
+    # a task, so that a revocation can stop the wait (closing the connection
+    # alone does not wake a pending read of a whole body)
+    reading: asyncio.Future[bytes] = asyncio.ensure_future(upstream.read())
+    ex.upstream_wait = reading
     try:
-        data = await upstream.read()
+        data = await reading
+    except asyncio.CancelledError:
+        if not ex.revoked:
+            raise
+        upstream.abort()
+        ex.charge_estimate(0)
+        raise ex.revoked_refusal() from None
     except UpstreamError as exc:
         upstream.abort()
+        if ex.revoked:
+            ex.charge_estimate(0)
+            raise ex.revoked_refusal() from None
         if watch.left:
             ex.disconnected = True
             ex.charge_estimate(0)
@@ -270,6 +339,7 @@ async def read_whole(ex: Exchange, upstream: UpstreamResponse, receive: Receive)
         ex.charge_estimate(0)
         raise upstream_unavailable("the model server broke off its answer") from None
     finally:
+        ex.upstream_wait = None
         await watch.close()
     upstream.release()
     if ex.ttfb_ms is None:

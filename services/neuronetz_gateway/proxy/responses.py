@@ -14,7 +14,7 @@ from neuronetz_gateway.domain.responses_compat import (
     response_body,
     translate_responses_request,
 )
-from neuronetz_gateway.proxy.agent_relay import check_agent_model, refuse_input, run_chat
+from neuronetz_gateway.proxy.agent_relay import refuse_input, run_chat
 from neuronetz_gateway.proxy.asgi import Receive, Scope, Send
 from neuronetz_gateway.proxy.exchange import Exchange
 from neuronetz_gateway.proxy.native import read_request_body
@@ -30,7 +30,7 @@ async def responses(ex: Exchange, scope: Scope, receive: Receive, send: Send) ->
     except SurfaceError as exc:
         raise refuse_input(exc) from None
     request = translation.ollama
-    await check_agent_model(ex, request.model)
+    await ex.check_model(request.model)  # 404 on this surface, missing or not allowed
     response_id = f"resp_{ex.identity.request_id}"
     model, echo = request.model, translation.echo
     await run_chat(

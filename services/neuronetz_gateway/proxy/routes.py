@@ -57,7 +57,7 @@ async def _unauthorised(ctx: ProxyContext, route: str, send: Send) -> None:
 
 async def _replayed(ex: Exchange, send: Send) -> None:
     """A used identity again: the same 401 as any bad one, counted, no accounting."""
-    ex.ctx.metrics.identity_replays.inc()
+    ex.end_replayed()
     log.warning("identity_replayed", request_id=ex.identity.request_id, route=ex.route)
     await _unauthorised(ex.ctx, ex.route, send)
 
@@ -107,6 +107,7 @@ async def serve(
         await _unauthorised(ctx, route, send)
         return
     ex = Exchange(ctx, identity, route, _surface(route))
+    ctx.running.add(ex)  # from here a revocation of its key ends it (Exchange.finish: off)
     if ctx.tracing is not None:
         ex.start_span(ctx.tracing)
     if scope["method"] != method:

@@ -416,12 +416,21 @@ class Store:
         tenant = await self.get_tenant(tenant_name)
         rows = await self.pool.fetch(
             "SELECT request_id, ts, key_prefix, route, model, status, prompt_tokens,"
-            " completion_tokens, ttfb_ms, duration_ms, streamed, client_disconnected, estimated"
+            " completion_tokens, ttfb_ms, duration_ms, streamed, client_disconnected, estimated,"
+            " revoked"
             " FROM usage_log WHERE tenant_id = $1 ORDER BY ts DESC, id DESC LIMIT $2",
             tenant.id,
             limit,
         )
         return [dict(r) for r in rows]
+
+    async def revoked_keys(self, key_ids: list[int]) -> set[int]:
+        """Those of ``key_ids`` that are revoked (for ending their running requests)."""
+        rows = await self.pool.fetch(
+            "SELECT id FROM api_key WHERE id = ANY($1::int[]) AND revoked_at IS NOT NULL",
+            key_ids,
+        )
+        return {int(r["id"]) for r in rows}
 
     async def ledger_totals(
         self, *, tenant_id: int, key_id: int | None, day_start: datetime, month_start: datetime

@@ -89,6 +89,7 @@ class UsageLog(Table, tablename="usage_log"):
     streamed = Boolean(default=False)
     client_disconnected = Boolean(default=False)
     estimated = Boolean(default=False)
+    revoked = Boolean(default=False)  # added by migration m0004 (plain SQL)
 
 
 class PromptLog(Table, tablename="prompt_log"):
