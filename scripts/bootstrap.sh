@@ -32,7 +32,11 @@ command -v npm >/dev/null 2>&1 || apt_install nodejs npm
 # initdb refuses root: the test harness runs it as this user.
 id postgres >/dev/null 2>&1 || $SUDO useradd --system --home /var/lib/postgresql --shell /bin/sh postgres
 
-python3 -m pip install -q -r tools/requirements.txt
+# Debian's own python3 comes without pip and refuses installs outside a venv
+# (PEP 668, "externally-managed-environment"): bring pip, and let it install the
+# pinned tools for this user's python3 (the variable is ignored where not needed).
+python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip python3-venv
+PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q -r tools/requirements.txt
 
 # Claude Code and Codex CLI, exactly the pinned versions (tests/e2e/test_coding_agents.py).
 mapfile -t agents < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' tools/coding-agents.txt)

@@ -52,6 +52,32 @@ class E2EStack:
     auth_urls: list[str]
     proxy_urls: list[str]
     processes: list[ManagedProcess] = field(default_factory=list)
+    # how each service was started (argv, env, readiness URL), for restart()
+    specs: dict[str, tuple[list[str], dict[str, str], str]] = field(default_factory=dict)
+    log_dir: Path | None = None
+
+    def restart(self, name: str, env_changes: Mapping[str, str | None]) -> None:
+        """Stop service ``name`` (auth1, proxy2, ...) and start it again with changed env.
+
+        Its port stays the same, so Caddy keeps its upstream list; while it is
+        away Caddy retries the other replica (``lb_try_duration``).
+        """
+        argv, env, ready_url = self.specs[name]
+        old = next(p for p in self.processes if p.name == name)
+        old.stop(grace=10)
+        env = {k: v for k, v in {**env, **env_changes}.items() if v is not None}
+        assert self.log_dir is not None
+        new = ManagedProcess(
+            name, argv, env=env, log_path=self.log_dir / f"{name}.log", cwd=self.log_dir
+        )
+        self.processes[self.processes.index(old)] = new
+        self.specs[name] = (argv, env, ready_url)
+        wait_until(
+            lambda: http_status(ready_url) == 200,
+            what=ready_url,
+            timeout=READY_TIMEOUT,
+            watch=[new],
+        )
 
     def logs(self) -> str:
         """Every process's last log lines (attached to failures)."""
@@ -72,10 +98,11 @@ def start_stack(
     procs: list[ManagedProcess] = []
 
     def spawn(name: str, argv: list[str], extra: Mapping[str, str] | None = None) -> ManagedProcess:
+        proc_env = {**env, **(extra or {})}
         proc = ManagedProcess(
             name,
             argv,
-            env={**env, **(extra or {})},
+            env=proc_env,
             log_path=log_dir / f"{name}.log",
             cwd=log_dir,
         )
@@ -94,6 +121,7 @@ def start_stack(
         auth_urls=[f"http://127.0.0.1:{p}" for p in auth_ports],
         proxy_urls=[f"http://127.0.0.1:{p}" for p in proxy_ports],
         processes=procs,
+        log_dir=log_dir,
     )
     try:
         spawn(
@@ -109,12 +137,15 @@ def start_stack(
             ],
         )
         service_env = {"NZ_OLLAMA_URL": simulator_url}
-        for i, port in enumerate(auth_ports):
-            spawn(f"auth{i + 1}", [*gateway, *service_argv("auth", "127.0.0.1", port)], service_env)
-        for i, port in enumerate(proxy_ports):
-            spawn(
-                f"proxy{i + 1}", [*gateway, *service_argv("proxy", "127.0.0.1", port)], service_env
-            )
+        for kind, ports in (("auth", auth_ports), ("proxy", proxy_ports)):
+            for i, port in enumerate(ports):
+                name, argv = f"{kind}{i + 1}", [*gateway, *service_argv(kind, "127.0.0.1", port)]
+                spawn(name, argv, service_env)
+                stack.specs[name] = (
+                    argv,
+                    {**env, **service_env},
+                    f"http://127.0.0.1:{port}/readyz",
+                )
         for url in [simulator_url + "/api/version"] + [
             u + "/readyz" for u in stack.auth_urls + stack.proxy_urls
         ]:

@@ -11,8 +11,7 @@ import pytest
 from neuronetz_gateway.domain.identity import OptionCaps
 from tests.support.identity import IDENTITY_HEADER, signed
 from tests.support.proxy_checks import new_ids
-from tests.support.proxy_fixtures import DISCOVERY_TTL
-from tests.support.proxy_stack import ProxyServer, SimulatorServer
+from tests.support.proxy_stack import DISCOVERY_TTL, ProxyServer, SimulatorServer
 
 ALLOWED = ["llama3.2:latest", "not-installed:latest"]
 

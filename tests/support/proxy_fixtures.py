@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.proxy_stack import (
+    DISCOVERY_TTL,
     ProxyServer,
     SimulatorServer,
     running_proxy,
@@ -20,9 +21,6 @@ from tests.support.proxy_stack import (
 )
 
 __all__ = ["DISCOVERY_TTL", "proxy", "sim", "simulator"]
-
-#: NZ_DISCOVERY_TTL_SECONDS of the test proxies (tests/support/proxy_stack.py)
-DISCOVERY_TTL = 0.3
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,9 @@ __all__ = ["ProxyServer", "SimulatorServer", "running_proxy", "running_simulator
 
 _BIN = Path(sys.executable).parent
 
+#: NZ_DISCOVERY_TTL_SECONDS of the test proxies
+DISCOVERY_TTL = 0.3
+
 
 def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + timeout
@@ -135,7 +138,7 @@ def running_proxy(
         "NZ_GATEWAY_SECRET": TEST_SECRET,
         "NZ_AUDIT_SPOOL_DIR": str(spool),
         "NZ_AUDIT_FLUSH_INTERVAL_SECONDS": "0.05",
-        "NZ_DISCOVERY_TTL_SECONDS": "0.3",
+        "NZ_DISCOVERY_TTL_SECONDS": str(DISCOVERY_TTL),
         "NZ_LOG_FORMAT": "json",
         "NZ_LOG_LEVEL": "info",
         **env,

@@ -95,3 +95,20 @@ def test_changing_any_character_breaks_it() -> None:
             changed = token[:i] + replacement + token[i + 1 :]
             with pytest.raises(IdentityError):
                 verify_identity(changed, SECRET, NOW)
+
+
+def test_the_previous_secret_is_accepted_during_a_rotation() -> None:
+    old, new = b"o" * 40, b"n" * 40
+    by_old, by_new = sign_identity(_identity(), old), sign_identity(_identity(), new)
+    # a proxy that took the new secret first still accepts what old auths sign
+    assert verify_identity(by_old, new, NOW, previous_secret=old) == _identity()
+    assert verify_identity(by_new, new, NOW, previous_secret=old) == _identity()
+    with pytest.raises(IdentityError, match="bad signature"):
+        verify_identity(by_old, new, NOW)  # once the old one is dropped, it is refused
+    with pytest.raises(IdentityError, match="bad signature"):
+        verify_identity(sign_identity(_identity(), b"x" * 40), new, NOW, previous_secret=old)
+    tampered = by_old.replace(by_old.split(".")[1], by_new.split(".")[1][:-2] + "AA")
+    with pytest.raises(IdentityError):
+        verify_identity(tampered, new, NOW, previous_secret=old)
+    with pytest.raises(IdentityError, match="expired"):
+        verify_identity(by_old, new, NOW + 30_001, previous_secret=old)

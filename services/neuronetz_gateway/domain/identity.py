@@ -119,8 +119,15 @@ def sign_identity(identity: Identity, secret: bytes) -> str:
     return (signed + b"." + _b64(_mac(secret, signed))).decode()
 
 
-def verify_identity(token: str | None, secret: bytes, now_ms: int) -> Identity:
-    """Verify signature and expiry; raise :class:`IdentityError` on anything else."""
+def verify_identity(
+    token: str | None, secret: bytes, now_ms: int, *, previous_secret: bytes | None = None
+) -> Identity:
+    """Verify signature and expiry; raise :class:`IdentityError` on anything else.
+
+    ``previous_secret`` (``NZ_GATEWAY_SECRET_PREVIOUS``) is accepted too, so
+    the proxies can take a new secret before the auth replicas sign with it:
+    a rotation under traffic refuses nothing (docs/OPERATIONS.md).
+    """
     if not token:
         raise IdentityError("missing identity")
     raw = token.encode()
@@ -128,8 +135,11 @@ def verify_identity(token: str | None, secret: bytes, now_ms: int) -> Identity:
     if not signed.startswith(_VERSION + b"."):
         raise IdentityError("malformed identity")
     try:
-        expected = _mac(secret, signed)
-        if not hmac.compare_digest(expected, _unb64(signature)):
+        presented = _unb64(signature)
+        if not hmac.compare_digest(_mac(secret, signed), presented) and (
+            previous_secret is None
+            or not hmac.compare_digest(_mac(previous_secret, signed), presented)
+        ):
             raise IdentityError("bad signature")
         identity = _decoder.decode(_unb64(signed[len(_VERSION) + 1 :]))
     except (binascii.Error, ValueError, msgspec.DecodeError) as exc:

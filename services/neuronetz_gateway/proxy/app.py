@@ -116,6 +116,7 @@ def create_app(
             app.state.proxy = ProxyContext(
                 settings=settings,
                 secret=settings.gateway_secret.encode(),
+                previous_secret=settings.previous_secret(),
                 ollama=upstream,
                 limiter=limiter,
                 discovery=ModelDiscovery(

@@ -29,3 +29,4 @@ class ProxyContext:
     metrics: ProxyMetrics
     running: RunningRequests = field(default_factory=RunningRequests)
     tracing: Tracing | None = None  # None: tracing is off
+    previous_secret: bytes | None = None  # NZ_GATEWAY_SECRET_PREVIOUS, still accepted

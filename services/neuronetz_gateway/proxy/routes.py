@@ -98,7 +98,10 @@ async def serve(
     ctx: ProxyContext = scope["app"].state.proxy
     try:
         identity = verify_identity(
-            request_header(scope, _IDENTITY), ctx.secret, int(time.time() * 1000)
+            request_header(scope, _IDENTITY),
+            ctx.secret,
+            int(time.time() * 1000),
+            previous_secret=ctx.previous_secret,
         )
     except IdentityError:
         await _unauthorised(ctx, route, send)
