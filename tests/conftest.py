@@ -10,6 +10,7 @@ import asyncio
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -17,6 +18,7 @@ import pytest
 
 from neuronetz_gateway.adapters.postgres.migrate import apply_migrations
 from neuronetz_gateway.adapters.postgres.store import Store, open_pool
+from tests.support.redis_deployments import RedisDeployment, chosen_deployments, start_deployment
 from tests.support.servers import postgres_admin_url, redis_url
 
 TEST_SECRET = "test-secret-" + "x" * 40
@@ -65,6 +67,38 @@ def database_url(pg_admin_url: str) -> Iterator[str]:
 def redis_test_url() -> Iterator[str]:
     with redis_url() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def _started_redis_deployments() -> Iterator[dict[str, RedisDeployment]]:
+    """Deployments started on first use and kept for the run (stopped at its end)."""
+    started: dict[str, RedisDeployment] = {}
+    try:
+        yield started
+    finally:
+        for deployment in started.values():
+            deployment.destroy()
+
+
+@pytest.fixture(scope="session", params=chosen_deployments())
+def redis_deployment(
+    request: pytest.FixtureRequest,
+    redis_test_url: str,
+    _started_redis_deployments: dict[str, RedisDeployment],
+) -> RedisDeployment:
+    """Each Redis deployment (single, Cluster, Sentinel, TLS) in turn, for parametrised suites.
+
+    ``single`` is the run's Redis; the others are started from the local
+    binaries (``tests/support/redis_deployments.py``). ``NZ_TEST_REDIS_DEPLOYMENTS``
+    narrows the list.
+    """
+    kind: str = request.param
+    if kind == "single":
+        return RedisDeployment(kind="single", url=redis_test_url, workdir=Path(os.devnull))
+    deployment = _started_redis_deployments.get(kind)
+    if deployment is None:
+        deployment = _started_redis_deployments[kind] = start_deployment(kind)
+    return deployment
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
+from neuronetz_gateway.domain.redis_urls import SENTINEL_SCHEMES, parse_sentinel_url
+
 __all__ = ["Secret", "Settings", "SettingsError", "load_settings"]
 
 
@@ -80,6 +82,7 @@ class Settings:
     log_level: str = "info"
     log_format: str = "auto"  # auto | json | console
     redis_prefix: str = "nz"  # namespace for every Redis key (one per deployment)
+    redis_ca_file: str = ""  # CA bundle for rediss:// (empty: the system's CAs)
     # auth
     key_cache_ttl_seconds: float = 5.0
     negative_cache_ttl_seconds: float = 60.0
@@ -112,7 +115,20 @@ class Settings:
 
     def __post_init__(self) -> None:
         _check_url("database_url", self.database_url, ("postgresql", "postgres"))
-        _check_url("redis_url", self.redis_url, ("redis", "rediss", "unix"))
+        _check_url(
+            "redis_url",
+            self.redis_url,
+            ("redis", "rediss", "unix", *SENTINEL_SCHEMES),
+        )
+        if urlsplit(self.redis_url).scheme in SENTINEL_SCHEMES:
+            try:
+                parse_sentinel_url(self.redis_url)
+            except ValueError as exc:
+                raise SettingsError(f"{_env('redis_url')}: {exc}") from None
+        if self.redis_ca_file and not os.path.isfile(self.redis_ca_file):
+            raise SettingsError(
+                f"{_env('redis_ca_file')}={self.redis_ca_file!r} is not a readable file"
+            )
         _check_url("ollama_url", self.ollama_url, ("http", "https"))
         if not self.gateway_secret.get().strip():
             raise SettingsError(

@@ -35,13 +35,20 @@ from tests.integration.auth_helpers import (
     make_settings,
     running_app,
 )
+from tests.support.redis_deployments import RedisDeployment
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def settings(database_url: str, redis_test_url: str, redis_prefix: str) -> Settings:
-    return make_settings(database_url, redis_test_url, redis_prefix)
+def settings(database_url: str, redis_deployment: RedisDeployment, redis_prefix: str) -> Settings:
+    """Auth (its key cache shared in Redis) on each Redis deployment in turn."""
+    return make_settings(
+        database_url,
+        redis_deployment.url,
+        redis_prefix,
+        redis_ca_file=redis_deployment.ca_file or "",
+    )
 
 
 def _flip_checksum(key: str) -> str:

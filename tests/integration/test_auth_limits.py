@@ -13,20 +13,29 @@ import asyncpg
 import pytest
 
 from neuronetz_gateway.adapters.postgres.store import Store
-from neuronetz_gateway.adapters.redis_limiter import Limiter, open_redis
+from neuronetz_gateway.adapters.redis_client import close_redis, open_redis
+from neuronetz_gateway.adapters.redis_limiter import Limiter
 from neuronetz_gateway.domain.identity import IDENTITY_HEADER, Limits
 from neuronetz_gateway.domain.limits import seconds_until_next_day
 from neuronetz_gateway.domain.policy import PolicySettings
 from neuronetz_gateway.settings import Settings
 from tests.integration.auth_helpers import authorize, make_key, make_settings, running_app
+from tests.support.redis_deployments import RedisDeployment
 from tests.support.servers import ThrowawayRedis, free_port
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def settings(database_url: str, redis_test_url: str, redis_prefix: str) -> Settings:
-    return make_settings(database_url, redis_test_url, redis_prefix, lease_ttl_seconds=1)
+def settings(database_url: str, redis_deployment: RedisDeployment, redis_prefix: str) -> Settings:
+    """Auth on each Redis deployment in turn (single, Cluster, Sentinel, TLS)."""
+    return make_settings(
+        database_url,
+        redis_deployment.url,
+        redis_prefix,
+        lease_ttl_seconds=1,
+        redis_ca_file=redis_deployment.ca_file or "",
+    )
 
 
 async def test_fifty_concurrent_against_rpm_seven_admit_exactly_seven_per_key(
@@ -97,10 +106,10 @@ async def test_a_request_refused_by_the_tenant_consumes_nothing_of_the_key(
 
 
 async def test_a_spent_budget_refuses_until_the_next_utc_day(
-    settings: Settings, store: Store, redis_test_url: str
+    settings: Settings, store: Store
 ) -> None:
     made = await make_key(store, key=PolicySettings(daily_tokens=100))
-    redis = open_redis(redis_test_url)
+    redis = await open_redis(settings.redis_url, ca_file=settings.redis_ca_file or None)
     limiter = Limiter(redis, prefix=settings.redis_prefix, ledger=store)
     try:
         async with running_app(settings, store) as (client, _):
@@ -118,7 +127,7 @@ async def test_a_spent_budget_refuses_until_the_next_utc_day(
             refused = await authorize(client, made.full, uri="/v1/embeddings")
     finally:
         await limiter.aclose()
-        await redis.aclose()
+        await close_redis(redis)
     assert refused.status_code == 429
     error = json.loads(refused.content)["error"]
     assert error["code"] == "budget_exceeded"

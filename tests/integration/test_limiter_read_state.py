@@ -12,14 +12,15 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
-import redis.asyncio as aioredis
 
 from neuronetz_gateway.adapters.postgres.store import Store
-from neuronetz_gateway.adapters.redis_limiter import Limiter, open_redis
+from neuronetz_gateway.adapters.redis_client import RedisClient, close_redis, open_redis
+from neuronetz_gateway.adapters.redis_limiter import Limiter
 from neuronetz_gateway.domain.identity import Limits
 from neuronetz_gateway.domain.key_state import KeyState, LevelState, WindowState
 from neuronetz_gateway.domain.limits import Decision
 from tests.integration.test_redis_limiter import Clock, insert_ledger_row, new_id
+from tests.support.redis_deployments import RedisDeployment
 
 pytestmark = pytest.mark.integration
 
@@ -28,12 +29,13 @@ NOON_MS = int(NOON.timestamp() * 1000)
 
 
 @pytest.fixture
-async def redis_client(redis_test_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = open_redis(redis_test_url)
+async def redis_client(redis_deployment: RedisDeployment) -> AsyncIterator[RedisClient]:
+    """A client of each Redis deployment in turn (single, Cluster, Sentinel, TLS)."""
+    client = await open_redis(redis_deployment.url, ca_file=redis_deployment.ca_file)
     try:
         yield client
     finally:
-        await client.aclose()
+        await close_redis(client)
 
 
 @pytest.fixture
@@ -43,7 +45,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 async def limiter(
-    redis_client: aioredis.Redis, redis_prefix: str, store: Store, clock: Clock
+    redis_client: RedisClient, redis_prefix: str, store: Store, clock: Clock
 ) -> AsyncIterator[Limiter]:
     made = Limiter(redis_client, prefix=redis_prefix, ledger=store, clock=clock, timeout_seconds=10)
     try:

@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from neuronetz_gateway.adapters.postgres.store import Store
-from neuronetz_gateway.adapters.redis_limiter import Limiter, open_redis
+from neuronetz_gateway.adapters.redis_client import open_redis
+from neuronetz_gateway.adapters.redis_limiter import Limiter
 from neuronetz_gateway.domain.identity import Limits
 from tests.support.identity import IDENTITY_HEADER, signed
 from tests.support.proxy_checks import new_ids, wait_audit_rows
@@ -31,7 +32,7 @@ pytest_plugins = ["tests.support.proxy_fixtures"]
 
 @pytest.fixture
 async def limiter(redis_test_url: str, redis_prefix: str, store: Store) -> AsyncIterator[Limiter]:
-    redis = open_redis(redis_test_url)
+    redis = await open_redis(redis_test_url)
     limiter = Limiter(redis, prefix=redis_prefix, ledger=store)
     yield limiter
     await limiter.aclose()

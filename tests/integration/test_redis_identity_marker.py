@@ -9,11 +9,12 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
 from neuronetz_gateway.adapters.postgres.store import Store
-from neuronetz_gateway.adapters.redis_limiter import IdentityReplayed, Limiter, open_redis
+from neuronetz_gateway.adapters.redis_client import RedisClient, close_redis, open_redis
+from neuronetz_gateway.adapters.redis_limiter import IdentityReplayed, Limiter
 from neuronetz_gateway.domain.identity import Limits
+from tests.support.redis_deployments import RedisDeployment
 
 pytestmark = pytest.mark.integration
 
@@ -26,17 +27,18 @@ def new_id() -> int:
 
 
 @pytest.fixture
-async def redis_client(redis_test_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = open_redis(redis_test_url)
+async def redis_client(redis_deployment: RedisDeployment) -> AsyncIterator[RedisClient]:
+    """A client of each Redis deployment in turn (single, Cluster, Sentinel, TLS)."""
+    client = await open_redis(redis_deployment.url, ca_file=redis_deployment.ca_file)
     try:
         yield client
     finally:
-        await client.aclose()
+        await close_redis(client)
 
 
 @pytest.fixture
 async def limiter(
-    redis_client: aioredis.Redis, redis_prefix: str, store: Store
+    redis_client: RedisClient, redis_prefix: str, store: Store
 ) -> AsyncIterator[Limiter]:
     made = Limiter(redis_client, prefix=redis_prefix, ledger=store, timeout_seconds=10.0)
     try:
@@ -61,7 +63,7 @@ async def _reserve(limiter: Limiter, tenant: int, request_id: str, **extra: Any)
     )
 
 
-async def _total(redis_client: aioredis.Redis, prefix: str, tenant: int) -> int:
+async def _total(redis_client: RedisClient, prefix: str, tenant: int) -> int:
     value = await redis_client.get(f"{prefix}:{{t{tenant}}}:bud:k1:total")
     return int(value or 0)
 
@@ -98,7 +100,7 @@ async def test_concurrent_claims_of_one_identity_let_exactly_one_through(
 
 
 async def test_reserve_claims_in_its_own_script_and_a_replay_records_nothing(
-    limiter: Limiter, redis_client: aioredis.Redis, redis_prefix: str
+    limiter: Limiter, redis_client: RedisClient, redis_prefix: str
 ) -> None:
     tenant, request_id = new_id(), secrets.token_hex(16)
     # the first decision finds the budget counter missing and rebuilds it from the
@@ -148,7 +150,7 @@ async def test_reserve_without_a_claim_leaves_the_identity_unused(limiter: Limit
 
 @pytest.mark.parametrize("claim", ["beside", "in_reserve"])
 async def test_the_marker_lives_in_the_tenant_slot_until_the_identity_expires(
-    limiter: Limiter, redis_client: aioredis.Redis, redis_prefix: str, claim: str
+    limiter: Limiter, redis_client: RedisClient, redis_prefix: str, claim: str
 ) -> None:
     tenant, request_id = new_id(), secrets.token_hex(16)
     expires = _expiry(5.0)

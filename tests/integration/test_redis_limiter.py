@@ -18,9 +18,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from neuronetz_gateway.adapters.postgres.store import LedgerTotals, Store, open_pool
-from neuronetz_gateway.adapters.redis_limiter import Limiter, LimiterUnavailable, open_redis
+from neuronetz_gateway.adapters.redis_client import RedisClient, close_redis, open_redis
+from neuronetz_gateway.adapters.redis_limiter import Limiter, LimiterUnavailable
 from neuronetz_gateway.domain.identity import Limits
 from neuronetz_gateway.domain.limits import Decision
+from tests.support.redis_deployments import RedisDeployment
 from tests.support.servers import ThrowawayRedis, free_port
 
 pytestmark = pytest.mark.integration
@@ -48,12 +50,13 @@ def new_id() -> int:
 
 
 @pytest.fixture
-async def redis_client(redis_test_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = open_redis(redis_test_url)
+async def redis_client(redis_deployment: RedisDeployment) -> AsyncIterator[RedisClient]:
+    """A client of each deployment in turn: every test using it runs on all of them."""
+    client = await open_redis(redis_deployment.url, ca_file=redis_deployment.ca_file)
     try:
         yield client
     finally:
-        await client.aclose()
+        await close_redis(client)
 
 
 MakeLimiter = Callable[..., Limiter]
@@ -61,7 +64,7 @@ MakeLimiter = Callable[..., Limiter]
 
 @pytest.fixture
 async def make_limiter(
-    redis_client: aioredis.Redis, redis_prefix: str, store: Store
+    redis_client: RedisClient, redis_prefix: str, store: Store
 ) -> AsyncIterator[MakeLimiter]:
     made: list[Limiter] = []
 
@@ -252,7 +255,7 @@ async def test_tenant_concurrency_lease_is_released_at_both_levels(
 
 
 async def test_settle_releases_the_lease_in_the_same_round_trip(
-    make_limiter: MakeLimiter, redis_client: aioredis.Redis, redis_prefix: str
+    make_limiter: MakeLimiter, redis_client: RedisClient, redis_prefix: str
 ) -> None:
     limiter = make_limiter(clock=Clock(NOON))
     tenant, key = new_id(), new_id()
@@ -302,7 +305,7 @@ async def test_unreleased_lease_comes_back_after_ttl_unless_renewed(
 
 
 async def test_no_limits_means_no_state(
-    make_limiter: MakeLimiter, redis_client: aioredis.Redis, redis_prefix: str
+    make_limiter: MakeLimiter, redis_client: RedisClient, redis_prefix: str
 ) -> None:
     limiter = make_limiter()
     tenant, key = new_id(), new_id()
@@ -528,7 +531,7 @@ async def test_settle_never_drives_a_counter_negative(make_limiter: MakeLimiter)
 
 
 async def test_redis_layout_and_expiries(
-    make_limiter: MakeLimiter, redis_client: aioredis.Redis, redis_prefix: str
+    make_limiter: MakeLimiter, redis_client: RedisClient, redis_prefix: str
 ) -> None:
     limiter = make_limiter()
     tenant, key = new_id(), new_id()
@@ -567,7 +570,7 @@ async def own_redis() -> AsyncIterator[ThrowawayRedis]:
 async def test_budget_survives_flushall_through_the_ledger(
     own_redis: ThrowawayRedis, store: Store, redis_prefix: str
 ) -> None:
-    client = open_redis(own_redis.url)
+    client = await open_redis(own_redis.url)
     now = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
     limiter = Limiter(
         client,
@@ -621,7 +624,7 @@ class CountingLedger:
 
 
 async def test_concurrent_rebuilds_share_one_ledger_query_per_level(
-    store: Store, redis_client: aioredis.Redis, redis_prefix: str
+    store: Store, redis_client: RedisClient, redis_prefix: str
 ) -> None:
     ledger = CountingLedger(store)
     limiter = Limiter(
@@ -647,7 +650,7 @@ async def test_concurrent_rebuilds_share_one_ledger_query_per_level(
 async def test_rebuild_fails_closed_when_the_ledger_is_down(
     make_limiter: MakeLimiter,
     database_url: str,
-    redis_client: aioredis.Redis,
+    redis_client: RedisClient,
     redis_prefix: str,
 ) -> None:
     pool = await open_pool(database_url, min_size=1, max_size=1)
@@ -678,7 +681,7 @@ async def test_redis_down_fails_closed_fast_and_recovers_without_restart(
 ) -> None:
     port = free_port()
     server = ThrowawayRedis(port=port)
-    client = open_redis(server.url)
+    client = await open_redis(server.url)
     now = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
     limiter = Limiter(client, prefix=redis_prefix, ledger=store, clock=Clock(now.timestamp()))
     tenant, key = new_id(), new_id()

@@ -14,7 +14,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from neuronetz_gateway.adapters.postgres.store import Store
-from neuronetz_gateway.adapters.redis_limiter import Limiter, LimiterUnavailable, open_redis
+from neuronetz_gateway.adapters.redis_client import open_redis
+from neuronetz_gateway.adapters.redis_limiter import Limiter, LimiterUnavailable
 from neuronetz_gateway.adapters.redis_pipeline import PipelinedRedis
 from neuronetz_gateway.domain.identity import Limits
 from tests.support.servers import ThrowawayRedis
@@ -26,7 +27,7 @@ SCRIPT = "return {KEYS[1], ARGV[1]}"
 
 @pytest.fixture
 async def pipelined(redis_test_url: str) -> AsyncIterator[PipelinedRedis]:
-    client = open_redis(redis_test_url)
+    client = await open_redis(redis_test_url)
     wire = PipelinedRedis.for_client(client, timeout_seconds=5.0)
     assert wire is not None
     try:
@@ -85,7 +86,7 @@ async def test_a_caller_that_gives_up_does_not_shift_the_replies(
 
 
 async def test_every_command_is_bounded_by_the_timeout(redis_test_url: str) -> None:
-    client = open_redis(redis_test_url)
+    client = await open_redis(redis_test_url)
     wire = PipelinedRedis.for_client(client, timeout_seconds=0.3)
     assert wire is not None
     try:
@@ -178,7 +179,7 @@ async def test_a_silent_server_fails_every_waiter_within_the_timeout_then_reconn
 
 
 async def test_a_closed_client_refuses_commands(redis_test_url: str) -> None:
-    client = open_redis(redis_test_url)
+    client = await open_redis(redis_test_url)
     wire = PipelinedRedis.for_client(client, timeout_seconds=1.0)
     assert wire is not None
     assert await wire.execute("PING") == b"PONG"
@@ -189,8 +190,11 @@ async def test_a_closed_client_refuses_commands(redis_test_url: str) -> None:
     await client.aclose()
 
 
-def test_set_ups_it_does_not_speak_are_left_to_redis_py() -> None:
-    assert PipelinedRedis.for_client(aioredis.Redis.from_url("rediss://127.0.0.1:1/0"), 1.0) is None
+def test_tcp_tls_and_unix_are_spoken_the_rest_left_to_redis_py() -> None:
+    tls = PipelinedRedis.for_client(aioredis.Redis.from_url("rediss://127.0.0.1:1/0"), 1.0)
+    assert tls is not None and tls.tls
+    plain = PipelinedRedis.for_client(aioredis.Redis.from_url("redis://127.0.0.1:1/0"), 1.0)
+    assert plain is not None and not plain.tls
     unix = PipelinedRedis.for_client(aioredis.Redis.from_url("unix:///tmp/nz.sock?db=3"), 1.0)
     assert unix is not None
 

@@ -38,12 +38,10 @@ from datetime import UTC, datetime
 from importlib.resources import files
 from typing import Any, Protocol, TypeVar
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from neuronetz_gateway.adapters.postgres.store import LedgerTotals
+from neuronetz_gateway.adapters.redis_client import RedisClient
 from neuronetz_gateway.adapters.redis_pipeline import PipelinedRedis, RedisArg
 from neuronetz_gateway.domain.identity import Allowance, Limits
 from neuronetz_gateway.domain.key_state import KeyState, LevelState, WindowState, window_reset_ms
@@ -62,7 +60,7 @@ from neuronetz_gateway.domain.limits import (
     tpm_retry_after,
 )
 
-__all__ = ["IdentityReplayed", "LedgerSource", "Limiter", "LimiterUnavailable", "open_redis"]
+__all__ = ["IdentityReplayed", "LedgerSource", "Limiter", "LimiterUnavailable"]
 
 _DAILY_BUDGET_TTL_S = 2 * 86_400
 _MONTHLY_BUDGET_TTL_S = 32 * 86_400
@@ -116,24 +114,6 @@ class LedgerSource(Protocol):
         ...
 
 
-def open_redis(url: str, *, timeout_seconds: float = 1.0) -> aioredis.Redis:
-    """A client suited to the limiter: short socket timeouts, no retry loops.
-
-    redis-py's default retries with backoff would hold a request for seconds
-    while Redis is down; the limiter wants to fail fast and let the caller
-    answer 503. Broken connections are replaced on the next call, so the
-    client recovers by itself when Redis comes back.
-    """
-    client: aioredis.Redis = aioredis.Redis.from_url(
-        url,
-        socket_timeout=timeout_seconds,
-        socket_connect_timeout=timeout_seconds,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=30,
-    )
-    return client
-
-
 class _Commands(Protocol):
     """What the limiter sends: any command, and scripts by SHA."""
 
@@ -147,22 +127,26 @@ class _Commands(Protocol):
 
 
 class _RedisPyCommands:
-    """The same through redis-py, for set-ups the pipelined client does not speak (TLS...)."""
+    """The same through redis-py, for set-ups the pipelined client does not speak.
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    A Cluster (redis-py routes each script by its keys' slot, following
+    MOVED/ASK) and Sentinel (it asks the sentinels for the master).
+    """
+
+    def __init__(self, client: RedisClient) -> None:
         self._client = client
 
     async def execute(self, *args: RedisArg) -> Any:
-        return await self._client.execute_command(*args)  # type: ignore[no-untyped-call]
+        return await self._client.execute_command(*args)
 
     async def evalsha(
         self, sha: str, script: str, keys: Sequence[RedisArg], args: Sequence[RedisArg]
     ) -> Any:
         run = self._client.execute_command
         try:
-            return await run("EVALSHA", sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+            return await run("EVALSHA", sha, len(keys), *keys, *args)
         except NoScriptError:
-            return await run("EVAL", script, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+            return await run("EVAL", script, len(keys), *keys, *args)
 
     async def aclose(self) -> None:
         """The client belongs to the caller."""
@@ -282,7 +266,7 @@ class Limiter:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         *,
         prefix: str = "nz",
         ledger: LedgerSource,

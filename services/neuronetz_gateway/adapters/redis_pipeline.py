@@ -32,14 +32,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ssl
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import hiredis
-import redis.asyncio as aioredis
-from redis.asyncio.connection import Connection, UnixDomainSocketConnection
+from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+
+from neuronetz_gateway.adapters.redis_client import RedisClient
 
 __all__ = ["PipelinedRedis", "RedisArg"]
 
@@ -184,7 +186,8 @@ class PipelinedRedis:
     """Commands from every caller of one process, pipelined over one connection.
 
     ``host``/``port`` (or a Unix socket ``path``), optional ``username`` /
-    ``password`` (``AUTH``) and ``db`` (``SELECT``). ``timeout_seconds``
+    ``password`` (``AUTH``) and ``db`` (``SELECT``); ``tls``, an SSL context
+    for a ``rediss://`` server (its name is checked against ``host``). ``timeout_seconds``
     bounds connecting and how long Redis may stay silent while it owes
     replies. Use :meth:`for_client` to talk to the server a redis-py client
     is configured for.
@@ -200,6 +203,7 @@ class PipelinedRedis:
         username: str | None = None,
         password: str | None = None,
         timeout_seconds: float = 1.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if timeout_seconds <= 0:
             raise ValueError("timeout must be positive")
@@ -210,18 +214,22 @@ class PipelinedRedis:
         self._username = username
         self._password = password
         self._timeout = timeout_seconds
+        self._tls = tls
         self._wire: _Wire | None = None
         self._connecting: asyncio.Task[_Wire] | None = None
         self._closed = False
 
     @classmethod
-    def for_client(cls, client: aioredis.Redis, timeout_seconds: float) -> PipelinedRedis | None:
-        """The same server as redis-py ``client`` (plain TCP or Unix socket), else ``None``.
+    def for_client(cls, client: RedisClient, timeout_seconds: float) -> PipelinedRedis | None:
+        """The same server as redis-py ``client`` (TCP, TLS or Unix socket), else ``None``.
 
-        TLS, Sentinel, credential providers and other set-ups this client
-        does not speak return ``None``: the caller keeps using redis-py.
+        A Cluster, Sentinel, credential providers and other set-ups this
+        client does not speak return ``None``: the caller keeps using redis-py
+        (which follows slot maps and failovers).
         """
-        pool = client.connection_pool
+        pool = getattr(client, "connection_pool", None)
+        if pool is None:  # a RedisCluster: one pool per node
+            return None
         kwargs = pool.connection_kwargs
         if kwargs.get("credential_provider") is not None:
             return None
@@ -235,9 +243,19 @@ class PipelinedRedis:
             return cls(
                 host=kwargs.get("host", "localhost"), port=int(kwargs.get("port", 6379)), **common
             )
+        if pool.connection_class is SSLConnection:
+            # the context redis-py would build from the same settings (CA file, checks)
+            context = SSLConnection(**kwargs).ssl_context.get()
+            host = kwargs.get("host", "localhost")
+            return cls(host=host, port=int(kwargs.get("port", 6379)), tls=context, **common)
         if pool.connection_class is UnixDomainSocketConnection:
             return cls(path=kwargs["path"], **common)
         return None
+
+    @property
+    def tls(self) -> bool:
+        """Whether the connection is TLS (``rediss://``)."""
+        return self._tls is not None
 
     async def execute(self, *args: RedisArg) -> Any:
         """Send one command and return its reply (bytes, int, list...; errors raise).
@@ -299,7 +317,13 @@ class PipelinedRedis:
                 if self._path is not None:
                     await loop.create_unix_connection(lambda: wire, self._path)
                 else:
-                    await loop.create_connection(lambda: wire, self._host, self._port)
+                    await loop.create_connection(
+                        lambda: wire,
+                        self._host,
+                        self._port,
+                        ssl=self._tls,
+                        server_hostname=self._host if self._tls is not None else None,
+                    )
                 deadline = loop.time() + self._timeout
                 if self._password is not None:
                     credentials = (

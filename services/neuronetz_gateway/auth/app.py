@@ -22,16 +22,14 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
-import redis.asyncio as aioredis
 from litestar import Litestar, Response, get
 from litestar.handlers import asgi
 from litestar.types import Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from neuronetz_gateway.adapters.hashing import KeyHasher
 from neuronetz_gateway.adapters.postgres.store import Store, open_pool
+from neuronetz_gateway.adapters.redis_client import RedisClient, close_redis, open_redis
 from neuronetz_gateway.adapters.redis_limiter import Limiter
 from neuronetz_gateway.auth import responses
 from neuronetz_gateway.auth.authorize import Authorizer, DecisionRequest
@@ -60,7 +58,7 @@ class AuthService:
         self.settings = settings
         self.metrics = metrics
         self.store: Store | None = None
-        self.redis: aioredis.Redis | None = None
+        self.redis: RedisClient | None = None
         self.verifier: KeyVerifier | None = None
         self.authorizer: Authorizer | None = None
         self.listener: KeyEventListener | None = None
@@ -70,7 +68,7 @@ def create_app(
     settings: Settings,
     *,
     store: Store | None = None,
-    redis: aioredis.Redis | None = None,
+    redis: RedisClient | None = None,
     hasher: KeyHasher | None = None,
     limiter: Limiter | None = None,
     metrics: AuthMetrics | None = None,
@@ -142,7 +140,7 @@ async def _wire(
     service: AuthService,
     stack: AsyncExitStack,
     store: Store | None,
-    redis: aioredis.Redis | None,
+    redis: RedisClient | None,
     hasher: KeyHasher | None,
     limiter: Limiter | None,
     clock: Callable[[], float],
@@ -157,8 +155,10 @@ async def _wire(
         stack.push_async_callback(pool.close)
         store = Store(pool)
     if redis is None:
-        redis = open_shared_redis(settings.redis_url, settings.decision_timeout_seconds)
-        stack.push_async_callback(_close_redis, redis)
+        redis = await open_shared_redis(
+            settings.redis_url, settings.decision_timeout_seconds, settings.redis_ca_file or None
+        )
+        stack.push_async_callback(close_redis, redis)
     if limiter is None:
         limiter = Limiter(
             redis,
@@ -213,7 +213,9 @@ async def _wire(
         await listener.wait_listening(_LISTENER_STARTUP_WAIT_SECONDS)
 
 
-def open_shared_redis(url: str, timeout_seconds: float) -> aioredis.Redis:
+async def open_shared_redis(
+    url: str, timeout_seconds: float, ca_file: str | None = None
+) -> RedisClient:
     """A Redis client for many concurrent decisions: callers queue for a connection.
 
     redis-py's default pool raises "Too many connections" at once when its
@@ -221,21 +223,12 @@ def open_shared_redis(url: str, timeout_seconds: float) -> aioredis.Redis:
     blocking pool makes the extra callers wait (within the decision timeout).
     No retry loops: a failing Redis must fail the decision fast (503).
     """
-    pool: aioredis.BlockingConnectionPool = aioredis.BlockingConnectionPool.from_url(
+    return await open_redis(
         url,
+        timeout_seconds=timeout_seconds,
+        ca_file=ca_file,
         max_connections=_REDIS_MAX_CONNECTIONS,
-        timeout=timeout_seconds,
-        socket_timeout=timeout_seconds,
-        socket_connect_timeout=timeout_seconds,
-        health_check_interval=30,
     )
-    client: aioredis.Redis = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
-    return client
-
-
-async def _close_redis(client: aioredis.Redis) -> None:
-    # the pool was passed in, so the client would leave its connections open
-    await client.aclose(close_connection_pool=True)
 
 
 def _set_use_local(verifier: KeyVerifier) -> Callable[[bool], None]:

@@ -18,13 +18,15 @@ Redis layout (one hash tag, ``{kc}``, so every script touches one slot)::
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
+from neuronetz_gateway.adapters.redis_client import RedisClient
 from neuronetz_gateway.domain.identity import Limits, OptionCaps
 
 __all__ = ["LocalKeyCache", "RedisKeyCache", "VerifiedKey"]
@@ -164,30 +166,66 @@ redis.call('DEL', KEYS[1])
 return #fps
 """
 
+# KEYS: entry. The entry and the time of the node that holds it (the {kc} slot's
+# master), in one round trip; a script, because a Cluster pipeline refuses TIME.
+_GET_LUA = """
+local t = redis.call('TIME')
+return {redis.call('GET', KEYS[1]), t[1], t[2]}
+"""
+
+# KEYS: the whole-cache eviction marker; ARGV: its ttl ms. Returns the node's time in ms.
+_MARK_ALL_LUA = """
+local t = redis.call('TIME')
+local now_ms = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('SET', KEYS[1], now_ms, 'PX', ARGV[1])
+return now_ms
+"""
+
 _MARKER_TTL_MS = 120_000  # longer than any lookup may take (decision timeout, Argon2 queue)
+
+
+class _Script:
+    """A Lua script run by SHA; a Redis without it (restart, flush) gets its text instead.
+
+    One round trip either way: a burst of first calls after a restart must not
+    turn into a burst of SCRIPT LOADs, as redis-py's ``Script`` would.
+    """
+
+    __slots__ = ("_redis", "_sha", "_text")
+
+    def __init__(self, redis: RedisClient, text: str) -> None:
+        self._redis = redis
+        self._text = text
+        self._sha = hashlib.sha1(text.encode()).hexdigest()  # noqa: S324 - Redis's script id
+
+    async def __call__(self, *, keys: list[str], args: Sequence[Any] = ()) -> Any:
+        run = self._redis.execute_command
+        try:
+            return await run("EVALSHA", self._sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await run("EVAL", self._text, len(keys), *keys, *args)
 
 
 class RedisKeyCache:
     """The verified-key cache in Redis, shared by every auth replica."""
 
-    def __init__(self, redis: aioredis.Redis, *, prefix: str, ttl_seconds: float) -> None:
+    def __init__(self, redis: RedisClient, *, prefix: str, ttl_seconds: float) -> None:
         self._redis = redis
         self._base = f"{prefix}:{{kc}}"
         self._ttl_ms = int(ttl_seconds * 1000)
-        self._put = redis.register_script(_PUT_LUA)
-        self._evict = redis.register_script(_EVICT_LUA)
+        self._put = _Script(redis, _PUT_LUA)
+        self._evict = _Script(redis, _EVICT_LUA)
+        self._get = _Script(redis, _GET_LUA)
+        self._mark_all = _Script(redis, _MARK_ALL_LUA)
 
     def _entry(self, fp: str) -> str:
         return f"{self._base}:e:{fp}"
 
     async def get(self, fp: str) -> tuple[VerifiedKey | None, int]:
         """The cached key (or ``None``) and Redis's time in ms, in one round trip."""
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.get(self._entry(fp))
-        pipe.time()
-        raw, (seconds, micros) = await pipe.execute()
+        raw, seconds, micros = await self._get(keys=[self._entry(fp)])
         now_ms = int(seconds) * 1000 + int(micros) // 1000
-        if raw is None:
+        if not raw:  # Lua turns a missing entry (nil) into false
             return None, now_ms
         try:
             return _decode(raw), now_ms
@@ -219,9 +257,7 @@ class RedisKeyCache:
 
     async def flush(self) -> None:
         """Delete every entry and index (after a listener gap nothing cached is trusted)."""
-        seconds, micros = await self._redis.time()
-        now_ms = int(seconds) * 1000 + int(micros) // 1000
-        await self._redis.set(f"{self._base}:ev:all", now_ms, px=_MARKER_TTL_MS)
+        await self._mark_all(keys=[f"{self._base}:ev:all"], args=[_MARKER_TTL_MS])
         batch: list[Any] = []
         for pattern in (f"{self._base}:e:*", f"{self._base}:i*"):
             async for name in self._redis.scan_iter(match=pattern, count=1000):

@@ -25,7 +25,8 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from neuronetz_gateway.adapters.audit_writer import AuditWriter
 from neuronetz_gateway.adapters.ollama_client import OllamaClient
 from neuronetz_gateway.adapters.postgres.store import Store, open_pool
-from neuronetz_gateway.adapters.redis_limiter import Limiter, open_redis
+from neuronetz_gateway.adapters.redis_client import close_redis, open_redis
+from neuronetz_gateway.adapters.redis_limiter import Limiter
 from neuronetz_gateway.domain.dialect import error_body
 from neuronetz_gateway.fast_paths import FastPathLitestar
 from neuronetz_gateway.logging import configure_logging, get_logger
@@ -79,10 +80,12 @@ def create_app(
                 stack.push_async_callback(db.close)
             client = redis
             if client is None:
-                client = open_redis(
-                    settings.redis_url, timeout_seconds=settings.decision_timeout_seconds
+                client = await open_redis(
+                    settings.redis_url,
+                    timeout_seconds=settings.decision_timeout_seconds,
+                    ca_file=settings.redis_ca_file or None,
                 )
-                stack.push_async_callback(client.aclose)
+                stack.push_async_callback(close_redis, client)
             upstream = ollama
             if upstream is None:
                 upstream = OllamaClient(
