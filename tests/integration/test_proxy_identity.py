@@ -123,7 +123,7 @@ def test_malformed_openai_body_is_400_in_openai_shape(
     assert sim.forwarded() == []
 
 
-async def test_oversized_body_is_413_before_anything_is_sent(
+async def test_oversized_body_is_413_and_nothing_is_forwarded(
     proxy: ProxyServer, sim: SimulatorServer, store: Store
 ) -> None:
     ids = new_ids()
@@ -138,6 +138,10 @@ async def test_oversized_body_is_413_before_anything_is_sent(
         ).encode()
         + b'{"model": "llama3.2", "messages": ['
     )
+    await writer.drain()
+    # The proxy reads and drops a refused body before it answers (so that Caddy,
+    # in front, relays the 413 instead of a reset turned 503): send all of it.
+    writer.write(b" " * (declared - len(b'{"model": "llama3.2", "messages": [')))
     await writer.drain()
     status_line = await asyncio.wait_for(reader.readline(), 5)
     rest = await asyncio.wait_for(reader.read(4096), 5)
