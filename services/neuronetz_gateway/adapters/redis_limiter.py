@@ -38,10 +38,11 @@ from datetime import UTC, datetime
 from importlib.resources import files
 from typing import Any, Protocol, TypeVar
 
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from neuronetz_gateway.adapters.postgres.store import LedgerTotals
 from neuronetz_gateway.adapters.redis_client import RedisClient
+from neuronetz_gateway.adapters.redis_commands import RedisCommands, command_channel
 from neuronetz_gateway.adapters.redis_pipeline import PipelinedRedis, RedisArg
 from neuronetz_gateway.domain.identity import Allowance, Limits
 from neuronetz_gateway.domain.key_state import KeyState, LevelState, WindowState, window_reset_ms
@@ -122,44 +123,6 @@ class LedgerSource(Protocol):
     ) -> LedgerTotals:
         """Tokens spent today / this month / ever by a key (``key_id=None``: the tenant)."""
         ...
-
-
-class _Commands(Protocol):
-    """What the limiter sends: any command, and scripts by SHA."""
-
-    async def execute(self, *args: RedisArg) -> Any: ...
-
-    async def evalsha(
-        self, sha: str, script: str, keys: Sequence[RedisArg], args: Sequence[RedisArg]
-    ) -> Any: ...
-
-    async def aclose(self) -> None: ...
-
-
-class _RedisPyCommands:
-    """The same through redis-py, for set-ups the pipelined client does not speak.
-
-    A Cluster (redis-py routes each script by its keys' slot, following
-    MOVED/ASK) and Sentinel (it asks the sentinels for the master).
-    """
-
-    def __init__(self, client: RedisClient) -> None:
-        self._client = client
-
-    async def execute(self, *args: RedisArg) -> Any:
-        return await self._client.execute_command(*args)
-
-    async def evalsha(
-        self, sha: str, script: str, keys: Sequence[RedisArg], args: Sequence[RedisArg]
-    ) -> Any:
-        run = self._client.execute_command
-        try:
-            return await run("EVALSHA", sha, len(keys), *keys, *args)
-        except NoScriptError:
-            return await run("EVAL", script, len(keys), *keys, *args)
-
-    async def aclose(self) -> None:
-        """The client belongs to the caller."""
 
 
 def _text(value: Any) -> str:
@@ -288,9 +251,9 @@ class Limiter:
         if lease_ttl_seconds <= 0 or timeout_seconds <= 0 or ledger_timeout_seconds <= 0:
             raise ValueError("lease TTL and timeouts must be positive")
         self._redis = redis
-        pipelined = PipelinedRedis.for_client(redis, timeout_seconds)
-        self._commands: _Commands = pipelined if pipelined is not None else _RedisPyCommands(redis)
-        self._bounded = pipelined is not None  # it enforces the timeout per command
+        self._commands: RedisCommands = command_channel(redis, timeout_seconds)
+        # the pipelined client enforces the timeout per command
+        self._bounded = isinstance(self._commands, PipelinedRedis)
         self._prefix = prefix
         self._ledger = ledger
         self._clock = clock
