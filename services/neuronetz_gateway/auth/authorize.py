@@ -40,7 +40,7 @@ from neuronetz_gateway.domain.key_info import KEY_INFO_ROUTES, allowance_of
 from neuronetz_gateway.domain.key_state import KeyState
 from neuronetz_gateway.domain.limits import Decision
 from neuronetz_gateway.domain.routes import Outcome, RouteMatch, classify
-from neuronetz_gateway.logging import get_logger
+from neuronetz_gateway.logging import get_logger, info_line
 from neuronetz_gateway.tracing import Tracing
 
 __all__ = ["Authorizer", "DecisionRequest", "new_request_id", "presented_key"]
@@ -137,14 +137,11 @@ class Authorizer:
         client_id = request.client_request_id
         if client_id is not None and _SANE_CLIENT_ID.fullmatch(client_id):
             fields["client_request_id"] = client_id
-        log.info(
-            "authorize",
-            **fields,
-            status=answer.status,
-            outcome=outcome,
-            reason=reason,
-            latency_ms=round(elapsed * 1000, 3),
-        )
+        fields["status"] = answer.status
+        fields["outcome"] = outcome
+        fields["reason"] = reason
+        fields["latency_ms"] = round(elapsed * 1000, 3)
+        info_line(log, "authorize", fields)
         return answer
 
     async def _decide(

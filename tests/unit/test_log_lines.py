@@ -1,0 +1,95 @@
+"""The hot path's log line: written directly in the JSON setup, the same line structlog writes."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from neuronetz_gateway import logging as nz_logging
+
+FIELDS = {"request_id": "abc", "route": "chat", "status": 200, "latency_ms": 0.25}
+
+
+@pytest.fixture
+def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    yield
+    structlog.reset_defaults()
+    monkeypatch.setattr(nz_logging._Direct, "writer", None)
+
+
+@pytest.fixture
+def log_file(tmp_path: Path) -> Iterator[TextIO]:
+    with (tmp_path / "stderr.log").open("a") as file:
+        yield file
+
+
+def _stderr_file(file: TextIO, monkeypatch: pytest.MonkeyPatch) -> TextIO:
+    """A real file (with a descriptor) as stderr, appended to by both writers.
+
+    Set inside the test: pytest's capture sets ``sys.stderr`` anew in every phase.
+    """
+    monkeypatch.setattr(sys, "stderr", file)
+    return file
+
+
+def _lines(file: TextIO) -> list[dict[str, object]]:
+    file.flush()
+    text = Path(file.name).read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_json_setup_writes_the_line_itself_with_structlogs_keys(
+    log_file: TextIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    file = _stderr_file(log_file, monkeypatch)
+    nz_logging.configure_logging("info", "json")
+    assert nz_logging._Direct.writer is not None  # the direct writer is in force
+    log = nz_logging.get_logger("test")
+    nz_logging.info_line(log, "authorize", FIELDS)
+    log.info("authorize", **FIELDS)  # the same event through structlog's chain
+    direct, chained = _lines(file)
+    assert list(direct) == list(chained)  # same keys, same order
+    for key in (*FIELDS, "event", "level"):
+        assert direct[key] == chained[key]
+    stamp = str(direct["timestamp"])
+    assert stamp.endswith("Z") and len(stamp) == len("2026-12-02T16:19:08.123456Z")
+    assert stamp[:16] == str(chained["timestamp"])[:16]
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_level_above_info_writes_nothing(log_file: TextIO, monkeypatch: pytest.MonkeyPatch) -> None:
+    file = _stderr_file(log_file, monkeypatch)
+    nz_logging.configure_logging("warning", "json")
+    nz_logging.info_line(nz_logging.get_logger("test"), "authorize", FIELDS)
+    assert _lines(file) == []
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_reconfigured_structlog_gets_the_event(
+    log_file: TextIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    file = _stderr_file(log_file, monkeypatch)
+    nz_logging.configure_logging("info", "json")
+    with capture_logs() as logs:
+        nz_logging.info_line(structlog.get_logger("fresh"), "authorize", FIELDS)
+    assert logs == [{**FIELDS, "event": "authorize", "log_level": "info"}]
+    assert _lines(file) == []
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_console_format_goes_through_structlog(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    nz_logging.configure_logging("info", "console")
+    assert nz_logging._Direct.writer is None
+    nz_logging.info_line(nz_logging.get_logger("test"), "authorize", FIELDS)
+    assert "authorize" in out.getvalue() and "request_id" in out.getvalue()
