@@ -92,7 +92,8 @@ def schema_errors(dash: dict[str, Any]) -> list[str]:
             if custom is not None:
                 check(field_config, custom, f"panels/{i}/fieldConfig/defaults/custom")
         for j, target in enumerate(panel.get("targets", [])):
-            if isinstance(target, dict) and target.get("datasource", {}).get("type") == "prometheus":
+            source = target.get("datasource", {}) if isinstance(target, dict) else {}
+            if source.get("type") == "prometheus":
                 check(query, target, f"panels/{i}/targets/{j}")
     return found
 
