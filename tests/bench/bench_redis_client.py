@@ -53,12 +53,13 @@ from pathlib import Path
 from typing import Any
 
 from neuronetz_gateway.adapters.redis_client import RedisClient, close_redis, open_redis
+from neuronetz_gateway.adapters.redis_limiter import limiter_script
 from neuronetz_gateway.adapters.redis_pipeline import PipelinedRedis
 from tests.bench.litellm_peer import _base_python
 from tests.support.redis_deployments import RedisDeployment, start_deployment
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = (ROOT / "services/neuronetz_gateway/adapters/lua/decide.lua").read_text()
+SCRIPT = limiter_script("decide.lua")
 SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
 HIGH = [1_000_000_000, 10**15, 1_000_000, 10**15, 10**15, 10**15]
 EXTRAS_VENV = ROOT / ".bench" / "redis-clients-venv"

@@ -1,11 +1,11 @@
-"""The domain stays pure: no module under ``domain/`` imports an I/O library."""
+"""Layering: the domain stays pure, the proxy's steps depend on ports, not adapters."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-from neuronetz_gateway import domain
+from neuronetz_gateway import domain, proxy
 
 FORBIDDEN = {
     "aiohttp",
@@ -21,6 +21,23 @@ FORBIDDEN = {
     "structlog",
     "argon2",
 }
+
+
+#: The proxy modules allowed to import adapters: the composition root, the ports
+#: (which re-export the adapters' error types), and the two background readers
+#: that talk to Ollama's /api/tags and Postgres' LISTEN themselves.
+PROXY_EDGES = {"app.py", "ports.py", "discovery.py", "revocation.py"}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    modules: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            modules.add(node.module)
+    return modules
 
 
 def _imported_roots(path: Path) -> set[str]:
@@ -50,3 +67,32 @@ def test_the_check_catches_an_offender(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text("import redis.asyncio\nfrom httpx import AsyncClient\n")
     assert _imported_roots(bad) & FORBIDDEN == {"redis", "httpx"}
+
+
+def test_domain_imports_no_adapter_nor_service() -> None:
+    folder = Path(domain.__file__).parent
+    offenders = {
+        p.name: sorted(m for m in _imported_modules(p) if m.split(".")[1:2] != ["domain"])
+        for p in folder.glob("*.py")
+        if any(
+            m.startswith("neuronetz_gateway.") and m.split(".")[1] != "domain"
+            for m in _imported_modules(p)
+        )
+    }
+    assert offenders == {}
+
+
+def test_proxy_steps_depend_on_ports_not_adapters() -> None:
+    folder = Path(proxy.__file__).parent
+    modules = sorted(p for p in folder.glob("*.py") if p.name not in PROXY_EDGES)
+    assert len(modules) > 8
+    offenders = {
+        p.name: sorted(
+            m
+            for m in _imported_modules(p)
+            if m.startswith(("neuronetz_gateway.adapters", "neuronetz_gateway.auth"))
+            or m.split(".")[0] in FORBIDDEN - {"asyncio", "litestar"}
+        )
+        for p in modules
+    }
+    assert {name: found for name, found in offenders.items() if found} == {}

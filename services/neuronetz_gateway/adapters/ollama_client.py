@@ -17,15 +17,22 @@ model to load (``upstream_read_timeout_seconds``).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import aiohttp
 
+if TYPE_CHECKING:
+    from neuronetz_gateway.domain.model_call import ModelCall
+
 __all__ = [
     "OllamaClient",
+    "OllamaUpstream",
     "UpstreamError",
     "UpstreamResponse",
     "UpstreamTimeout",
     "UpstreamUnavailable",
+    "public_address",
 ]
 
 _USER_AGENT = "neuronetz-gateway"
@@ -57,10 +64,11 @@ class UpstreamResponse:
     :meth:`abort` (connection closed, so Ollama sees the cancel).
     """
 
-    __slots__ = ("_response",)
+    __slots__ = ("_response", "backend")
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, backend: str = "") -> None:
         self._response = response
+        self.backend = backend  # scheme://host:port of the server that answered
 
     @property
     def status(self) -> int:
@@ -116,6 +124,7 @@ class OllamaClient:
         max_connections: int = 1024,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.address = public_address(self.base_url)
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=connect_timeout, sock_read=read_timeout
         )
@@ -179,7 +188,7 @@ class OllamaClient:
             raise UpstreamTimeout("upstream did not answer in time") from None
         except aiohttp.ClientError as exc:
             raise UpstreamUnavailable(f"upstream unreachable: {type(exc).__name__}") from None
-        return UpstreamResponse(response)
+        return UpstreamResponse(response, self.address)
 
     async def fetch(
         self,
@@ -206,3 +215,37 @@ class OllamaClient:
         except (UpstreamError, TimeoutError):
             return False
         return status == 200
+
+
+def public_address(base_url: str) -> str:
+    """``scheme://host:port`` of ``base_url``, without credentials or path."""
+    parts = urlsplit(base_url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.scheme}://{parts.hostname or ''}:{port}"
+
+
+class OllamaUpstream:
+    """The proxy's :class:`~neuronetz_gateway.proxy.ports.Upstream` with one Ollama server.
+
+    Every call goes to the one ``NZ_OLLAMA_URL`` client, whatever its model,
+    tenant or session (a backend pool, SPEC section 12, implements the same port).
+    """
+
+    __slots__ = ("client",)
+
+    def __init__(self, client: OllamaClient) -> None:
+        self.client = client
+
+    async def open(self, call: ModelCall, path: str, body: bytes | None) -> UpstreamResponse:
+        """``POST`` ``body`` (``GET`` without one) to ``path``; the answer once headers are in."""
+        return await self.client.send(
+            "GET" if body is None else "POST",
+            path,
+            body,
+            request_id=call.request_id,
+            traceparent=call.traceparent,
+        )
+
+    async def ping(self, limit_seconds: float = 2.0) -> bool:
+        """Whether Ollama answers ``GET /api/version``."""
+        return await self.client.ping(limit_seconds)

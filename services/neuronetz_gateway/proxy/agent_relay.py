@@ -19,11 +19,6 @@ from typing import Protocol
 
 import msgspec
 
-from neuronetz_gateway.adapters.ollama_client import (
-    UpstreamError,
-    UpstreamResponse,
-    UpstreamTimeout,
-)
 from neuronetz_gateway.domain.accounting import (
     capped_num_predict,
     plan_output,
@@ -42,6 +37,8 @@ from neuronetz_gateway.domain.ollama_chat import (
 from neuronetz_gateway.domain.options import output_limit
 from neuronetz_gateway.proxy.asgi import Receive, Send, end_body, send_body, start_response
 from neuronetz_gateway.proxy.exchange import REVOKED_MESSAGE, Exchange
+from neuronetz_gateway.proxy.ports import UpstreamError, UpstreamTimeout
+from neuronetz_gateway.proxy.ports import UpstreamStream as UpstreamResponse
 from neuronetz_gateway.proxy.refusals import Refusal
 from neuronetz_gateway.proxy.relay import (
     ended_by_revocation,
@@ -137,7 +134,7 @@ async def run_chat(
     await ex.reserve(estimate, _reservation(ex, request, estimate, output))
     if ex.identity.log_prompts:
         ex.prompt_text = raw.decode("utf-8", "replace")
-    upstream = await forward(ex, "POST", "/api/chat", encode_chat_request(request))
+    upstream = await forward(ex, "/api/chat", encode_chat_request(request))
     if upstream.status != 200:
         raise await upstream_refusal(ex, upstream)
     if request.stream:

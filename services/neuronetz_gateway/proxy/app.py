@@ -23,7 +23,7 @@ from litestar.exceptions import HTTPException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from neuronetz_gateway.adapters.audit_writer import AuditWriter
-from neuronetz_gateway.adapters.ollama_client import OllamaClient
+from neuronetz_gateway.adapters.ollama_client import OllamaClient, OllamaUpstream
 from neuronetz_gateway.adapters.postgres.store import Store, open_pool
 from neuronetz_gateway.adapters.redis_client import close_redis, open_redis
 from neuronetz_gateway.adapters.redis_limiter import Limiter
@@ -117,7 +117,7 @@ def create_app(
                 settings=settings,
                 secret=settings.gateway_secret.encode(),
                 previous_secret=settings.previous_secret(),
-                ollama=upstream,
+                upstream=OllamaUpstream(upstream),
                 limiter=limiter,
                 discovery=ModelDiscovery(
                     upstream,
@@ -187,7 +187,7 @@ async def _probe(request: Request[Any, Any, Any]) -> dict[str, bool]:
     ctx: ProxyContext = request.app.state.proxy
     store: Store = request.app.state.store
     redis_ok, postgres_ok, ollama_ok = await asyncio.gather(
-        ctx.limiter.ping(), _postgres_ok(store), ctx.ollama.ping(_PROBE_TIMEOUT)
+        ctx.limiter.ping(), _postgres_ok(store), ctx.upstream.ping(_PROBE_TIMEOUT)
     )
     return {"redis": redis_ok, "postgres": postgres_ok, "ollama": ollama_ok}
 

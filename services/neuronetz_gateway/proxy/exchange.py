@@ -23,18 +23,18 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from neuronetz_gateway.adapters.ollama_client import UpstreamResponse
-from neuronetz_gateway.adapters.redis_limiter import IdentityReplayed, LimiterUnavailable
 from neuronetz_gateway.domain.accounting import AuditRow, PromptRow
 from neuronetz_gateway.domain.dialect import Surface
 from neuronetz_gateway.domain.identity import Allowance, Identity, Limits
 from neuronetz_gateway.domain.limits import ratelimit_headers
+from neuronetz_gateway.domain.model_call import ModelCall
 from neuronetz_gateway.domain.models import canonical_model
 from neuronetz_gateway.logging import get_logger
 from neuronetz_gateway.proxy.asgi import Headers, Send, send_response
 from neuronetz_gateway.proxy.context import ProxyContext
 from neuronetz_gateway.proxy.discovery import Catalogue, DiscoveryFailed
 from neuronetz_gateway.proxy.metrics import DEFAULT_BACKEND
+from neuronetz_gateway.proxy.ports import IdentityReplayed, LimiterUnavailable, UpstreamStream
 from neuronetz_gateway.proxy.refusals import Refusal, model_unavailable
 from neuronetz_gateway.proxy.spans import backend_address, span_attributes, span_name
 from neuronetz_gateway.tracing import Tracing
@@ -114,6 +114,7 @@ class Exchange:
         "response_text",
         "revoked",
         "route",
+        "session",
         "settled",
         "span",
         "started",
@@ -128,13 +129,21 @@ class Exchange:
         "upstream_wait",
     )
 
-    def __init__(self, ctx: ProxyContext, identity: Identity, route: str, surface: Surface) -> None:
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        identity: Identity,
+        route: str,
+        surface: Surface,
+        session: str | None = None,
+    ) -> None:
         self.ctx = ctx
         self.identity = identity
         self.route = route
         self.surface = surface
+        self.session = session  # the client's session hint, for the upstream's choice
         self.started = time.perf_counter()
-        self.ts = datetime.now(UTC)
+        self.ts = datetime.fromtimestamp(ctx.clock(), UTC)
         self.allowance = identity.allowance
         self.model: str | None = None
         self.canonical: str | None = None
@@ -150,7 +159,7 @@ class Exchange:
         self.responded = False
         self.claimed = False
         self.revoked = False
-        self.upstream: UpstreamResponse | None = None
+        self.upstream: UpstreamStream | None = None
         self.upstream_wait: asyncio.Future[Any] | None = None
         self.status = 500
         self.ttfb_ms: int | None = None
@@ -165,6 +174,21 @@ class Exchange:
         """This request's span, the child of auth's (its context came signed)."""
         self.span = tracing.start(f"proxy {self.route}", self.identity.traceparent)
         self.traceparent = tracing.traceparent(self.span)
+
+    def model_call(self, *, stream: bool = False) -> ModelCall:
+        """What the upstream is told about this call (to choose a backend)."""
+        identity = self.identity
+        return ModelCall(
+            route=self.route,
+            surface=self.surface,
+            tenant_id=identity.tenant_id,
+            key_id=identity.key_id,
+            request_id=identity.request_id,
+            model=self.canonical,
+            session=self.session,
+            stream=stream,
+            traceparent=self.traceparent,
+        )
 
     # -- headers ----------------------------------------------------------------
 
@@ -284,7 +308,7 @@ class Exchange:
         identity = self.identity
         if tokens <= 0 or not counts_tokens(identity):
             return
-        reserved_at = time.time()
+        reserved_at = self.ctx.clock()
         try:
             decision = await self.ctx.limiter.reserve(
                 tenant_id=identity.tenant_id,
@@ -428,7 +452,7 @@ class Exchange:
             attributes = span_attributes(
                 row,
                 surface=self.surface,
-                backend=backend_address(ctx.ollama.base_url),
+                backend=backend_address(self.upstream.backend) if self.upstream else None,
                 tenant=identity.tenant_name,
             )
             Tracing.finish(self.span, attributes, status_code=self.status)

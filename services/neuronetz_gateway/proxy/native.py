@@ -142,7 +142,7 @@ async def model_request(
     await ex.reserve(estimate, tokens)
     if ex.identity.log_prompts:
         ex.prompt_text = raw.decode("utf-8", "replace")
-    upstream = await forward(ex, "POST", path, _encoder.encode(body))
+    upstream = await forward(ex, path, _encoder.encode(body))
     if upstream.status != 200:
         raise await upstream_refusal(ex, upstream)
     content_type = upstream.content_type
@@ -173,7 +173,7 @@ async def running_models(ex: Exchange, scope: Scope, receive: Receive, send: Sen
     """``GET /api/ps``: the loaded models, filtered to the ones this key may use."""
     catalogue = await ex.catalogue()
     effective = catalogue.effective(ex.identity.models)
-    upstream = await forward(ex, "GET", "/api/ps", None)
+    upstream = await forward(ex, "/api/ps", None)
     if upstream.status != 200:
         raise await upstream_refusal(ex, upstream)
     data = await read_whole(ex, upstream, receive)
@@ -192,7 +192,7 @@ def _canonical_entry(entry: dict[str, Any]) -> str:
 
 async def version(ex: Exchange, scope: Scope, receive: Receive, send: Send) -> None:
     """``GET /api/version``, passed through."""
-    upstream = await forward(ex, "GET", "/api/version", None)
+    upstream = await forward(ex, "/api/version", None)
     if upstream.status != 200:
         raise await upstream_refusal(ex, upstream)
     data = await read_whole(ex, upstream, receive)

@@ -164,7 +164,7 @@ async def _generate(
     await ex.reserve(estimate, _reservation(ex, request, estimate, output))
     if ex.identity.log_prompts:
         ex.prompt_text = raw.decode("utf-8", "replace")
-    upstream = await forward(ex, "POST", upstream_path, encode_ollama_request(request))
+    upstream = await forward(ex, upstream_path, encode_ollama_request(request))
     if upstream.status != 200:
         raise await upstream_refusal(ex, upstream)
     if request.stream:
@@ -191,7 +191,7 @@ async def embeddings(ex: Exchange, scope: Scope, receive: Receive, send: Send) -
     await ex.reserve(estimate, estimate)
     if ex.identity.log_prompts:
         ex.prompt_text = raw.decode("utf-8", "replace")
-    upstream = await forward(ex, "POST", "/api/embed", encode_ollama_request(request))
+    upstream = await forward(ex, "/api/embed", encode_ollama_request(request))
     if upstream.status != 200:
         raise await upstream_refusal(ex, upstream)
     data = await read_whole(ex, upstream, receive)

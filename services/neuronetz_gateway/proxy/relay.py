@@ -19,12 +19,6 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 
-from neuronetz_gateway.adapters.ollama_client import (
-    UpstreamError,
-    UpstreamResponse,
-    UpstreamTimeout,
-)
-from neuronetz_gateway.adapters.redis_limiter import LimiterUnavailable
 from neuronetz_gateway.domain.accounting import response_text
 from neuronetz_gateway.domain.openai_compat import (
     ChatStreamTranslator,
@@ -36,6 +30,8 @@ from neuronetz_gateway.domain.stream_lines import LineSplitter, NativeStreamScan
 from neuronetz_gateway.logging import get_logger
 from neuronetz_gateway.proxy.asgi import Receive, Send, end_body, send_body, start_response
 from neuronetz_gateway.proxy.exchange import REVOKED_MESSAGE, Exchange
+from neuronetz_gateway.proxy.ports import LimiterUnavailable, UpstreamError, UpstreamTimeout
+from neuronetz_gateway.proxy.ports import UpstreamStream as UpstreamResponse
 from neuronetz_gateway.proxy.refusals import (
     ClientLeft,
     Refusal,
@@ -64,7 +60,7 @@ _LOST = b'{"error":"the model server closed the stream before it finished"}\n'
 _REVOKED = msgspec.json.encode({"error": REVOKED_MESSAGE}) + b"\n"
 
 
-async def forward(ex: Exchange, method: str, path: str, body: bytes | None) -> UpstreamResponse:
+async def forward(ex: Exchange, path: str, body: bytes | None) -> UpstreamResponse:
     """Send to Ollama (the identity claimed first); a refused connection or a timeout: 502/504."""
     await ex.claim()
     if ex.revoked:
@@ -73,9 +69,7 @@ async def forward(ex: Exchange, method: str, path: str, body: bytes | None) -> U
     # a task, so that a revocation can stop the wait for the answer's headers
     # (a non-streamed answer sends them only when it is complete)
     sending: asyncio.Future[UpstreamResponse] = asyncio.ensure_future(
-        ex.ctx.ollama.send(
-            method, path, body, request_id=ex.identity.request_id, traceparent=ex.traceparent
-        )
+        ex.ctx.upstream.open(ex.model_call(), path, body)
     )
     ex.upstream_wait = sending
     try:

@@ -12,7 +12,6 @@ lease, audit).
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -23,6 +22,7 @@ from litestar.types import Send as LitestarSend
 
 from neuronetz_gateway.domain.dialect import ANTHROPIC, NATIVE, OPENAI, Surface, error_body
 from neuronetz_gateway.domain.identity import IdentityError, verify_identity
+from neuronetz_gateway.domain.model_call import session_hint
 from neuronetz_gateway.logging import get_logger
 from neuronetz_gateway.proxy import anthropic, key_info, native, openai, responses
 from neuronetz_gateway.proxy.asgi import Receive, Scope, Send, request_header, send_response
@@ -100,7 +100,7 @@ async def serve(
         identity = verify_identity(
             request_header(scope, _IDENTITY),
             ctx.secret,
-            int(time.time() * 1000),
+            int(ctx.clock() * 1000),
             previous_secret=ctx.previous_secret,
         )
     except IdentityError:
@@ -109,7 +109,7 @@ async def serve(
     if identity.route != route:
         await _unauthorised(ctx, route, send)
         return
-    ex = Exchange(ctx, identity, route, _surface(route))
+    ex = Exchange(ctx, identity, route, _surface(route), session_hint(scope["headers"]))
     ctx.running.add(ex)  # from here a revocation of its key ends it (Exchange.finish: off)
     if ctx.tracing is not None:
         ex.start_span(ctx.tracing)

@@ -45,10 +45,9 @@ def backend_address(base_url: str) -> tuple[str, int]:
 
 
 def span_attributes(
-    row: AuditRow, *, surface: str, backend: tuple[str, int], tenant: str
+    row: AuditRow, *, surface: str, backend: tuple[str, int] | None, tenant: str
 ) -> dict[str, Any]:
-    """What the span says about a finished request."""
-    host, port = backend
+    """What the span says about a finished request (``backend``: the one it reached, if any)."""
     attributes: dict[str, Any] = {
         "neuronetz.request_id": row.request_id,
         "neuronetz.route": row.route,
@@ -56,13 +55,15 @@ def span_attributes(
         "neuronetz.tenant": tenant,
         "neuronetz.tenant.id": row.tenant_id,
         "neuronetz.key.id": row.key_id,
-        "neuronetz.backend": f"{host}:{port}",
         "neuronetz.streamed": row.streamed,
         "neuronetz.client_disconnected": row.client_disconnected,
         "neuronetz.tokens_estimated": row.estimated,
-        "server.address": host,
-        "server.port": port,
     }
+    if backend is not None:
+        host, port = backend
+        attributes["neuronetz.backend"] = f"{host}:{port}"
+        attributes["server.address"] = host
+        attributes["server.port"] = port
     if row.ttfb_ms is not None:
         attributes["neuronetz.ttfb_ms"] = row.ttfb_ms
     operation = OPERATIONS.get(row.route)
