@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Any
 
 from litestar.handlers import ASGIRouteHandler, asgi
 from litestar.types import Receive as LitestarReceive
@@ -28,6 +29,8 @@ from neuronetz_gateway.proxy import anthropic, key_info, native, openai, respons
 from neuronetz_gateway.proxy.asgi import Receive, Scope, Send, request_header, send_response
 from neuronetz_gateway.proxy.context import ProxyContext
 from neuronetz_gateway.proxy.exchange import Exchange, IdentityReplayed
+from neuronetz_gateway.proxy.native import NativeCodec
+from neuronetz_gateway.proxy.pipeline import Codec, run_model_call
 from neuronetz_gateway.proxy.refusals import ClientLeft, Refusal
 
 __all__ = ["proxied_fast_paths", "proxied_route_handlers", "serve"]
@@ -175,25 +178,34 @@ async def _v1_models(scope: Scope, receive: Receive, send: Send) -> None:
     await serve("v1.model", "GET", one, scope, receive, send)
 
 
+def _model_call(codec: Codec[Any]) -> RouteWork:
+    """The pipeline with ``codec``: what every model route runs."""
+    return partial(run_model_call, codec)
+
+
+def _native(route: str) -> RouteWork:
+    return _model_call(NativeCodec(route, f"/api/{route}"))
+
+
 def _routes() -> list[tuple[str, str, str, RouteWork]]:
     return [
-        ("/api/generate", "generate", "POST", partial(_native_model, path="/api/generate")),
-        ("/api/chat", "chat", "POST", partial(_native_model, path="/api/chat")),
-        ("/api/embed", "embed", "POST", partial(_native_model, path="/api/embed")),
-        ("/api/embeddings", "embeddings", "POST", partial(_native_model, path="/api/embeddings")),
-        ("/api/show", "show", "POST", partial(_native_model, path="/api/show")),
+        ("/api/generate", "generate", "POST", _native("generate")),
+        ("/api/chat", "chat", "POST", _native("chat")),
+        ("/api/embed", "embed", "POST", _native("embed")),
+        ("/api/embeddings", "embeddings", "POST", _native("embeddings")),
+        ("/api/show", "show", "POST", _native("show")),
         ("/api/tags", "tags", "GET", native.tags),
         ("/api/ps", "ps", "GET", native.running_models),
         ("/api/version", "version", "GET", native.version),
         ("/api/key", "key", "GET", key_info.key_info),
-        ("/v1/chat/completions", "v1.chat.completions", "POST", openai.chat_completions),
-        ("/v1/completions", "v1.completions", "POST", openai.completions),
-        ("/v1/embeddings", "v1.embeddings", "POST", openai.embeddings),
+        ("/v1/chat/completions", "v1.chat.completions", "POST", _model_call(openai.ChatCodec())),
+        ("/v1/completions", "v1.completions", "POST", _model_call(openai.CompletionCodec())),
+        ("/v1/embeddings", "v1.embeddings", "POST", _model_call(openai.EmbeddingsCodec())),
         ("/v1/key", "v1.key", "GET", key_info.key_info),
-        ("/v1/responses", "v1.responses", "POST", responses.responses),
-        ("/v1/messages", "v1.messages", "POST", anthropic.messages),
+        ("/v1/responses", "v1.responses", "POST", _model_call(responses.ResponsesCodec())),
+        ("/v1/messages", "v1.messages", "POST", _model_call(anthropic.MessagesCodec())),
         ("/v1/messages/count_tokens", "v1.messages.count_tokens", "POST", anthropic.count_tokens),
-    ]
+    ]  # fmt: skip
 
 
 def proxied_fast_paths() -> dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]]:
@@ -216,9 +228,3 @@ def proxied_route_handlers() -> list[ASGIRouteHandler]:
         asgi("/v1/models", name="v1.models", copy_scope=False, is_mount=True)(v1_models)
     )
     return handlers
-
-
-async def _native_model(
-    ex: Exchange, scope: Scope, receive: Receive, send: Send, *, path: str
-) -> None:
-    await native.model_request(ex, scope, receive, send, path)
