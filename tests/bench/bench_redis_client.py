@@ -40,12 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import redis.asyncio as aioredis
 
+from neuronetz_gateway.adapters.redis_limiter import limiter_script
 from neuronetz_gateway.adapters.redis_pipeline import PipelinedRedis
 from tests.support.servers import ThrowawayRedis
 
-SCRIPT = (
-    Path(__file__).resolve().parents[2] / "services/neuronetz_gateway/adapters/lua/decide.lua"
-).read_text()
+SCRIPT = limiter_script("decide.lua")
 SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
 HIGH = [1_000_000_000, 10**15, 1_000_000, 10**15, 10**15, 10**15]
 Call = Callable[[list[str], list[Any]], Awaitable[Any]]

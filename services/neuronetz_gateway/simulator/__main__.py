@@ -8,11 +8,41 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["main"]
 
 _TARGET = "neuronetz_gateway.simulator.app:create_simulator_app"
+
+
+_GPU_FLAGS = {
+    "slots": "NZ_SIM_SLOTS",
+    "max_queue": "NZ_SIM_MAX_QUEUE",
+    "tokens_per_second": "NZ_SIM_TOKENS_PER_SECOND",
+    "load_seconds": "NZ_SIM_LOAD_SECONDS",
+    "max_loaded": "NZ_SIM_MAX_LOADED",
+    "loaded": "NZ_SIM_LOADED",
+}
+
+
+def _number(kind: type[float], *, low: float, inclusive: bool) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value < low or (value == low and not inclusive):
+            bound = f">= {low:g}" if inclusive else f"> {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return parse
+
+
+_positive_int = _number(int, low=1, inclusive=True)
+_non_negative_int = _number(int, low=0, inclusive=True)
+_positive_float = _number(float, low=0, inclusive=False)
+_non_negative_float = _number(float, low=0, inclusive=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,6 +61,33 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-record", action="store_true", help="do not record requests (for benchmarks)"
     )
+    gpu = parser.add_argument_group("the GPU (see neuronetz_gateway.simulator.gpu)")
+    gpu.add_argument(
+        "--slots",
+        type=_positive_int,
+        help="parallel requests per loaded model, OLLAMA_NUM_PARALLEL (NZ_SIM_SLOTS; default none)",
+    )
+    gpu.add_argument(
+        "--max-queue",
+        type=_non_negative_int,
+        help="requests that may wait, OLLAMA_MAX_QUEUE; then 503 (NZ_SIM_MAX_QUEUE, default 512)",
+    )
+    gpu.add_argument(
+        "--tokens-per-second",
+        type=_positive_float,
+        help="generation speed, one chunk a token; replaces --chunk-delay-ms",
+    )
+    gpu.add_argument(
+        "--load-seconds",
+        type=_non_negative_float,
+        help="how long a model that is not loaded takes to load (NZ_SIM_LOAD_SECONDS, default 0)",
+    )
+    gpu.add_argument(
+        "--max-loaded",
+        type=_positive_int,
+        help="models loaded at once, OLLAMA_MAX_LOADED_MODELS; the idlest is evicted",
+    )
+    gpu.add_argument("--loaded", help="comma-separated models loaded at start-up (NZ_SIM_LOADED)")
     parser.add_argument("--access-log", action="store_true", help="log every request")
     return parser
 
@@ -46,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         os.environ["NZ_SIM_MODELS"] = args.models
     if args.no_record:
         os.environ["NZ_SIM_RECORD"] = "0"
+    for flag, variable in _GPU_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            os.environ[variable] = str(value)
 
     # Imported here so that importing the package (tests, the CLI) stays cheap.
     from granian import Granian

@@ -35,7 +35,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from typing import Any, Literal, NoReturn, Protocol, TypeVar
+from typing import Annotated, Any, Literal, NoReturn, Protocol, TypeVar
 
 import msgspec
 
@@ -52,6 +52,12 @@ from neuronetz_gateway.simulator.content import (
     simulated_pieces,
     split_text,
     timestamp,
+)
+from neuronetz_gateway.simulator.gpu import (
+    BUSY_MESSAGE,
+    GpuModel,
+    ServerBusy,
+    keep_alive_seconds,
 )
 
 __all__ = [
@@ -85,9 +91,7 @@ DEFAULT_MODELS = ("llama3.2:latest", "qwen2.5:0.5b", "nomic-embed-text:latest")
 TOOL_CALL_EVAL_COUNT = 1
 #: The thinking of a chat request with ``think`` set, one piece per chunk.
 THINKING = ("Let", " me", " think", ".")
-BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
 MIDSTREAM_ERROR_MESSAGE = "simulated failure: the model runner stopped unexpectedly"
-_KEEP_ALIVE_S = 300
 _RECORD_LIMIT = 10_000
 
 FailureMode = Literal["busy", "midstream_error", "hang_after"]
@@ -125,6 +129,35 @@ class SimulatorConfig(msgspec.Struct, kw_only=True):
     record: bool = True
     #: Answers for the next model requests, first one first (see ScriptedReply).
     script: list[ScriptedReply] = msgspec.field(default_factory=list)
+    #: The GPU (module :mod:`.gpu`): parallel requests per loaded model
+    #: (``OLLAMA_NUM_PARALLEL``; ``None``: unlimited), requests that may wait
+    #: (``OLLAMA_MAX_QUEUE``), seconds a cold load takes, models loaded at
+    #: once (``OLLAMA_MAX_LOADED_MODELS``; ``None``: unlimited), and the
+    #: models loaded at start-up.
+    slots: int | None = None
+    max_queue: int = 512
+    load_seconds: float = 0.0
+    max_loaded: int | None = None
+    loaded: tuple[str, ...] = ()
+    #: Generation speed; when set it replaces ``chunk_delay_ms`` (one chunk is one token).
+    tokens_per_second: float | None = None
+
+    @property
+    def token_delay_ms(self) -> float:
+        """The delay before each chunk, from ``tokens_per_second`` or ``chunk_delay_ms``."""
+        if self.tokens_per_second:
+            return 1000.0 / self.tokens_per_second
+        return self.chunk_delay_ms
+
+    @property
+    def may_wait(self) -> bool:
+        """Whether a model request can wait here (then the client's departure is watched)."""
+        return (
+            self.token_delay_ms > 0
+            or self.slots is not None
+            or self.load_seconds > 0
+            or self.max_loaded is not None
+        )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SimulatorConfig:
@@ -139,7 +172,30 @@ class SimulatorConfig(msgspec.Struct, kw_only=True):
             config.models = tuple(m.strip() for m in value.split(",") if m.strip())
         if value := env.get("NZ_SIM_RECORD"):
             config.record = value.strip().lower() not in {"0", "false", "no", "off"}
+        if value := env.get("NZ_SIM_SLOTS"):
+            config.slots = int(value)
+        if value := env.get("NZ_SIM_MAX_QUEUE"):
+            config.max_queue = int(value)
+        if value := env.get("NZ_SIM_LOAD_SECONDS"):
+            config.load_seconds = float(value)
+        if value := env.get("NZ_SIM_MAX_LOADED"):
+            config.max_loaded = int(value)
+        if value := env.get("NZ_SIM_LOADED"):
+            config.loaded = tuple(m.strip() for m in value.split(",") if m.strip())
+        if value := env.get("NZ_SIM_TOKENS_PER_SECOND"):
+            config.tokens_per_second = float(value)
+        # the same bounds as a run-time change (a zero slot count would hang everything)
+        msgspec.convert({f: getattr(config, f) for f in _GPU_FIELDS}, _ConfigUpdate)
         return config
+
+
+_Positive = Annotated[int, msgspec.Meta(ge=1)]
+_NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+_NonNegativeSeconds = Annotated[float, msgspec.Meta(ge=0)]
+_PositiveRate = Annotated[float, msgspec.Meta(gt=0)]
+
+
+_GPU_FIELDS = ("slots", "max_queue", "load_seconds", "max_loaded", "tokens_per_second")
 
 
 class _ConfigUpdate(msgspec.Struct, forbid_unknown_fields=True):
@@ -150,15 +206,29 @@ class _ConfigUpdate(msgspec.Struct, forbid_unknown_fields=True):
     failure_after: int | msgspec.UnsetType = msgspec.UNSET
     record: bool | msgspec.UnsetType = msgspec.UNSET
     script: list[ScriptedReply] | msgspec.UnsetType = msgspec.UNSET
+    slots: _Positive | msgspec.UnsetType | None = msgspec.UNSET
+    max_queue: _NonNegative | msgspec.UnsetType = msgspec.UNSET
+    load_seconds: _NonNegativeSeconds | msgspec.UnsetType = msgspec.UNSET
+    max_loaded: _Positive | msgspec.UnsetType | None = msgspec.UNSET
+    loaded: tuple[str, ...] | msgspec.UnsetType = msgspec.UNSET
+    tokens_per_second: _PositiveRate | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class SimulatorStats(msgspec.Struct):
-    """Counters for tests: model requests in flight, finished, and cut off by the client."""
+    """Counters for tests: model requests in flight, finished, and cut off by the client.
+
+    ``peak_active``: the most that ran at once; ``waiting``: queued now for
+    a slot or a load; ``loads``: cold loads; ``busy``: 503s for a full queue.
+    """
 
     active: int = 0
     completed: int = 0
     cancelled: int = 0
     requests: int = 0
+    peak_active: int = 0
+    waiting: int = 0
+    loads: int = 0
+    busy: int = 0
 
 
 class RecordedRequest(msgspec.Struct):
@@ -250,6 +320,8 @@ _JSON = b"application/json; charset=utf-8"
 _NDJSON = b"application/x-ndjson"
 _TEXT = b"text/plain; charset=utf-8"
 _ENCODED_WORDS = tuple(_encode(w) for w in WORDS)
+#: How far ahead ``/api/ps`` puts the expiry of a model pinned by a negative keep_alive.
+_PINNED_SECONDS = 10 * 365 * 86400.0
 
 
 # ---------------------------------------------------------------- ASGI plumbing
@@ -327,6 +399,15 @@ class _Departure:
         if done:
             raise _ClientGone
 
+    async def race(self, waiting: Awaitable[_T]) -> _T:
+        """Await ``waiting``; raise :class:`_ClientGone` if the client leaves first."""
+        task = asyncio.ensure_future(waiting)
+        done, _ = await asyncio.wait((task, self._task), return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        raise _ClientGone
+
     async def hang(self) -> NoReturn:
         """Wait for the client to leave, then raise :class:`_ClientGone`."""
         await asyncio.wait((self._task,))
@@ -358,10 +439,11 @@ class SimulatorApp:
         self._initial = msgspec.structs.replace(self.config)
         self.stats = SimulatorStats()
         self._recorded: deque[_Raw] = deque(maxlen=_RECORD_LIMIT)
-        self._loaded: dict[str, float] = {}
         self._models: dict[str, SimulatedModel] = {}
         self._tags_body = b""
+        self.gpu = GpuModel(lambda: self.config)
         self._rebuild_catalogue()
+        self._preload()
 
     # -- configuration -------------------------------------------------------
 
@@ -370,7 +452,12 @@ class SimulatorApp:
             m.canonical: m for m in (SimulatedModel(name) for name in self.config.models)
         }
         self._tags_body = _encode({"models": [m.entry for m in self._models.values()]})
-        self._loaded = {k: v for k, v in self._loaded.items() if k in self._models}
+        self.gpu.forget_missing(set(self._models))
+
+    def _preload(self) -> None:
+        self.gpu.preload(
+            [c for c in (canonical_name(n) for n in self.config.loaded) if c in self._models]
+        )
 
     def configure(self, **changes: Any) -> SimulatorConfig:
         """Change the configuration at run time (what ``POST /_sim/config`` does)."""
@@ -383,6 +470,9 @@ class SimulatorApp:
                 setattr(self.config, field, value)
         if update.models is not msgspec.UNSET:
             self._rebuild_catalogue()
+        if update.loaded is not msgspec.UNSET:
+            self._preload()
+        self.gpu.knobs_changed()
         return self.config
 
     def reset(self) -> None:
@@ -390,8 +480,9 @@ class SimulatorApp:
         self.config = msgspec.structs.replace(self._initial)
         self.stats = SimulatorStats()
         self._recorded.clear()
-        self._loaded.clear()
+        self.gpu.reset()
         self._rebuild_catalogue()
+        self._preload()
 
     def recorded_requests(self) -> list[RecordedRequest]:
         """The recorded requests, oldest first, bodies parsed as JSON where they are JSON."""
@@ -489,16 +580,16 @@ class SimulatorApp:
         await _respond(send, 200, self._tags_body)
 
     async def _ps(self, body: bytes, receive: Receive, send: Send) -> None:
+        # Ollama's ProcessResponse (api/types.go), longest-lived first as its PsHandler sorts
         now = time.time()
         running = []
-        for canonical, until in list(self._loaded.items()):
-            if until <= now:
-                del self._loaded[canonical]
+        for canonical, until in self.gpu.loaded():
+            model = self._models.get(canonical)
+            if model is None:
                 continue
-            model = self._models[canonical]
             entry = dict(model.entry)
             del entry["modified_at"]
-            entry["expires_at"] = timestamp(until - now)
+            entry["expires_at"] = timestamp(min(until - now, _PINNED_SECONDS))
             entry["size_vram"] = entry["size"]
             entry["context_length"] = 4096
             running.append(entry)
@@ -554,13 +645,42 @@ class SimulatorApp:
             return None, _model_not_found(name)
         return model, None
 
-    def _touch(self, model: SimulatedModel, keep_alive: float | str | None) -> bool:
-        """Mark the model loaded; ``True`` when ``keep_alive`` 0 asks to unload it."""
-        if keep_alive in (0, "0", "0s"):
-            self._loaded.pop(model.canonical, None)
-            return True
-        self._loaded[model.canonical] = time.time() + _KEEP_ALIVE_S
-        return False
+    async def _on_gpu(
+        self,
+        receive: Receive,
+        send: Send,
+        model: SimulatedModel,
+        keep_alive: float,
+        work: Callable[[_Departure | None, bool], Awaitable[None]],
+    ) -> None:
+        """Run ``work(departure, cold)`` holding one of the model's slots (see :mod:`.gpu`).
+
+        A full queue is Ollama's 503; a client that leaves while queued is
+        counted as cancelled and never runs.
+        """
+        departure = _Departure(receive) if self.config.may_wait else None
+        try:
+            try:
+                cold = await self.gpu.acquire(
+                    model.canonical, departure.race if departure is not None else None
+                )
+            except ServerBusy:
+                self.stats.busy += 1
+                await _respond(send, 503, _encode({"error": BUSY_MESSAGE}))
+                return
+            except _ClientGone:
+                self.stats.cancelled += 1
+                return
+            self.stats.active += 1
+            self.stats.peak_active = max(self.stats.peak_active, self.stats.active)
+            try:
+                await work(departure, cold)
+            finally:
+                self.stats.active -= 1
+                self.gpu.release(model.canonical, keep_alive)
+        finally:
+            if departure is not None:
+                departure.close()
 
     async def _chat(self, body: bytes, receive: Receive, send: Send) -> None:
         found = await self._model_request(_chat_decoder, body, send, "chat")
@@ -571,18 +691,22 @@ class SimulatorApp:
             await _respond(send, 400, _encode({"error": f'"{req.model}" does not support chat'}))
             return
         stream = req.stream is not False
-        unload = self._touch(model, req.keep_alive)
+        keep_alive = keep_alive_seconds(req.keep_alive)
         if not req.messages:
-            await self._answer_load(send, req.model, "unload" if unload else "load", chat=True)
+            await self._answer_load(receive, send, model, req.model, keep_alive, chat=True)
             return
         prompt_count = count_words(*(m.content for m in req.messages)) + PROMPT_OVERHEAD
         last_user = next((m.content or "" for m in reversed(req.messages) if m.role == "user"), "")
         if req.tools and "weather" in last_user.lower():
-            await self._answer_tool_call(send, req, prompt_count, stream=stream)
+            await self._answer_tool_call(
+                receive, send, model, keep_alive, req, prompt_count, stream=stream
+            )
             return
         await self._answer(
             receive,
             send,
+            model,
+            keep_alive,
             req.model,
             req.options,
             req.format,
@@ -602,14 +726,16 @@ class SimulatorApp:
                 send, 400, _encode({"error": f'"{req.model}" does not support generate'})
             )
             return
-        unload = self._touch(model, req.keep_alive)
+        keep_alive = keep_alive_seconds(req.keep_alive)
         if not req.prompt:
-            await self._answer_load(send, req.model, "unload" if unload else "load", chat=False)
+            await self._answer_load(receive, send, model, req.model, keep_alive, chat=False)
             return
         prompt_count = count_words(req.system, req.prompt, req.suffix) + PROMPT_OVERHEAD
         await self._answer(
             receive,
             send,
+            model,
+            keep_alive,
             req.model,
             req.options,
             req.format,
@@ -618,7 +744,28 @@ class SimulatorApp:
             chat=False,
         )
 
-    async def _answer_load(self, send: Send, model: str, reason: str, *, chat: bool) -> None:
+    async def _answer_load(
+        self,
+        receive: Receive,
+        send: Send,
+        model: SimulatedModel,
+        name: str,
+        keep_alive: float,
+        *,
+        chat: bool,
+    ) -> None:
+        """An empty prompt loads the model (``keep_alive`` 0: unloads it); one line, at once."""
+
+        async def answer(_departure: _Departure | None, _cold: bool) -> None:
+            await self._load_line(send, name, "load", chat=chat)
+
+        if keep_alive == 0:
+            self.gpu.unload(model.canonical)
+            await self._load_line(send, name, "unload", chat=chat)
+            return
+        await self._on_gpu(receive, send, model, keep_alive, answer)
+
+    async def _load_line(self, send: Send, model: str, reason: str, *, chat: bool) -> None:
         # Ollama answers an empty prompt at once, streaming or not, with one line.
         body: dict[str, Any] = {"model": model, "created_at": timestamp()}
         if chat:
@@ -629,13 +776,17 @@ class SimulatorApp:
         body["done_reason"] = reason
         await _respond(send, 200, _encode(body))
 
+    def _load_ns(self, cold: bool) -> int:
+        return (
+            int(self.config.load_seconds * 1e9) if cold and self.config.load_seconds else 1_000_000
+        )
+
     def _final(
-        self, model: str, chat: bool, reason: str, prompt_count: int, eval_count: int
+        self, model: str, chat: bool, reason: str, prompt_count: int, eval_count: int, load_ns: int
     ) -> dict[str, Any]:
-        delay_ns = int(self.config.chunk_delay_ms * 1e6)
+        delay_ns = int(self.config.token_delay_ms * 1e6)
         prompt_ns = prompt_count * 100_000
         eval_ns = eval_count * max(delay_ns, 1_000_000)
-        load_ns = 1_000_000
         body: dict[str, Any] = {"model": model, "created_at": timestamp()}
         if chat:
             body["message"] = {"role": "assistant", "content": ""}
@@ -657,6 +808,8 @@ class SimulatorApp:
         self,
         receive: Receive,
         send: Send,
+        found: SimulatedModel,
+        keep_alive: float,
         model: str,
         options: _Options | None,
         fmt: str | dict[str, Any] | None,
@@ -683,46 +836,47 @@ class SimulatorApp:
             pieces = pieces[:num_predict]
             plain = not fmt  # the cut piece, if any, was the last one: now dropped
             reason = "length"
-        self.stats.active += 1
-        departure = _Departure(receive) if config.chunk_delay_ms > 0 else None
-        try:
-            if stream:
-                await self._stream(
-                    receive,
-                    send,
-                    departure,
-                    model,
-                    pieces,
-                    reason,
-                    prompt_count,
-                    chat=chat,
-                    plain=plain,
-                    thinking=thinking,
-                )
+
+        async def run(departure: _Departure | None, cold: bool) -> None:
+            load_ns = self._load_ns(cold)
+            try:
+                if stream:
+                    await self._stream(
+                        receive,
+                        send,
+                        departure,
+                        model,
+                        pieces,
+                        reason,
+                        prompt_count,
+                        load_ns,
+                        chat=chat,
+                        plain=plain,
+                        thinking=thinking,
+                    )
+                else:
+                    await self._single(
+                        receive,
+                        send,
+                        departure,
+                        model,
+                        pieces,
+                        reason,
+                        prompt_count,
+                        load_ns,
+                        chat=chat,
+                        thinking=thinking,
+                    )
+            except _ClientGone:
+                self.stats.cancelled += 1
+            except asyncio.CancelledError:
+                # Some servers cancel the app's task when the client disconnects.
+                self.stats.cancelled += 1
+                raise
             else:
-                await self._single(
-                    receive,
-                    send,
-                    departure,
-                    model,
-                    pieces,
-                    reason,
-                    prompt_count,
-                    chat=chat,
-                    thinking=thinking,
-                )
-        except _ClientGone:
-            self.stats.cancelled += 1
-        except asyncio.CancelledError:
-            # Some servers cancel the app's task when the client disconnects.
-            self.stats.cancelled += 1
-            raise
-        else:
-            self.stats.completed += 1
-        finally:
-            self.stats.active -= 1
-            if departure is not None:
-                departure.close()
+                self.stats.completed += 1
+
+        await self._on_gpu(receive, send, found, keep_alive, run)
 
     async def _single(
         self,
@@ -733,6 +887,7 @@ class SimulatorApp:
         pieces: list[str],
         reason: str,
         prompt_count: int,
+        load_ns: int,
         *,
         chat: bool,
         thinking: tuple[str, ...] = (),
@@ -745,8 +900,8 @@ class SimulatorApp:
             await _respond(send, 500, _encode({"error": MIDSTREAM_ERROR_MESSAGE}))
             return
         if departure is not None:
-            await departure.pause(config.chunk_delay_ms * len(pieces) / 1000)
-        body = self._final(model, chat, reason, prompt_count, len(thinking) + len(pieces))
+            await departure.pause(config.token_delay_ms * len(pieces) / 1000)
+        body = self._final(model, chat, reason, prompt_count, len(thinking) + len(pieces), load_ns)
         text = "".join(pieces)
         if chat:
             body["message"]["content"] = text
@@ -765,13 +920,14 @@ class SimulatorApp:
         pieces: list[str],
         reason: str,
         prompt_count: int,
+        load_ns: int,
         *,
         chat: bool,
         plain: bool,
         thinking: tuple[str, ...] = (),
     ) -> None:
         config = self.config
-        delay = config.chunk_delay_ms / 1000
+        delay = config.token_delay_ms / 1000
         failure_at = config.failure_after if config.failure else None
         # Every chunk of this answer is the same bytes around its text.
         head = b'{"model":' + _encode(model) + b',"created_at":' + _encode(timestamp())
@@ -802,11 +958,19 @@ class SimulatorApp:
                 await departure.pause(delay)
             text = _ENCODED_WORDS[i % len(WORDS)] if plain else _encode(piece)
             await _send_part(send, prefix + text + suffix)
-        final = self._final(model, chat, reason, prompt_count, len(thinking) + len(pieces))
+        final = self._final(model, chat, reason, prompt_count, len(thinking) + len(pieces), load_ns)
         await _send_part(send, _encode(final) + b"\n", more=False)
 
     async def _answer_tool_call(
-        self, send: Send, req: _ChatBody, prompt_count: int, *, stream: bool
+        self,
+        receive: Receive,
+        send: Send,
+        model: SimulatedModel,
+        keep_alive: float,
+        req: _ChatBody,
+        prompt_count: int,
+        *,
+        stream: bool,
     ) -> None:
         if await self._answered_busy(send):
             return
@@ -818,20 +982,26 @@ class SimulatorApp:
         function = chosen.get("function") or {}
         arguments = example_value("", function.get("parameters") or {})
         call = {"function": {"name": function.get("name", ""), "arguments": arguments}}
-        final = self._final(req.model, True, "stop", prompt_count, TOOL_CALL_EVAL_COUNT)
-        self.stats.completed += 1
-        if not stream:
-            final["message"]["tool_calls"] = [call]
-            await _respond(send, 200, _encode(final))
-            return
-        first = {
-            "model": req.model,
-            "created_at": final["created_at"],
-            "message": {"role": "assistant", "content": "", "tool_calls": [call]},
-            "done": False,
-        }
-        body = _encode(first) + b"\n" + _encode(final) + b"\n"
-        await _respond(send, 200, body, _NDJSON)
+
+        async def answer(_departure: _Departure | None, cold: bool) -> None:
+            final = self._final(
+                req.model, True, "stop", prompt_count, TOOL_CALL_EVAL_COUNT, self._load_ns(cold)
+            )
+            self.stats.completed += 1
+            if not stream:
+                final["message"]["tool_calls"] = [call]
+                await _respond(send, 200, _encode(final))
+                return
+            first = {
+                "model": req.model,
+                "created_at": final["created_at"],
+                "message": {"role": "assistant", "content": "", "tool_calls": [call]},
+                "done": False,
+            }
+            body = _encode(first) + b"\n" + _encode(final) + b"\n"
+            await _respond(send, 200, body, _NDJSON)
+
+        await self._on_gpu(receive, send, model, keep_alive, answer)
 
     async def _embed(self, body: bytes, receive: Receive, send: Send) -> None:
         found = await self._model_request(_embed_decoder, body, send, "embed")
@@ -840,27 +1010,30 @@ class SimulatorApp:
         req, model = found
         if await self._answered_busy(send):
             return
-        self._touch(model, req.keep_alive)
         inputs = [req.input] if isinstance(req.input, str) else req.input
         inputs = [text for text in inputs if text]
         dimensions = req.dimensions or EMBEDDING_DIMENSIONS
         prompt_count = sum(count_words(text) + 1 for text in inputs)
-        self.stats.completed += 1
-        await _respond(
-            send,
-            200,
-            _encode(
-                {
-                    "model": req.model,
-                    "embeddings": [
-                        embedding_vector(model.canonical, t, dimensions) for t in inputs
-                    ],
-                    "total_duration": 1_000_000 + prompt_count * 100_000,
-                    "load_duration": 1_000_000,
-                    "prompt_eval_count": prompt_count,
-                }
-            ),
-        )
+
+        async def answer(_departure: _Departure | None, cold: bool) -> None:
+            load_ns = self._load_ns(cold)
+            self.stats.completed += 1
+            vectors = [embedding_vector(model.canonical, t, dimensions) for t in inputs]
+            await _respond(
+                send,
+                200,
+                _encode(
+                    {
+                        "model": req.model,
+                        "embeddings": vectors,
+                        "total_duration": load_ns + prompt_count * 100_000,
+                        "load_duration": load_ns,
+                        "prompt_eval_count": prompt_count,
+                    }
+                ),
+            )
+
+        await self._on_gpu(receive, send, model, keep_alive_seconds(req.keep_alive), answer)
 
     async def _embeddings(self, body: bytes, receive: Receive, send: Send) -> None:
         found = await self._model_request(_embeddings_decoder, body, send, "embeddings")
@@ -869,10 +1042,13 @@ class SimulatorApp:
         req, model = found
         if await self._answered_busy(send):
             return
-        self._touch(model, None)
-        vector = embedding_vector(model.canonical, req.prompt) if req.prompt else []
-        self.stats.completed += 1
-        await _respond(send, 200, _encode({"embedding": vector}))
+
+        async def answer(_departure: _Departure | None, _cold: bool) -> None:
+            vector = embedding_vector(model.canonical, req.prompt) if req.prompt else []
+            self.stats.completed += 1
+            await _respond(send, 200, _encode({"embedding": vector}))
+
+        await self._on_gpu(receive, send, model, keep_alive_seconds(None), answer)
 
     # -- test controls -------------------------------------------------------
 
@@ -894,6 +1070,8 @@ class SimulatorApp:
         await _respond(send, 200, b"{}")
 
     async def _sim_stats(self, body: bytes, receive: Receive, send: Send) -> None:
+        self.stats.waiting = self.gpu.waiting
+        self.stats.loads = self.gpu.loads
         await _respond(send, 200, _encode(self.stats))
 
     async def _sim_reset(self, body: bytes, receive: Receive, send: Send) -> None:
