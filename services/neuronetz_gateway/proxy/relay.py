@@ -26,6 +26,7 @@ from typing import Literal, Protocol
 import msgspec
 
 from neuronetz_gateway.domain.accounting import response_text
+from neuronetz_gateway.domain.dialect import NATIVE, error_body
 from neuronetz_gateway.domain.openai_compat import error_event, ollama_error_to_openai
 from neuronetz_gateway.domain.stream_lines import LineSplitter, NativeStreamScan
 from neuronetz_gateway.logging import get_logger
@@ -68,8 +69,9 @@ log = get_logger(__name__)
 
 _NDJSON = b"application/x-ndjson"
 _SSE = b"text/event-stream"
-_LOST = b'{"error":"the model server closed the stream before it finished"}\n'
-_REVOKED = msgspec.json.encode({"error": REVOKED_MESSAGE}) + b"\n"
+_LOST_MESSAGE = "the model server closed the stream before it finished"
+_LOST = error_body(NATIVE, 502, "upstream_error", _LOST_MESSAGE) + b"\n"
+_REVOKED = error_body(NATIVE, 401, "invalid_api_key", REVOKED_MESSAGE) + b"\n"
 
 
 async def forward(

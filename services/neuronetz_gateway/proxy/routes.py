@@ -1,5 +1,9 @@
-"""The proxied routes (scope-docs/SPEC.md section 3) and the pipeline every one runs.
+"""The proxied routes (scope-docs/SPEC.md section 3) and what serves each.
 
+The routes are the rows of the one table, :data:`neuronetz_gateway.domain.routes.ROUTES`
+(auth classifies with the same rows); each row's ``codec`` names what serves
+it here (:data:`_SERVED_BY`): a model route runs the pipeline
+(:mod:`neuronetz_gateway.proxy.pipeline`) with its surface's codec.
 Each route is a Litestar ``asgi`` handler of a few lines. :func:`serve`
 verifies the signed identity before anything else (401 otherwise, and
 nothing reaches Ollama), checks that the identity was issued for this very
@@ -21,9 +25,10 @@ from litestar.types import Receive as LitestarReceive
 from litestar.types import Scope as LitestarScope
 from litestar.types import Send as LitestarSend
 
-from neuronetz_gateway.domain.dialect import ANTHROPIC, NATIVE, OPENAI, Surface, error_body
+from neuronetz_gateway.domain.dialect import NATIVE, Surface, error_body
 from neuronetz_gateway.domain.identity import IdentityError, verify_identity
 from neuronetz_gateway.domain.model_call import session_hint
+from neuronetz_gateway.domain.routes import ROUTES, SURFACE_BY_ID, Route
 from neuronetz_gateway.logging import get_logger
 from neuronetz_gateway.proxy import anthropic, key_info, native, openai, responses
 from neuronetz_gateway.proxy.asgi import Receive, Scope, Send, request_header, send_response
@@ -47,9 +52,7 @@ _UNAUTHORISED = "invalid or missing gateway identity"
 
 
 def _surface(route: str) -> Surface:
-    if route.startswith("v1.messages"):
-        return ANTHROPIC
-    return OPENAI if route.startswith("v1.") else NATIVE
+    return SURFACE_BY_ID.get(route, NATIVE)
 
 
 async def _unauthorised(ctx: ProxyContext, route: str, send: Send) -> None:
@@ -183,29 +186,32 @@ def _model_call(codec: Codec[Any]) -> RouteWork:
     return partial(run_model_call, codec)
 
 
-def _native(route: str) -> RouteWork:
-    return _model_call(NativeCodec(route, f"/api/{route}"))
+def _native(route: Route) -> RouteWork:
+    return _model_call(NativeCodec(route.id, route.upstream or route.path))
+
+
+#: What serves each route of the table (``Route.codec``): a surface's codec run by the
+#: pipeline, or the gateway's own answer. A new surface: its codec here and its rows there.
+_SERVED_BY: dict[str, Callable[[Route], RouteWork]] = {
+    "native": _native,
+    "native.tags": lambda _: native.tags,
+    "native.ps": lambda _: native.running_models,
+    "native.version": lambda _: native.version,
+    "key_info": lambda _: key_info.key_info,
+    "openai.chat": lambda _: _model_call(openai.ChatCodec()),
+    "openai.completions": lambda _: _model_call(openai.CompletionCodec()),
+    "openai.embeddings": lambda _: _model_call(openai.EmbeddingsCodec()),
+    "openai.responses": lambda _: _model_call(responses.ResponsesCodec()),
+    "anthropic.messages": lambda _: _model_call(anthropic.MessagesCodec()),
+    "anthropic.count_tokens": lambda _: anthropic.count_tokens,
+}
 
 
 def _routes() -> list[tuple[str, str, str, RouteWork]]:
+    """``(path, route id, method, work)`` per exact path (``/v1/models`` is a mount)."""
     return [
-        ("/api/generate", "generate", "POST", _native("generate")),
-        ("/api/chat", "chat", "POST", _native("chat")),
-        ("/api/embed", "embed", "POST", _native("embed")),
-        ("/api/embeddings", "embeddings", "POST", _native("embeddings")),
-        ("/api/show", "show", "POST", _native("show")),
-        ("/api/tags", "tags", "GET", native.tags),
-        ("/api/ps", "ps", "GET", native.running_models),
-        ("/api/version", "version", "GET", native.version),
-        ("/api/key", "key", "GET", key_info.key_info),
-        ("/v1/chat/completions", "v1.chat.completions", "POST", _model_call(openai.ChatCodec())),
-        ("/v1/completions", "v1.completions", "POST", _model_call(openai.CompletionCodec())),
-        ("/v1/embeddings", "v1.embeddings", "POST", _model_call(openai.EmbeddingsCodec())),
-        ("/v1/key", "v1.key", "GET", key_info.key_info),
-        ("/v1/responses", "v1.responses", "POST", _model_call(responses.ResponsesCodec())),
-        ("/v1/messages", "v1.messages", "POST", _model_call(anthropic.MessagesCodec())),
-        ("/v1/messages/count_tokens", "v1.messages.count_tokens", "POST", anthropic.count_tokens),
-    ]  # fmt: skip
+        (r.path, r.id, r.method, _SERVED_BY[r.codec](r)) for r in ROUTES if r.path != "/v1/models"
+    ]
 
 
 def proxied_fast_paths() -> dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]]:
