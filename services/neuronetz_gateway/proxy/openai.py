@@ -43,7 +43,7 @@ from neuronetz_gateway.domain.options import KeepAliveWindow
 from neuronetz_gateway.proxy.asgi import Receive, Scope, Send
 from neuronetz_gateway.proxy.exchange import Exchange
 from neuronetz_gateway.proxy.pipeline import Answer, TokenPlan, capped_output
-from neuronetz_gateway.proxy.refusals import Refusal
+from neuronetz_gateway.proxy.refusals import Refusal, model_unavailable
 from neuronetz_gateway.proxy.relay import TranslatedFrames
 
 __all__ = ["ChatCodec", "CompletionCodec", "EmbeddingsCodec", "model", "models"]
@@ -264,11 +264,12 @@ async def models(ex: Exchange, scope: Scope, receive: Receive, send: Send) -> No
 
 
 async def model(ex: Exchange, scope: Scope, receive: Receive, send: Send, model_id: str) -> None:
-    """``GET /v1/models/{model}``: one model, or 404 for anything outside the key's set."""
+    """``GET /v1/models/{model}``: one model, or OpenAI's 404 ``model_not_found`` for
+    anything outside the key's set (the same body as a model call's, missing or not allowed)."""
     ex.model = model_id[:200]
     canonical = canonical_model(model_id)
     catalogue = await ex.catalogue()
     if not canonical or canonical not in catalogue.effective(ex.identity.models):
-        raise Refusal(404, "not_found", f"The model '{model_id}' does not exist", param="model")
+        raise model_unavailable(model_id, ex.surface)
     ex.canonical = canonical
     await ex.respond(send, 200, model_body(catalogue.openai_entry(canonical)), _JSON)
