@@ -100,6 +100,9 @@ class Settings:
     upstream_connect_timeout_seconds: float = 5.0
     upstream_read_timeout_seconds: float = 600.0
     discovery_ttl_seconds: float = 10.0
+    # a fleet (SPEC section 12): how long a request waits in a backend's fair queue for a
+    # slot before it gets 503 with Retry-After (long before Ollama's own queue would)
+    queue_timeout_seconds: float = 30.0
     audit_spool_dir: str = field(default_factory=default_spool_dir)
     audit_batch_size: int = 200
     audit_flush_interval_seconds: float = 0.5

@@ -61,7 +61,7 @@ from neuronetz_gateway.domain.limits import (
     tpm_retry_after,
 )
 
-__all__ = ["IdentityReplayed", "LedgerSource", "Limiter", "LimiterUnavailable"]
+__all__ = ["IdentityReplayed", "LedgerSource", "Limiter", "LimiterUnavailable", "limiter_script"]
 
 _DAILY_BUDGET_TTL_S = 2 * 86_400
 _MONTHLY_BUDGET_TTL_S = 32 * 86_400
@@ -88,10 +88,20 @@ class _Script:
         self.sha = hashlib.sha1(text.encode()).hexdigest()  # noqa: S324 - Redis's script id
 
 
-_DECIDE = _Script(_lua("decide.lua"))
-_SETTLE = _Script(_lua("settle.lua"))
-_LEASE = _Script(_lua("lease.lua"))
-_STATE = _Script(_lua("state.lua"))
+def limiter_script(name: str) -> str:
+    """The text Redis runs for ``lua/<name>``: shared snippets first, then the script.
+
+    ``decide.lua`` and ``state.lua`` both sum the TPM window; ``tpm_window.lua``
+    defines that once and is joined in front of each here, at load time.
+    """
+    snippets = ("tpm_window.lua",) if name in {"decide.lua", "state.lua"} else ()
+    return "".join(_lua(snippet) for snippet in snippets) + _lua(name)
+
+
+_DECIDE = _Script(limiter_script("decide.lua"))
+_SETTLE = _Script(limiter_script("settle.lua"))
+_LEASE = _Script(limiter_script("lease.lua"))
+_STATE = _Script(limiter_script("state.lua"))
 
 #: Key-name sets kept per (tenant, key); a busy process sees few distinct keys.
 _MAX_CACHED_KEYS = 4096
