@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         _say("tracing: off against no tracing code, and on")
         try:
             results["tracing"] = bench_tracing.measure(reps=args.tracing_reps, say=_say)
-        except Exception as exc:  # noqa: BLE001 - the rest of the report must still be written
+        except Exception as exc:  # the rest of the report must still be written
             stack.unavailable["tracing"] = f"{type(exc).__name__}: {exc}"
             _say(f"!! tracing not measured: {type(exc).__name__}: {exc}")
 
