@@ -107,6 +107,9 @@ class Settings:
     # how often each backend's /api/tags and /api/ps are checked (once per round across
     # the replicas); a status nobody renewed for 3 rounds is gone
     backend_check_interval_seconds: float = 3.0
+    # a fleet (SPEC section 12): how long a request waits in a backend's fair queue for a
+    # slot before it gets 503 with Retry-After (long before Ollama's own queue would)
+    queue_timeout_seconds: float = 30.0
     audit_spool_dir: str = field(default_factory=default_spool_dir)
     audit_batch_size: int = 200
     audit_flush_interval_seconds: float = 0.5

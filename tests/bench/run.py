@@ -1,13 +1,16 @@
 """``task bench``: start everything, measure, write ``docs/benchmarks.{md,json,png}``.
 
 Order: LiteLLM's install starts in the background (cached in ``.bench/``),
-the stack comes up, each variant is probed with a real chat (a variant that
-answers wrongly is reported, not measured), then warm-up, the chat matrix,
-``/authorize``, streaming fidelity and the invalid-key flood. When a target
-is missed (or with ``--profile always``), py-spy profiles auth and proxy
-under load, for the report.
+the stack comes up (simulator, Caddy alone, the trivial handler, the full
+gateway, the bare chain). While LiteLLM may still install, the ``/authorize``
+phases run: against the trivial handler, under other Granian settings (and
+the bare auth on RSGI), and on a local Redis Cluster. Then each chat variant
+is probed with a real chat (a variant that answers wrongly is reported, not
+measured), warm-up, the chat matrix, streaming fidelity and the invalid-key
+flood. When a target is missed (or with ``--profile always``), py-spy
+profiles auth and proxy under load, for the report.
 
-Run from the repository root: ``python -m tests.bench.run [--seconds 4] [--rounds 3]``.
+Run from the repository root: ``python -m tests.bench.run [--seconds 3] [--rounds 3]``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 import aiohttp
 
 from tests.bench import profile, report
+from tests.bench.granian_variants import GRANIAN_VARIANTS
 from tests.bench.litellm_peer import LiteLLMInstall
 from tests.bench.loadgen import HttpTarget, LoadgenError, WrkRun, ensure_wrk
 from tests.bench.procs import rss_bytes
@@ -46,7 +50,7 @@ def _say(message: str) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.run", description=__doc__)
-    parser.add_argument("--seconds", type=float, default=4.0, help="seconds per cell (4)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="seconds per cell (3)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of alternation (3)")
     parser.add_argument(
         "--profile",
@@ -174,10 +178,35 @@ def _profile(stack: BenchStack, scenarios: Scenarios, seconds: int) -> dict[str,
     return {"runs": runs}
 
 
+def _auth_phases(
+    stack: BenchStack, scenarios: Scenarios, results: dict[str, Any], config: BenchConfig
+) -> None:
+    """``/authorize`` alone, under other Granian settings, and on a Redis Cluster."""
+    urls = stack.urls
+    _say("/authorize vs the trivial handler")
+    results["authorize"] = scenarios.authorize(include_trivial="trivial" in urls)
+    _say("Granian settings: the auth service under each variant, the bare auth on RSGI")
+    for name in GRANIAN_VARIANTS:
+        stack.start_granian_variant(name)
+    stack.start_bare_rsgi()
+    sides = [("today", "auth"), *((n, f"granian_{n}") for n in GRANIAN_VARIANTS)]
+    sides += [("bare_asgi", "bare_auth"), ("bare_rsgi", "bare_auth_rsgi")]
+    results["granian"] = scenarios.authorize_sides(sides, (32,))
+    stack.stop_services([f"granian_{n}" for n in GRANIAN_VARIANTS] + ["bare_auth_rsgi"])
+    _say("Redis deployments: /authorize on single Redis and on a local Cluster")
+    stack.start_cluster_auth()
+    results["redis_deployments"] = scenarios.authorize_sides(
+        [("single", "auth"), ("cluster", "auth_cluster")], config.concurrencies
+    )
+    stack.stop_services(["auth_cluster"])
+    stack.stop_cluster()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the whole benchmark; exit 0 when the report was written."""
     args = _parser().parse_args(argv)
     started = time.monotonic()
+    load_start = os.getloadavg()
     os.chdir(REPO_ROOT)
     wrk = ensure_wrk()
     install = LiteLLMInstall(BENCH_DIR / "litellm-venv")
@@ -196,6 +225,23 @@ def main(argv: list[str] | None = None) -> int:
         stack.start_caddy_direct()
         stack.start_trivial()
         stack.start_gateway()
+        _say("starting the bare chain (yardstick)")
+        stack.start_bare_chain()
+        urls = stack.urls
+        scenarios = Scenarios(
+            wrk=wrk,
+            urls=urls,
+            services=stack.services,
+            gateway_key=stack.key,
+            gateway_prefix=stack.key_prefix,
+            config=config,
+            say=_say,
+        )
+        # Measured first: these need no LiteLLM, whose first install runs meanwhile.
+        installing = not args.no_litellm and not install.cached
+        results["litellm_installing_during_auth_phases"] = installing
+        if "auth" in urls:
+            _auth_phases(stack, scenarios, results, config)
         if not args.no_litellm:
             problem = install.wait()
             if problem is None:
@@ -206,7 +252,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             stack.unavailable["litellm"] = "skipped (--no-litellm)"
 
-        urls = stack.urls
         variants = [v for v in CHAT_VARIANTS if v.url_key in urls]
         failures = asyncio.run(_probe_all(variants, urls, stack.key, config.chunks))
         for vid, problem in failures.items():
@@ -216,22 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         for vid, problem in stack.unavailable.items():
             _say(f"!! unavailable: {vid}: {problem.splitlines()[0] if problem else ''}")
 
-        scenarios = Scenarios(
-            wrk=wrk,
-            urls=urls,
-            services=stack.services,
-            gateway_key=stack.key,
-            gateway_prefix=stack.key_prefix,
-            config=config,
-            say=_say,
-        )
         _say("warm-up")
         scenarios.warm_up(variants)
         _say("chat matrix")
         results["matrix"] = scenarios.matrix(variants)
-        if "auth" in urls:
-            _say("/authorize vs the trivial handler")
-            results["authorize"] = scenarios.authorize(include_trivial="trivial" in urls)
         _say("streaming fidelity")
         results["fidelity"] = run_fidelity(scenarios, variants)
         if "gateway" in urls and not {"gateway_native"} & set(failures):
@@ -272,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         "flood_connections": config.flood_connections,
         "flood_delay_ms": config.flood_delay_ms,
         "elapsed_seconds": time.monotonic() - started,
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
     }
     results = report.finite(results)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ FLOOD_CONDITIONS = ("none", "same_prefix", "random_prefix")
 class BenchConfig:
     """How long and how hard; the defaults keep ``task bench`` under 10 minutes."""
 
-    seconds: float = 4.0
+    seconds: float = 3.0
     rounds: int = 3
     concurrencies: tuple[int, ...] = (1, 32)
     chunks: int = 20
@@ -177,7 +177,9 @@ class Scenarios:
     def warm_up(self, variants: Sequence[Variant]) -> None:
         """One short run per variant and workload: connection pools, caches, discovery."""
         for variant in variants:
-            for _, stream in WORKLOADS:
+            for workload, stream in WORKLOADS:
+                if not any(variant.measures(workload, c) for c in self.config.concurrencies):
+                    continue
                 target = variant.target(self.urls, self.key, stream=stream)
                 self.cell(target, connections=8, charged=(), seconds=1, labels={})
 
@@ -188,6 +190,8 @@ class Scenarios:
             for workload, stream in WORKLOADS:
                 for connections in self.config.concurrencies:
                     for variant in _rotated(variants, round_no):
+                        if not variant.measures(workload, connections):
+                            continue
                         target = variant.target(self.urls, self.key, stream=stream)
                         cell = self.cell(
                             target,
@@ -209,11 +213,24 @@ class Scenarios:
         sides = [("authorize", "auth")]
         if include_trivial:
             sides.append(("trivial", "trivial"))
+        return self.authorize_sides(sides, self.config.concurrencies)
+
+    def authorize_sides(
+        self, sides: Sequence[tuple[str, str]], concurrencies: Sequence[int]
+    ) -> list[dict[str, Any]]:
+        """``GET /authorize`` on each (variant label, service) side, alternated in rounds.
+
+        The service's name is its URL key and the process charged for CPU.
+        """
         cells = []
         host = self.urls.get("gateway", "127.0.0.1").removeprefix("http://")
         headers = authorize_headers(self.key, host)
+        sides = [side for side in sides if side[1] in self.urls]
+        for _, service in sides:  # warm: caches, connections, the script loaded
+            target = HttpTarget(self.urls[service] + "/authorize", "GET", headers)
+            self.cell(target, connections=8, charged=(), seconds=1, labels={})
         for round_no in range(self.config.rounds):
-            for connections in self.config.concurrencies:
+            for connections in concurrencies:
                 for variant, service in _rotated(sides, round_no):
                     target = HttpTarget(self.urls[service] + "/authorize", "GET", headers)
                     cell = self.cell(
@@ -394,7 +411,7 @@ def _describe(cell: Mapping[str, Any]) -> str:
 
 def run_fidelity(scenarios: Scenarios, variants: Sequence[Variant]) -> dict[str, Any]:
     """:meth:`Scenarios.fidelity` from synchronous code."""
-    return asyncio.run(scenarios.fidelity(variants))
+    return asyncio.run(scenarios.fidelity([v for v in variants if v.fidelity]))
 
 
 __all__ += ["FLOOD_CONDITIONS", "run_fidelity"]

@@ -7,7 +7,13 @@
   with every limit and budget set high but on, ``serve auth``, ``serve proxy``
   and Caddy with the repository's ``caddy/Caddyfile``;
 - ``trivial``: the no-op Litestar handler on the auth service's Granian settings;
-- ``litellm``: LiteLLM's proxy from its own venv.
+- ``litellm``: LiteLLM's proxy from its own venv;
+- the bare chain (:mod:`tests.bench.bare_chain`): ``caddy_bare`` (the
+  repository's Caddyfile) in front of ``bare_auth`` and ``bare_proxy``, on
+  the gateway's Redis and the simulator;
+- for single experiments: the auth service once more on a local Redis
+  Cluster (``auth_cluster``), under other Granian settings
+  (``granian_<variant>``), and the bare auth on RSGI (``bare_auth_rsgi``).
 
 A part that cannot start is recorded in :attr:`BenchStack.unavailable` with
 the reason (and its log's tail), and the run goes on without it.
@@ -20,11 +26,13 @@ import functools
 import os
 import secrets
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import asyncpg
+import httpx
 import redis
 
 from neuronetz_gateway.adapters.hashing import KeyHasher
@@ -40,6 +48,7 @@ from neuronetz_gateway.devstack.processes import (
 from neuronetz_gateway.devstack.servers import ThrowawayPostgres, ThrowawayRedis, free_port
 from neuronetz_gateway.domain.keys import generate_key
 from neuronetz_gateway.domain.policy import PolicySettings
+from tests.bench.bare_chain import IDENTITY_KEY
 from tests.bench.litellm_peer import (
     LiteLLMInstall,
     litellm_command,
@@ -47,6 +56,8 @@ from tests.bench.litellm_peer import (
     litellm_env,
 )
 from tests.bench.procs import ServiceProcess
+from tests.bench.variants import authorize_headers
+from tests.support.redis_deployments import RedisDeployment, start_deployment
 
 __all__ = ["HIGH_LIMITS", "REPO_ROOT", "BenchStack", "StartFailed"]
 
@@ -82,6 +93,10 @@ def _minimal_caddyfile(port: int, upstream: str) -> str:
     )
 
 
+def _port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
 class BenchStack:
     """Starts the measured processes; ``stop()`` undoes everything it started."""
 
@@ -93,6 +108,8 @@ class BenchStack:
         self._children: list[ManagedProcess] = []
         self._postgres: ThrowawayPostgres | None = None
         self._redis: ThrowawayRedis | None = None
+        self._cluster: RedisDeployment | None = None
+        self._gateway_env: dict[str, str] = {}
         self.services: dict[str, ServiceProcess] = {}
         self.unavailable: dict[str, str] = {}
         self.urls: dict[str, str] = {}
@@ -201,6 +218,7 @@ class BenchStack:
             "NZ_REDIS_PREFIX": "nzbench",
             "NZ_LOG_FORMAT": "json",
         }
+        self._gateway_env = env
         ports = {}
         for service in ("auth", "proxy"):
             ports[service] = free_port()
@@ -213,22 +231,99 @@ class BenchStack:
             self._wait(child, ready, f"the {service} service")
             self.urls[service] = url
 
+        self.urls["gateway"] = self._start_caddy("gateway", ports["auth"], ports["proxy"])
+
+    def _start_caddy(self, name: str, auth_port: int, proxy_port: int, ready: int = 401) -> str:
+        """The repository's Caddyfile in front of an auth and a proxy; returns its URL.
+
+        Ready when ``GET /api/version`` without a key answers ``ready``: the gateway's 401
+        proves Caddy -> auth works; the bare chain lets it through (200 from the simulator).
+        """
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         caddy_env = {
             **self._base_env(),
-            **self._caddy_dirs("gateway"),
+            **self._caddy_dirs(name),
             "NZ_SITE_ADDRESS": url,
             "NZ_CADDY_ADMIN": "off",
             "NZ_UPSTREAM_DISCOVERY": "static",
-            "NZ_AUTH_UPSTREAM": f"127.0.0.1:{ports['auth']}",
-            "NZ_PROXY_UPSTREAM": f"127.0.0.1:{ports['proxy']}",
+            "NZ_AUTH_UPSTREAM": f"127.0.0.1:{auth_port}",
+            "NZ_PROXY_UPSTREAM": f"127.0.0.1:{proxy_port}",
         }
         argv = [self._caddy(), "run", "--adapter", "caddyfile", "--config", str(CADDYFILE)]
-        child = self._spawn("caddy_gateway", argv, caddy_env, quiet_stdout=True)
-        # No key: a 401 proves Caddy -> auth works.
-        self._wait(child, lambda: http_status(f"{url}/api/version") == 401, "Caddy (gateway)")
-        self.urls["gateway"] = url
+        child = self._spawn(f"caddy_{name}", argv, caddy_env, quiet_stdout=True)
+        self._wait(child, lambda: http_status(f"{url}/api/version") == ready, f"Caddy ({name})")
+        return url
+
+    def _serve(self, name: str, argv: Sequence[str], env: Mapping[str, str], ready: str) -> str:
+        """Start a service on a free port (``--port`` appended); returns its URL once ready."""
+        port = free_port()
+        child = self._spawn(name, [*argv, "--port", str(port)], env)
+        url = f"http://127.0.0.1:{port}"
+        self._wait(child, functools.partial(_answers, url + ready, 200), name)
+        return url
+
+    def start_bare_chain(self) -> None:
+        """The yardstick: the same Caddy, the bare auth (one Redis GET) and passthrough proxy."""
+        if "auth" not in self.urls:
+            self.unavailable["bare_chain"] = "needs the gateway (its Redis, a real identity)"
+            return
+        try:
+            # what it answers with: a real identity for the benchmark key, as long as ours
+            host = self.urls["gateway"].removeprefix("http://")
+            answer = httpx.get(
+                self.urls["auth"] + "/authorize",
+                headers=authorize_headers(self.key, host),
+                timeout=10,
+            )
+            identity = answer.headers.get("x-nz-identity")
+            if answer.status_code != 200 or not identity:
+                self.unavailable["bare_chain"] = f"no identity from auth: HTTP {answer.status_code}"
+                return
+            redis.Redis.from_url(self.urls["redis"]).set(IDENTITY_KEY, identity)
+            env = {
+                **self._base_env(),
+                "NZ_BARE_REDIS_URL": self.urls["redis"],
+                "NZ_BARE_UPSTREAM": self.urls["simulator"],
+            }
+            module = [self.python, "-m", "tests.bench.bare_chain"]
+            auth = self._serve("bare_auth", [*module, "auth"], env, "/healthz")
+            proxy = self._serve("bare_proxy", [*module, "proxy"], env, "/healthz")
+            self.urls["bare_auth"] = auth
+            self.urls["bare"] = self._start_caddy(
+                "bare", _port_of(auth), _port_of(proxy), ready=200
+            )
+        except (StartFailed, OSError, redis.RedisError, httpx.HTTPError) as exc:
+            self.unavailable["bare_chain"] = f"{type(exc).__name__}: {exc}"
+
+    def start_bare_rsgi(self) -> None:
+        """The bare auth once more, on Granian's RSGI interface."""
+        try:
+            env = {**self._base_env(), "NZ_BARE_REDIS_URL": self.urls["redis"]}
+            argv = [self.python, "-m", "tests.bench.bare_chain", "auth-rsgi"]
+            self.urls["bare_auth_rsgi"] = self._serve("bare_auth_rsgi", argv, env, "/healthz")
+        except (StartFailed, KeyError) as exc:
+            self.unavailable["bare_auth_rsgi"] = f"{type(exc).__name__}: {exc}"
+
+    def start_granian_variant(self, variant: str) -> None:
+        """The auth service under one of :data:`tests.bench.granian_variants.GRANIAN_VARIANTS`."""
+        name = f"granian_{variant}"
+        try:
+            argv = [self.python, "-m", "tests.bench.granian_variants", variant]
+            self.urls[name] = self._serve(name, argv, self._gateway_env, "/readyz")
+        except StartFailed as exc:
+            self.unavailable[name] = str(exc)
+
+    def start_cluster_auth(self) -> None:
+        """A local Redis Cluster (3 masters, 3 replicas) and the auth service on it."""
+        try:
+            self._say("Redis Cluster: 6 nodes")
+            self._cluster = start_deployment("cluster", parent=str(self.state_dir))
+            env = {**self._gateway_env, "NZ_REDIS_URL": self._cluster.url}
+            argv = [self.python, "-m", "neuronetz_gateway.cli", "serve", "auth"]
+            self.urls["auth_cluster"] = self._serve("auth_cluster", argv, env, "/readyz")
+        except (StartFailed, OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            self.unavailable["auth_cluster"] = f"{type(exc).__name__}: {exc}"
 
     async def _prepare_database(self, admin_url: str, database_url: str) -> None:
         conn = await asyncpg.connect(admin_url)
@@ -288,11 +383,26 @@ class BenchStack:
 
     # ------------------------------------------------------------------ stop
 
+    def stop_services(self, names: Sequence[str]) -> None:
+        """Stop the named children (a phase's extra processes); their URLs go."""
+        for child in [c for c in self._children if c.name in names]:
+            child.stop()
+            self._children.remove(child)
+            self.urls.pop(child.name, None)
+            self.services.pop(child.name, None)
+
+    def stop_cluster(self) -> None:
+        """Stop the Redis Cluster (when one was started)."""
+        if self._cluster is not None:
+            self._cluster.destroy()
+            self._cluster = None
+
     def stop(self) -> None:
         """Stop every child (newest first), then Redis and Postgres."""
         for child in reversed(self._children):
             child.stop()
         self._children.clear()
+        self.stop_cluster()
         if self._redis is not None:
             self._redis.destroy()
             self._redis = None

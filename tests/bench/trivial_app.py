@@ -34,18 +34,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     from granian import Granian
-    from granian.constants import Interfaces
+
+    from neuronetz_gateway.cli.serve import granian_options
 
     Granian(
-        "tests.bench.trivial_app:create_app",
-        address="127.0.0.1",
-        port=args.port,
-        interface=Interfaces.ASGI,
-        workers=1,
-        factory=True,
-        log_access=False,
-        backlog=2048,
-    ).serve()
+        "tests.bench.trivial_app:create_app", address="127.0.0.1", port=args.port,
+        **granian_options(),
+    ).serve()  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -8,7 +8,14 @@ Like is compared with like:
   its ratio is taken against ``caddy``) and ``gateway_openai`` on
   ``/v1/chat/completions`` (translated to native and back; its ratio is
   taken against ``litellm``, which speaks only OpenAI);
-- ``litellm`` on ``/v1/chat/completions``.
+- ``litellm`` on ``/v1/chat/completions``;
+- ``bare_chain`` (:mod:`tests.bench.bare_chain`): the same Caddy with a
+  minimal auth and a passthrough proxy, on ``/api/chat``: the yardstick
+  both gateway variants are divided by (the bare chain translates nothing,
+  so ``gateway_openai`` ÷ it includes translation among the features);
+- ``gateway_anthropic`` (``/v1/messages``) and ``gateway_responses``
+  (``/v1/responses``): the newer surfaces, compared with ``gateway_openai``
+  (streams at concurrency 32 only: what their target is about).
 """
 
 from __future__ import annotations
@@ -32,14 +39,30 @@ __all__ = [
     "probe",
 ]
 
-Surface = Literal["native", "openai"]
+Surface = Literal["native", "openai", "anthropic", "responses"]
 PROMPT = "Say hello to the benchmark in a few words."
 MODEL = "llama3.2"
 
 
+_PATHS: dict[str, str] = {
+    "native": "/api/chat",
+    "openai": "/v1/chat/completions",
+    "anthropic": "/v1/messages",
+    "responses": "/v1/responses",
+}
+#: (workload, concurrency) cells of the chat matrix
+Cell = tuple[str, int]
+
+
 def chat_body(surface: Surface, *, stream: bool, model: str = MODEL) -> bytes:
-    """A small chat request; streaming or not. Same prompt on both surfaces."""
-    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "stream": stream}
+    """A small chat request; streaming or not. Same prompt on every surface."""
+    body: dict[str, object] = {"model": model, "stream": stream}
+    if surface == "responses":
+        body["input"] = PROMPT
+    else:
+        body["messages"] = [{"role": "user", "content": PROMPT}]
+    if surface == "anthropic":  # required there; far above the simulator's 20 chunks
+        body["max_tokens"] = 256
     return json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -56,11 +79,19 @@ class Variant:
     auth: str = ""  # "gateway" or "litellm": which key goes in Authorization
     model: str = MODEL
     extra_headers: Mapping[str, str] = field(default_factory=dict)
+    #: The matrix cells it is measured in (None: all of them).
+    cells: frozenset[Cell] | None = None
+    #: Whether the streaming-fidelity test times it too.
+    fidelity: bool = True
 
     @property
     def path(self) -> str:
         """The request path on this variant's surface."""
-        return "/api/chat" if self.surface == "native" else "/v1/chat/completions"
+        return _PATHS[self.surface]
+
+    def measures(self, workload: str, concurrency: int) -> bool:
+        """Whether the matrix runs this variant in that cell."""
+        return self.cells is None or (workload, concurrency) in self.cells
 
     def target(self, urls: Mapping[str, str], gateway_key: str, *, stream: bool) -> HttpTarget:
         """The chat request for this variant."""
@@ -78,6 +109,8 @@ class Variant:
 
 
 _GATEWAY_SERVICES = ("caddy_gateway", "auth", "proxy", "redis", "postgres")
+_BARE_SERVICES = ("caddy_bare", "bare_auth", "bare_proxy", "redis")
+_STREAMS_32 = frozenset({("stream", 32)})
 
 CHAT_VARIANTS: tuple[Variant, ...] = (
     Variant("simulator", "simulator direct (floor), /api/chat", "simulator", "native", ()),
@@ -96,6 +129,20 @@ CHAT_VARIANTS: tuple[Variant, ...] = (
     Variant(
         "litellm", "LiteLLM proxy, /v1/chat/completions", "litellm", "openai", ("litellm",),
         auth="litellm", model=LITELLM_MODEL,
+    ),
+    Variant(
+        "bare_chain", "bare chain (yardstick): same Caddy, minimal auth + passthrough proxy, "
+        "/api/chat", "bare", "native", _BARE_SERVICES, auth="gateway",
+    ),
+    Variant(
+        "gateway_anthropic", "full gateway, /v1/messages (Anthropic Messages, translated)",
+        "gateway", "anthropic", _GATEWAY_SERVICES, auth="gateway", cells=_STREAMS_32,
+        fidelity=False,
+    ),
+    Variant(
+        "gateway_responses", "full gateway, /v1/responses (OpenAI Responses, translated)",
+        "gateway", "responses", _GATEWAY_SERVICES, auth="gateway", cells=_STREAMS_32,
+        fidelity=False,
     ),
 )  # fmt: skip
 

@@ -102,15 +102,6 @@ async def test_every_refused_key_gets_the_byte_identical_401(
         assert (await authorize(client, good.full, header="x-api-key")).status_code == 200
 
 
-# 200 concurrent decisions from a cold client: on Cluster, Sentinel and TLS these
-# still get 503s (redis-py opens a connection per waiting caller, TLS handshakes
-# included, past the decision timeout) -- a known gap of the Redis-deployments issue,
-# recorded in scope-docs/SPEC.md section 5. What these two tests prove (Argon2 and
-# lookup accounting) does not depend on the deployment, so they run on single Redis.
-_SINGLE_REDIS_ONLY = pytest.mark.parametrize("redis_deployment", ["single"], indirect=True)
-
-
-@_SINGLE_REDIS_ONLY
 async def test_a_flood_of_wrong_secrets_under_a_valid_prefix_costs_a_handful_of_argon2(
     settings: Settings, store: Store
 ) -> None:
@@ -138,7 +129,6 @@ class _CountingStore(Store):
         return await super().find_key_for_auth(prefix)
 
 
-@_SINGLE_REDIS_ONLY
 async def test_a_burst_of_secrets_on_one_prefix_costs_one_lookup_known_or_not(
     settings: Settings, store: Store
 ) -> None:

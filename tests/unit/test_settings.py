@@ -24,6 +24,8 @@ def test_defaults_and_types() -> None:
     )
     assert settings.lease_ttl_seconds == 15
     assert settings.key_cache_ttl_seconds == 2.5
+    assert settings.queue_timeout_seconds == 30.0
+    assert load_settings({**GOOD, "NZ_QUEUE_TIMEOUT_SECONDS": "2.5"}).queue_timeout_seconds == 2.5
     assert settings.ollama_url == "http://127.0.0.1:11434"
     assert (settings.keep_alive_min_seconds, settings.keep_alive_max_seconds) == (60, 86400)
     assert settings.ollama_slots == 4
@@ -40,6 +42,7 @@ def test_defaults_and_types() -> None:
         ({**GOOD, "NZ_OLLAMA_URL": "ftp://x"}, "NZ_OLLAMA_URL"),
         ({**GOOD, "NZ_LEASE_TTL_SECONDS": "ten"}, "NZ_LEASE_TTL_SECONDS"),
         ({**GOOD, "NZ_LEASE_TTL_SECONDS": "-1"}, "NZ_LEASE_TTL_SECONDS"),
+        ({**GOOD, "NZ_QUEUE_TIMEOUT_SECONDS": "0"}, "NZ_QUEUE_TIMEOUT_SECONDS"),
         ({**GOOD, "NZ_LOG_LEVEL": "loud"}, "NZ_LOG_LEVEL"),
         ({**GOOD, "NZ_KEEP_ALIVE_MIN_SECONDS": "0"}, "NZ_KEEP_ALIVE_MIN_SECONDS"),
         ({**GOOD, "NZ_OLLAMA_SLOTS": "0"}, "NZ_OLLAMA_SLOTS"),

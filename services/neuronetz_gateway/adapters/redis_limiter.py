@@ -38,10 +38,11 @@ from datetime import UTC, datetime
 from importlib.resources import files
 from typing import Any, Protocol, TypeVar
 
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from neuronetz_gateway.adapters.postgres.store import LedgerTotals
 from neuronetz_gateway.adapters.redis_client import RedisClient
+from neuronetz_gateway.adapters.redis_commands import RedisCommands, command_channel
 from neuronetz_gateway.adapters.redis_pipeline import PipelinedRedis, RedisArg
 from neuronetz_gateway.domain.identity import Allowance, Limits
 from neuronetz_gateway.domain.key_state import KeyState, LevelState, WindowState, window_reset_ms
@@ -60,7 +61,7 @@ from neuronetz_gateway.domain.limits import (
     tpm_retry_after,
 )
 
-__all__ = ["IdentityReplayed", "LedgerSource", "Limiter", "LimiterUnavailable"]
+__all__ = ["IdentityReplayed", "LedgerSource", "Limiter", "LimiterUnavailable", "limiter_script"]
 
 _DAILY_BUDGET_TTL_S = 2 * 86_400
 _MONTHLY_BUDGET_TTL_S = 32 * 86_400
@@ -87,10 +88,20 @@ class _Script:
         self.sha = hashlib.sha1(text.encode()).hexdigest()  # noqa: S324 - Redis's script id
 
 
-_DECIDE = _Script(_lua("decide.lua"))
-_SETTLE = _Script(_lua("settle.lua"))
-_LEASE = _Script(_lua("lease.lua"))
-_STATE = _Script(_lua("state.lua"))
+def limiter_script(name: str) -> str:
+    """The text Redis runs for ``lua/<name>``: shared snippets first, then the script.
+
+    ``decide.lua`` and ``state.lua`` both sum the TPM window; ``tpm_window.lua``
+    defines that once and is joined in front of each here, at load time.
+    """
+    snippets = ("tpm_window.lua",) if name in {"decide.lua", "state.lua"} else ()
+    return "".join(_lua(snippet) for snippet in snippets) + _lua(name)
+
+
+_DECIDE = _Script(limiter_script("decide.lua"))
+_SETTLE = _Script(limiter_script("settle.lua"))
+_LEASE = _Script(limiter_script("lease.lua"))
+_STATE = _Script(limiter_script("state.lua"))
 
 #: Key-name sets kept per (tenant, key); a busy process sees few distinct keys.
 _MAX_CACHED_KEYS = 4096
@@ -112,44 +123,6 @@ class LedgerSource(Protocol):
     ) -> LedgerTotals:
         """Tokens spent today / this month / ever by a key (``key_id=None``: the tenant)."""
         ...
-
-
-class _Commands(Protocol):
-    """What the limiter sends: any command, and scripts by SHA."""
-
-    async def execute(self, *args: RedisArg) -> Any: ...
-
-    async def evalsha(
-        self, sha: str, script: str, keys: Sequence[RedisArg], args: Sequence[RedisArg]
-    ) -> Any: ...
-
-    async def aclose(self) -> None: ...
-
-
-class _RedisPyCommands:
-    """The same through redis-py, for set-ups the pipelined client does not speak.
-
-    A Cluster (redis-py routes each script by its keys' slot, following
-    MOVED/ASK) and Sentinel (it asks the sentinels for the master).
-    """
-
-    def __init__(self, client: RedisClient) -> None:
-        self._client = client
-
-    async def execute(self, *args: RedisArg) -> Any:
-        return await self._client.execute_command(*args)
-
-    async def evalsha(
-        self, sha: str, script: str, keys: Sequence[RedisArg], args: Sequence[RedisArg]
-    ) -> Any:
-        run = self._client.execute_command
-        try:
-            return await run("EVALSHA", sha, len(keys), *keys, *args)
-        except NoScriptError:
-            return await run("EVAL", script, len(keys), *keys, *args)
-
-    async def aclose(self) -> None:
-        """The client belongs to the caller."""
 
 
 def _text(value: Any) -> str:
@@ -278,9 +251,9 @@ class Limiter:
         if lease_ttl_seconds <= 0 or timeout_seconds <= 0 or ledger_timeout_seconds <= 0:
             raise ValueError("lease TTL and timeouts must be positive")
         self._redis = redis
-        pipelined = PipelinedRedis.for_client(redis, timeout_seconds)
-        self._commands: _Commands = pipelined if pipelined is not None else _RedisPyCommands(redis)
-        self._bounded = pipelined is not None  # it enforces the timeout per command
+        self._commands: RedisCommands = command_channel(redis, timeout_seconds)
+        # the pipelined client enforces the timeout per command
+        self._bounded = isinstance(self._commands, PipelinedRedis)
         self._prefix = prefix
         self._ledger = ledger
         self._clock = clock

@@ -169,6 +169,13 @@ async def _wire(
             timeout_seconds=settings.decision_timeout_seconds,
         )
         stack.push_async_callback(limiter.aclose)
+    remote_cache = RedisKeyCache(
+        redis,
+        prefix=settings.redis_prefix,
+        ttl_seconds=settings.key_cache_redis_ttl_seconds,
+        timeout_seconds=settings.decision_timeout_seconds,
+    )
+    stack.push_async_callback(remote_cache.aclose)
     verifier = KeyVerifier(
         store=store,
         hasher=hasher or KeyHasher(settings.argon2_max_concurrency),
@@ -176,9 +183,7 @@ async def _wire(
             ttl_seconds=settings.key_cache_ttl_seconds,
             negative_ttl_seconds=settings.negative_cache_ttl_seconds,
         ),
-        remote=RedisKeyCache(
-            redis, prefix=settings.redis_prefix, ttl_seconds=settings.key_cache_redis_ttl_seconds
-        ),
+        remote=remote_cache,
         secret=settings.gateway_secret.encode(),
         previous_secret=settings.previous_secret(),
         metrics=service.metrics,

@@ -24,9 +24,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
-from redis.exceptions import NoScriptError
 
 from neuronetz_gateway.adapters.redis_client import RedisClient
+from neuronetz_gateway.adapters.redis_commands import RedisCommands, command_channel
+from neuronetz_gateway.adapters.redis_pipeline import RedisArg
 from neuronetz_gateway.domain.identity import Limits, OptionCaps
 
 __all__ = ["LocalKeyCache", "RedisKeyCache", "VerifiedKey"]
@@ -185,38 +186,53 @@ _MARKER_TTL_MS = 120_000  # longer than any lookup may take (decision timeout, A
 
 
 class _Script:
-    """A Lua script run by SHA; a Redis without it (restart, flush) gets its text instead.
+    """A Lua script run by SHA over the cache's command channel (``EVAL`` on ``NOSCRIPT``).
 
     One round trip either way: a burst of first calls after a restart must not
     turn into a burst of SCRIPT LOADs, as redis-py's ``Script`` would.
     """
 
-    __slots__ = ("_redis", "_sha", "_text")
+    __slots__ = ("_commands", "_sha", "_text")
 
-    def __init__(self, redis: RedisClient, text: str) -> None:
-        self._redis = redis
+    def __init__(self, commands: RedisCommands, text: str) -> None:
+        self._commands = commands
         self._text = text
         self._sha = hashlib.sha1(text.encode()).hexdigest()  # noqa: S324 - Redis's script id
 
-    async def __call__(self, *, keys: list[str], args: Sequence[Any] = ()) -> Any:
-        run = self._redis.execute_command
-        try:
-            return await run("EVALSHA", self._sha, len(keys), *keys, *args)
-        except NoScriptError:
-            return await run("EVAL", self._text, len(keys), *keys, *args)
+    async def __call__(self, *, keys: list[str], args: Sequence[RedisArg] = ()) -> Any:
+        return await self._commands.evalsha(self._sha, self._text, keys, args)
 
 
 class RedisKeyCache:
-    """The verified-key cache in Redis, shared by every auth replica."""
+    """The verified-key cache in Redis, shared by every auth replica.
 
-    def __init__(self, redis: RedisClient, *, prefix: str, ttl_seconds: float) -> None:
+    Lookups, writes and evictions go over :func:`command_channel` (the
+    pipelined connection where the deployment allows, else bounded redis-py),
+    so a cold burst of misses shares one connection instead of opening one
+    per waiting caller; only :meth:`flush` (a ``SCAN``) uses ``redis``
+    itself. Call :meth:`aclose` when done.
+    """
+
+    def __init__(
+        self,
+        redis: RedisClient,
+        *,
+        prefix: str,
+        ttl_seconds: float,
+        timeout_seconds: float = 1.0,
+    ) -> None:
         self._redis = redis
+        self._commands = command_channel(redis, timeout_seconds)
         self._base = f"{prefix}:{{kc}}"
         self._ttl_ms = int(ttl_seconds * 1000)
-        self._put = _Script(redis, _PUT_LUA)
-        self._evict = _Script(redis, _EVICT_LUA)
-        self._get = _Script(redis, _GET_LUA)
-        self._mark_all = _Script(redis, _MARK_ALL_LUA)
+        self._put = _Script(self._commands, _PUT_LUA)
+        self._evict = _Script(self._commands, _EVICT_LUA)
+        self._get = _Script(self._commands, _GET_LUA)
+        self._mark_all = _Script(self._commands, _MARK_ALL_LUA)
+
+    async def aclose(self) -> None:
+        """Close the cache's own connection (the redis-py client stays the caller's)."""
+        await self._commands.aclose()
 
     def _entry(self, fp: str) -> str:
         return f"{self._base}:e:{fp}"

@@ -141,6 +141,7 @@ class KeyVerifier:
         self._prefix_locks: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._remote_dirty = False
+        self._remote_flush: asyncio.Task[None] | None = None  # one at a time, shared
         # False while the change listener is not listening: the local cache could
         # miss an eviction then, so it is bypassed (the Redis cache is still used;
         # listening replicas evict it, and every reconnect flushes it).
@@ -179,6 +180,21 @@ class KeyVerifier:
         # shielded: a caller that times out must not cancel the others' lookup
         return await asyncio.shield(flight)
 
+    async def _flush_dirty_remote(self) -> None:
+        """Flush the Redis cache once for every lookup that found it dirty (not one SCAN each)."""
+        task = self._remote_flush
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._remote.flush())
+            self._remote_flush = task
+
+            def done(finished: asyncio.Task[None]) -> None:
+                self._remote_flush = None
+                if not finished.cancelled() and finished.exception() is None:
+                    self._remote_dirty = False
+
+            task.add_done_callback(done)
+        await asyncio.shield(task)
+
     def _flight_done(self, fp: str, task: asyncio.Task[KeyCheck]) -> None:
         if self._flights.get(fp) is task:
             del self._flights[fp]
@@ -192,8 +208,7 @@ class KeyVerifier:
         epoch = self._local.epoch
         try:
             if self._remote_dirty:
-                await self._remote.flush()
-                self._remote_dirty = False
+                await self._flush_dirty_remote()
             cached, since_ms = await self._remote.get(fp)
         except (RedisError, OSError) as exc:
             raise KeyStoreUnavailable(f"redis: {type(exc).__name__}") from exc

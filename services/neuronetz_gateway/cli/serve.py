@@ -8,7 +8,7 @@ before any worker starts. Each service module exposes
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -21,7 +21,7 @@ from neuronetz_gateway.settings import (
 )
 from neuronetz_gateway.tracing import TracingConfigError, check_tracing_env
 
-__all__ = ["Service", "serve"]
+__all__ = ["Service", "granian_options", "serve"]
 
 
 class Service(StrEnum):
@@ -61,15 +61,23 @@ def serve(
     for warning in secret_warnings(settings):
         typer.echo(f"warning: {warning}", err=True)
     from granian import Granian
-    from granian.constants import Interfaces
 
     Granian(
         _TARGETS[service],
         address=host,
         port=port or (8081 if service is Service.auth else 8082),
-        interface=Interfaces.ASGI,
-        workers=workers,
-        factory=True,
-        log_access=False,
-        backlog=2048,
+        **granian_options(workers),
     ).serve()
+
+
+def granian_options(workers: int = 1) -> dict[str, Any]:
+    """How both services are served (the benchmark's yardsticks are served the same way)."""
+    from granian.constants import Interfaces
+
+    return {
+        "interface": Interfaces.ASGI,
+        "workers": workers,
+        "factory": True,
+        "log_access": False,
+        "backlog": 2048,
+    }

@@ -1,4 +1,5 @@
 -- admit / reserve: check key and tenant limits together, record only if all pass.
+-- (Loaded after tpm_window.lua, which defines tpm_window.)
 --
 -- KEYS, 6 per level (1..6 key, 7..12 tenant), all in one {t<id>} slot:
 --   rpm ZSET, conc ZSET, tpm HASH, daily / monthly / total budget counters
@@ -97,21 +98,9 @@ for level = 1, 2 do
   local tpm = limit_of(level, 2)
   if tpm then
     local tpm_key = key_of(level, 3)
-    local fields = redis.call("HGETALL", tpm_key)
-    local sum = 0
-    local live = {}
-    for i = 1, #fields, 2 do
-      local second = tonumber(fields[i])
-      if second > now_s - 60 then
-        local n = tonumber(fields[i + 1])
-        sum = sum + n
-        live[#live + 1] = second
-        live[#live + 1] = n
-        if s[7] < 0 or second < s[7] then s[7] = second end
-      else
-        redis.call("HDEL", tpm_key, fields[i])
-      end
-    end
+    local sum, live, oldest = tpm_window(redis.call("HGETALL", tpm_key), now_s,
+      function(field) redis.call("HDEL", tpm_key, field) end)
+    s[7] = oldest
     s[2] = sum
     window_fields[level] = live
     if sum + need > tpm then

@@ -1,4 +1,5 @@
 -- state: read a key's and its tenant's limit state, changing nothing (GET /v1/key, /api/key).
+-- (Loaded after tpm_window.lua, which defines tpm_window.)
 --
 -- KEYS: the same 12 as decide.lua (1..6 key, 7..12 tenant), all in one {t<id>} slot:
 --   rpm ZSET, conc ZSET, tpm HASH, daily / monthly / total budget counters
@@ -50,18 +51,7 @@ for level = 1, 2 do
     s[3] = redis.call("ZCOUNT", key_of(level, 2), "(" .. now_ms, "+inf")
   end
   if limit_of(level, 2) then
-    local fields = redis.call("HGETALL", key_of(level, 3))
-    local sum = 0
-    local live = {}
-    for i = 1, #fields, 2 do
-      local second = tonumber(fields[i])
-      if second > now_s - 60 then
-        local n = tonumber(fields[i + 1])
-        sum = sum + n
-        live[#live + 1] = second
-        live[#live + 1] = n
-      end
-    end
+    local sum, live = tpm_window(redis.call("HGETALL", key_of(level, 3)), now_s)
     s[4] = sum
     s[8] = live
   end

@@ -1,0 +1,25 @@
+-- tpm_window: shared by decide.lua and state.lua (prepended to each when loaded).
+--
+-- fields: HGETALL of a TPM HASH (second -> tokens); now_s: now, unix seconds.
+-- on_stale(field), if given, is called for each second that left the 60 s window.
+-- Returns the window's token sum, its live {second, tokens, ...} pairs, and its
+-- oldest live second (-1 when the window is empty).
+local function tpm_window(fields, now_s, on_stale)
+  local sum = 0
+  local live = {}
+  local oldest = -1
+  for i = 1, #fields, 2 do
+    local second = tonumber(fields[i])
+    if second > now_s - 60 then
+      local n = tonumber(fields[i + 1])
+      sum = sum + n
+      live[#live + 1] = second
+      live[#live + 1] = n
+      if oldest < 0 or second < oldest then oldest = second end
+    elseif on_stale then
+      on_stale(fields[i])
+    end
+  end
+  return sum, live, oldest
+end
+
