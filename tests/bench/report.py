@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.bench.bench_tracing import markdown_lines as tracing_lines
 from tests.bench.stats import Spread, ratio_spread, spread
 
 __all__ = ["Headline", "finite", "headlines", "write_chart", "write_json", "write_markdown"]
@@ -653,6 +654,7 @@ def write_markdown(results: Mapping[str, Any], path: Path, chart_name: str) -> N
         "## Memory",
         "",
         *_memory_rows(results),
+        *tracing_lines(results.get("tracing")),
         *_profile_lines(results),
         "",
     ]

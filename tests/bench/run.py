@@ -29,7 +29,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.bench import profile, report
+from tests.bench import bench_tracing, profile, report
 from tests.bench.granian_variants import GRANIAN_VARIANTS
 from tests.bench.litellm_peer import LiteLLMInstall
 from tests.bench.loadgen import HttpTarget, LoadgenError, WrkRun, ensure_wrk
@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
         help="py-spy auth and proxy under load: auto = when a target is missed (default)",
     )
     parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM peer")
+    parser.add_argument(
+        "--tracing-reps",
+        type=int,
+        default=30,
+        help="repetitions of the tracing off/on comparison, after the stack (30; 0 = skip)",
+    )
     parser.add_argument(
         "--out", type=Path, default=DOCS, help="where benchmarks.{md,json,png} go (docs/)"
     )
@@ -282,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _say("stopping the stack")
         stack.stop()
+    if args.tracing_reps > 0:  # alone on the machine: its own workers, Postgres db, simulator
+        _say("tracing: off against no tracing code, and on")
+        results["tracing"] = bench_tracing.measure(reps=args.tracing_reps, say=_say)
 
     version_script = "import importlib.metadata as m; print(m.version('litellm'))"
     litellm_python = str(install.venv / "bin" / "python")

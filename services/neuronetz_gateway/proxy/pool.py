@@ -39,6 +39,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from neuronetz_gateway.adapters.ollama_client import (
     OllamaClient,
     UpstreamResponse,
+    UpstreamTimeout,
     UpstreamUnavailable,
     public_address,
 )
@@ -55,6 +56,7 @@ from neuronetz_gateway.logging import get_logger
 from neuronetz_gateway.proxy.refusals import Refusal
 
 __all__ = [
+    "OUTCOMES",
     "SLOT_PATHS",
     "BackendPool",
     "Fleet",
@@ -68,6 +70,11 @@ log = get_logger("neuronetz_gateway.proxy.pool")
 
 #: The native paths that run a model and so take one of the backend's slots.
 SLOT_PATHS = frozenset({"/api/chat", "/api/generate", "/api/embed", "/api/embeddings"})
+#: How a call to a backend went, as the pool reports it to the fleet (passive health;
+#: the values of the circuit breaker's ``Outcome``).
+SUCCESS, CONNECT_ERROR, SERVER_ERROR = "success", "connect_error", "server_error"
+TIMEOUT = "timeout"
+OUTCOMES = (SUCCESS, CONNECT_ERROR, SERVER_ERROR, TIMEOUT)
 #: A load_duration above this (ns) counts as a cold load (a loaded model reports ~ms).
 COLD_LOAD_NS = 250_000_000
 #: A 5xx body read before failing over is cut here (it is only logged by kind).
@@ -96,8 +103,8 @@ class Fleet(Protocol):
         """The backends now (cheap: read on every call)."""
         ...
 
-    def report(self, name: str, ok: bool) -> None:
-        """Passive health: a call to ``name`` succeeded or failed (connect error, 5xx)."""
+    def report(self, name: str, outcome: str) -> None:
+        """Passive health: how a call to ``name`` went (one of :data:`OUTCOMES`)."""
         ...
 
 
@@ -157,8 +164,8 @@ class StaticFleet:
             for m in self._members
         ]
 
-    def report(self, name: str, ok: bool) -> None:
-        if ok:
+    def report(self, name: str, outcome: str) -> None:
+        if outcome == SUCCESS:
             self._failures.pop(name, None)
             self._open_until.pop(name, None)
             return
@@ -237,7 +244,7 @@ class PoolMetrics:
         )
         self.errors = Counter(
             "nz_proxy_pool_errors_total",
-            "Backend failures by kind (connect, status, queue_timeout, slots_unavailable).",
+            "Backend failures by kind: connect, status, timeout, queue_timeout, slots_unavailable.",
             ("backend", "kind"),
             registry=registry,
         )
@@ -395,19 +402,27 @@ class BackendPool:
                 stream = await self._send(call, member, path, body, lease)
             except UpstreamUnavailable:
                 self._metrics.errors.labels(member.name, "connect").inc()
-                self._fleet.report(member.name, False)
+                self._fleet.report(member.name, CONNECT_ERROR)
                 if lease is not None:
                     self._give_back(lease)
+            except UpstreamTimeout:
+                # no failover: a slow answer's headers (a long load, a long non-streamed
+                # answer) would run the whole request a second time elsewhere
+                self._metrics.errors.labels(member.name, "timeout").inc()
+                self._fleet.report(member.name, TIMEOUT)
+                if lease is not None:
+                    self._give_back(lease)
+                raise
             except BaseException:
                 if lease is not None:
                     self._give_back(lease)
                 raise
             else:
                 if stream.status < 500:
-                    self._fleet.report(member.name, True)
+                    self._fleet.report(member.name, SUCCESS)
                     return stream
                 self._metrics.errors.labels(member.name, "status").inc()
-                self._fleet.report(member.name, False)
+                self._fleet.report(member.name, SERVER_ERROR)
                 connect_failed = False
                 if last:
                     return stream  # the client gets the backend's own error, translated
