@@ -29,9 +29,9 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -59,7 +59,9 @@ __all__ = [
     "OUTCOMES",
     "SLOT_PATHS",
     "BackendPool",
+    "DiscoveredFleet",
     "Fleet",
+    "HealthSource",
     "PoolMember",
     "PoolMetrics",
     "SlotPort",
@@ -173,6 +175,75 @@ class StaticFleet:
         if failures >= self._threshold:
             self._open_until[name] = self._clock() + self._open_seconds
             self._failures[name] = self._threshold - 1  # after the pause, one more failure reopens
+
+
+class _BackendSpecView(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def url(self) -> str: ...
+    @property
+    def slots(self) -> int: ...
+    @property
+    def weight(self) -> int: ...
+    @property
+    def accepts_new(self) -> bool: ...
+
+
+class _HealthView(Protocol):
+    @property
+    def spec(self) -> _BackendSpecView: ...
+    @property
+    def installed(self) -> frozenset[str]: ...
+    @property
+    def loaded(self) -> frozenset[str]: ...
+    def healthy(self, now: float) -> bool: ...
+
+
+class HealthSource(Protocol):
+    """Per-backend discovery and health (``proxy/fleet_discovery.FleetDiscovery``)."""
+
+    def health(self) -> Mapping[str, _HealthView]: ...
+
+    def record(self, backend: str, outcome: Any) -> None: ...
+
+
+class DiscoveredFleet:
+    """The :class:`Fleet` of the operator's backends, as per-backend discovery sees them.
+
+    ``outcome`` turns the pool's outcome names into what ``source.record``
+    takes (the circuit breaker's ``Outcome``).
+    """
+
+    def __init__(
+        self,
+        source: HealthSource,
+        outcome: Callable[[str], Any],
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._source = source
+        self._outcome = outcome
+        self._now = monotonic
+
+    def members(self) -> Sequence[PoolMember]:
+        now = self._now()
+        return [
+            PoolMember(
+                h.spec.name,
+                h.spec.url,
+                h.spec.slots,
+                h.spec.weight,
+                h.spec.accepts_new,
+                h.healthy(now),
+                frozenset(canonical_model(m) for m in h.installed),
+                frozenset(canonical_model(m) for m in h.loaded),
+            )
+            for h in self._source.health().values()
+        ]
+
+    def report(self, name: str, outcome: str) -> None:
+        self._source.record(name, self._outcome(outcome))
 
 
 def _with_health(member: PoolMember, *, healthy: bool) -> PoolMember:
