@@ -1,4 +1,4 @@
-"""Tenant weights for the backend queues, read from the real Postgres (adapters/tenant_weights.py)."""
+"""Tenant weights for the backend queues, from the real Postgres (adapters/tenant_weights.py)."""
 
 from __future__ import annotations
 
