@@ -93,7 +93,7 @@ async def make_replica(redis_test_url: str, redis_prefix: str) -> AsyncIterator[
         client = await open_redis(redis_test_url, timeout_seconds=5.0)
         slots = SlotAdmission(client, prefix=redis_prefix, timeout_seconds=5.0, poll_seconds=0.5)
         registry = CollectorRegistry()
-        fleet = StaticFleet(fleet_members)
+        fleet = StaticFleet(fleet_members, open_seconds=60)
         options.setdefault("queue_timeout_seconds", 30.0)
         pool = BackendPool(
             fleet, slots, metrics=PoolMetrics(registry), lease_ttl_seconds=30.0, **options

@@ -93,7 +93,7 @@ def test_listings_show_only_the_effective_set(proxy: ProxyServer, sim: Simulator
         )
         assert reply.status_code == status, model_id
         if status == 404:
-            assert reply.json()["error"]["code"] == "not_found"
+            assert reply.json()["error"]["code"] == "model_not_found"  # as OpenAI answers
             assert reply.json()["error"]["type"] == "invalid_request_error"
 
     # load two models, then /api/ps lists only the allowed one

@@ -244,7 +244,7 @@ async def test_silence_between_reads_becomes_keepalive_ticks() -> None:
     import asyncio
     from collections.abc import AsyncIterator
 
-    from neuronetz_gateway.proxy.agent_relay import lines_or_silence
+    from neuronetz_gateway.proxy.relay import lines_or_silence
 
     async def slow() -> AsyncIterator[bytes]:
         yield b"a"

@@ -28,14 +28,15 @@ import os
 import re
 import time
 from collections.abc import Callable
+from typing import Protocol
 
-from neuronetz_gateway.adapters.redis_limiter import Limiter, LimiterUnavailable
+from neuronetz_gateway.adapters.redis_limiter import LimiterUnavailable
 from neuronetz_gateway.auth import responses
-from neuronetz_gateway.auth.key_verifier import KeyStoreUnavailable, KeyVerifier
+from neuronetz_gateway.auth.key_verifier import KeyCheck, KeyStoreUnavailable
 from neuronetz_gateway.auth.metrics import AuthMetrics
 from neuronetz_gateway.auth.responses import Answer
 from neuronetz_gateway.domain.dialect import surface_of
-from neuronetz_gateway.domain.identity import Identity, sign_identity
+from neuronetz_gateway.domain.identity import Identity, Limits, sign_identity
 from neuronetz_gateway.domain.key_info import KEY_INFO_ROUTES, allowance_of
 from neuronetz_gateway.domain.key_state import KeyState
 from neuronetz_gateway.domain.limits import Decision
@@ -43,7 +44,14 @@ from neuronetz_gateway.domain.routes import Outcome, RouteMatch, classify
 from neuronetz_gateway.logging import get_logger, info_line
 from neuronetz_gateway.tracing import Tracing
 
-__all__ = ["Authorizer", "DecisionRequest", "new_request_id", "presented_key"]
+__all__ = [
+    "Admission",
+    "Authorizer",
+    "DecisionRequest",
+    "KeyChecker",
+    "new_request_id",
+    "presented_key",
+]
 
 log = get_logger("neuronetz_gateway.auth")
 
@@ -88,14 +96,44 @@ class DecisionRequest:
         self.client_request_id = client_request_id
 
 
+class KeyChecker(Protocol):
+    """The key verifier's port (:class:`~neuronetz_gateway.auth.key_verifier.KeyVerifier`).
+
+    Raises :class:`KeyStoreUnavailable` when the key cannot be checked.
+    """
+
+    async def check(self, presented: str | None) -> KeyCheck: ...
+
+
+class Admission(Protocol):
+    """The limiter's port for a decision (Redis: ``adapters/redis_limiter.Limiter``).
+
+    Raises :class:`LimiterUnavailable` when it cannot be asked.
+    """
+
+    async def admit(
+        self,
+        *,
+        tenant_id: int,
+        key_id: int,
+        key_limits: Limits,
+        tenant_limits: Limits,
+        request_id: str,
+    ) -> Decision: ...
+
+    async def read_state(
+        self, *, tenant_id: int, key_id: int, key_limits: Limits, tenant_limits: Limits
+    ) -> KeyState: ...
+
+
 class Authorizer:
-    """Decides /authorize requests; every collaborator is passed in."""
+    """Decides /authorize requests; every collaborator is passed in (as a port)."""
 
     def __init__(
         self,
         *,
-        verifier: KeyVerifier,
-        limiter: Limiter,
+        verifier: KeyChecker,
+        limiter: Admission,
         secret: bytes,
         metrics: AuthMetrics,
         identity_ttl_seconds: int,

@@ -9,7 +9,11 @@
 status, which the ``anthropic`` client turns into its typed exceptions.
 
 Both services use these builders, so a refusal from auth (through Caddy) and
-one from the proxy read the same to the client.
+one from the proxy read the same to the client. They are the one encoder per
+dialect: :func:`openai_error_body` (also inside OpenAI's stream error events,
+``domain/openai_compat.py``), :func:`error_body` for all three (Anthropic's
+stream error events, ``domain/anthropic_compat.py``, and native's mid-stream
+error line, ``proxy/relay.py``, use it too).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ __all__ = [
     "anthropic_error_type",
     "error_body",
     "error_type",
+    "openai_error_body",
     "surface_of",
 ]
 
@@ -66,7 +71,7 @@ def error_type(status: int, code: str) -> str:
 class _OpenAIError(msgspec.Struct):
     message: str
     type: str
-    code: str
+    code: str | None
     param: str | None = None
 
 
@@ -115,6 +120,17 @@ class _NativeLimitBody(msgspec.Struct):
     limit: str
 
 
+def openai_error_body(
+    message: str,
+    *,
+    error_type: str = "invalid_request_error",
+    code: str | None = None,
+    param: str | None = None,
+) -> bytes:
+    """OpenAI's error object: ``{"error": {"message", "type", "code", "param"}}``."""
+    return _encoder.encode(_OpenAIBody(error=_OpenAIError(message, error_type, code, param)))
+
+
 def error_body(
     path_or_surface: str,
     status: int,
@@ -134,10 +150,9 @@ def error_body(
     known = path_or_surface in _SURFACES
     surface = path_or_surface if known else surface_of(path_or_surface)
     if surface == OPENAI:
-        detail = _OpenAIError(
-            message=message, type=error_type(status, code), code=code, param=param
+        return openai_error_body(
+            message, error_type=error_type(status, code), code=code, param=param
         )
-        return _encoder.encode(_OpenAIBody(error=detail))
     if surface == ANTHROPIC:
         kind = anthropic_error_type(status)
         return _encoder.encode(_AnthropicBody(error=_AnthropicError(type=kind, message=message)))

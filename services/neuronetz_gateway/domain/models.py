@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["canonical_model", "effective_models", "is_model_allowed"]
+__all__ = ["canonical_model", "effective_models"]
 
 _DEFAULT_REGISTRY = "registry.ollama.ai"
 _DEFAULT_NAMESPACE = "library"
@@ -41,9 +41,3 @@ def effective_models(allowed: Iterable[str] | None, discovered: Iterable[str]) -
     if allowed is None:
         return frozenset(found)
     return frozenset(found & {c for c in (canonical_model(m) for m in allowed) if c})
-
-
-def is_model_allowed(model: str, allowed: Iterable[str] | None, discovered: Iterable[str]) -> bool:
-    """Whether ``model`` is in the effective set (fail closed on an empty discovery)."""
-    canonical = canonical_model(model)
-    return bool(canonical) and canonical in effective_models(allowed, discovered)

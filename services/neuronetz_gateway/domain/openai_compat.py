@@ -37,6 +37,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
+from neuronetz_gateway.domain.dialect import openai_error_body
 from neuronetz_gateway.domain.errors import InvalidInput
 from neuronetz_gateway.domain.stream_lines import fold_keys
 
@@ -918,17 +919,6 @@ class _ChatChunk(msgspec.Struct, omit_defaults=True):
     usage: _Usage | None = None
 
 
-class _ErrorDetail(msgspec.Struct):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class _ErrorBody(msgspec.Struct):
-    error: _ErrorDetail
-
-
 def decode_ollama_chunk(data: bytes) -> OllamaChunk:
     """Decode one NDJSON line (or a non-streaming body) of ``/api/chat`` or ``/api/generate``.
 
@@ -1128,17 +1118,6 @@ def model_body(model: OllamaModelEntry) -> bytes:
 
 
 # --------------------------------------------------------------------------- errors
-
-
-def openai_error_body(
-    message: str,
-    *,
-    error_type: str = "invalid_request_error",
-    code: str | None = None,
-    param: str | None = None,
-) -> bytes:
-    """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``."""
-    return _encoder.encode(_ErrorBody(_ErrorDetail(message, error_type, param, code)))
 
 
 def translation_error_body(error: TranslationError) -> bytes:

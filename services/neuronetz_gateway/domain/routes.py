@@ -1,4 +1,8 @@
-"""The route table: which method + path pairs the gateway proxies. Pure.
+"""The route table: which method + path pairs the gateway proxies, and how. Pure.
+
+One table (:data:`ROUTES`: id, method, path, surface, codec, upstream path)
+serves both services: auth classifies requests with it, the proxy builds
+its handlers from it (``proxy/routes.py``).
 
 Default deny. The decision is taken from the method and the *raw*
 (still percent-escaped) request URI that Caddy forwards, in this order:
@@ -37,12 +41,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 from urllib.parse import unquote_to_bytes
 
-from neuronetz_gateway.domain.dialect import OPENAI, Surface, surface_of
+from neuronetz_gateway.domain.dialect import ANTHROPIC, NATIVE, OPENAI, Surface, surface_of
 
 __all__ = [
     "BLOCKED_ROUTES",
     "MODEL_ID_CHARS",
+    "MODEL_ROUTE",
     "ROUTES",
+    "SURFACE_BY_ID",
     "Outcome",
     "Route",
     "RouteMatch",
@@ -53,38 +59,60 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """One proxied route: its id (identity token, audit log), method and canonical path.
+    """One proxied route: the one table auth and proxy both read.
 
-    ``query``: a query string is accepted (and ignored) on this POST route.
+    ``id`` names it in the identity token, the audit row and the metrics;
+    ``surface`` is its error dialect; ``codec`` what serves it in the proxy
+    (a surface's codec for a model call, or the gateway's own answer, see
+    ``proxy/routes.py``); ``upstream`` the fixed Ollama path it forwards to
+    (``None``: answered by the gateway itself). ``query``: a query string is
+    accepted (and ignored) on this POST route.
     """
 
     id: str
     method: str
     path: str
+    surface: Surface
+    codec: str
+    upstream: str | None = None
     query: bool = False
 
 
 ROUTES: tuple[Route, ...] = (
-    Route("generate", "POST", "/api/generate"),
-    Route("chat", "POST", "/api/chat"),
-    Route("embed", "POST", "/api/embed"),
-    Route("embeddings", "POST", "/api/embeddings"),
-    Route("show", "POST", "/api/show"),
-    Route("tags", "GET", "/api/tags"),
-    Route("ps", "GET", "/api/ps"),
-    Route("version", "GET", "/api/version"),
-    Route("key", "GET", "/api/key"),
-    Route("v1.chat.completions", "POST", "/v1/chat/completions"),
-    Route("v1.completions", "POST", "/v1/completions"),
-    Route("v1.embeddings", "POST", "/v1/embeddings"),
-    Route("v1.models", "GET", "/v1/models"),
-    Route("v1.key", "GET", "/v1/key"),
-    Route("v1.responses", "POST", "/v1/responses"),
-    Route("v1.messages", "POST", "/v1/messages", query=True),
-    Route("v1.messages.count_tokens", "POST", "/v1/messages/count_tokens", query=True),
-)
-_MODEL_ROUTE = Route("v1.model", "GET", "/v1/models/{model}")
+    Route("generate", "POST", "/api/generate", NATIVE, "native", "/api/generate"),
+    Route("chat", "POST", "/api/chat", NATIVE, "native", "/api/chat"),
+    Route("embed", "POST", "/api/embed", NATIVE, "native", "/api/embed"),
+    Route("embeddings", "POST", "/api/embeddings", NATIVE, "native", "/api/embeddings"),
+    Route("show", "POST", "/api/show", NATIVE, "native", "/api/show"),
+    Route("tags", "GET", "/api/tags", NATIVE, "native.tags"),
+    Route("ps", "GET", "/api/ps", NATIVE, "native.ps", "/api/ps"),
+    Route("version", "GET", "/api/version", NATIVE, "native.version", "/api/version"),
+    Route("key", "GET", "/api/key", NATIVE, "key_info"),
+    Route(
+        "v1.chat.completions", "POST", "/v1/chat/completions", OPENAI, "openai.chat", "/api/chat"
+    ),
+    Route(
+        "v1.completions", "POST", "/v1/completions", OPENAI, "openai.completions", "/api/generate"
+    ),
+    Route("v1.embeddings", "POST", "/v1/embeddings", OPENAI, "openai.embeddings", "/api/embed"),
+    Route("v1.models", "GET", "/v1/models", OPENAI, "openai.models"),
+    Route("v1.key", "GET", "/v1/key", OPENAI, "key_info"),
+    Route("v1.responses", "POST", "/v1/responses", OPENAI, "openai.responses", "/api/chat"),
+    Route(
+        "v1.messages", "POST", "/v1/messages", ANTHROPIC, "anthropic.messages", "/api/chat",
+        query=True,
+    ),
+    Route(
+        "v1.messages.count_tokens", "POST", "/v1/messages/count_tokens", ANTHROPIC,
+        "anthropic.count_tokens", query=True,
+    ),
+)  # fmt: skip
+#: ``GET /v1/models/{model}``, the one pattern (see :func:`classify`).
+MODEL_ROUTE = Route("v1.model", "GET", "/v1/models/{model}", OPENAI, "openai.model")
+_MODEL_ROUTE = MODEL_ROUTE
 _MODEL_PATH_PREFIX = "/v1/models/"
+#: Each route's dialect by id (a proxy answering before it parsed anything needs it).
+SURFACE_BY_ID: dict[str, Surface] = {r.id: r.surface for r in (*ROUTES, MODEL_ROUTE)}
 
 BLOCKED_ROUTES = ("pull", "push", "create", "copy", "delete", "blobs")  # under /api/
 _BLOCKED = frozenset(BLOCKED_ROUTES)
@@ -204,8 +232,8 @@ def classify(method: str, uri: str) -> RouteMatch:
     path, has_query, _query = uri.partition("?")
     routes = _BY_PATH.get(path)
     if routes is not None:  # fast path: an exact canonical path cannot normalise to a block
-        surface = surface_of(path)
         route = routes.get(method)
+        surface = next(iter(routes.values())).surface
         if route is None:
             return RouteMatch(Outcome.METHOD_NOT_ALLOWED, surface, allow=tuple(sorted(routes)))
         if has_query and route.method != "GET" and not route.query:

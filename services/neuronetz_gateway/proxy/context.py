@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from neuronetz_gateway.proxy.discovery import ModelDiscovery
 from neuronetz_gateway.proxy.metrics import ProxyMetrics
-from neuronetz_gateway.proxy.ports import AuditSink, Clock, TokenLimiter, Upstream
+from neuronetz_gateway.proxy.ports import AuditSink, Clock, ModelCatalogue, TokenLimiter, Upstream
 from neuronetz_gateway.proxy.running import RunningRequests
 from neuronetz_gateway.settings import Settings
 from neuronetz_gateway.tracing import Tracing
@@ -24,7 +23,7 @@ class ProxyContext:
     secret: bytes
     upstream: Upstream
     limiter: TokenLimiter
-    discovery: ModelDiscovery
+    discovery: ModelCatalogue
     audit: AuditSink
     metrics: ProxyMetrics
     running: RunningRequests = field(default_factory=RunningRequests)

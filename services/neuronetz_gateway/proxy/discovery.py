@@ -20,7 +20,7 @@ import msgspec
 from redis.exceptions import RedisError
 
 from neuronetz_gateway.adapters.ollama_client import OllamaClient, UpstreamError
-from neuronetz_gateway.domain.models import canonical_model
+from neuronetz_gateway.domain.models import canonical_model, effective_models
 from neuronetz_gateway.domain.openai_compat import OllamaModelEntry
 from neuronetz_gateway.logging import get_logger
 
@@ -59,9 +59,7 @@ class Catalogue:
 
     def effective(self, allowed: list[str] | None) -> frozenset[str]:
         """Installed ∩ allowed (canonical names; ``None`` = every installed model)."""
-        if allowed is None:
-            return frozenset(self.entries)
-        return frozenset(self.entries).intersection(canonical_model(m) for m in allowed)
+        return effective_models(allowed, self.entries)
 
     def openai_entry(self, canonical: str) -> OllamaModelEntry:
         """One entry in the shape the OpenAI translators take."""

@@ -1,4 +1,4 @@
-"""The native ``/api/*`` surface: body checks, caps, and pass-through relays.
+"""The native ``/api/*`` surface: its codec (body checks, caps, pass-through) and listings.
 
 The body Ollama receives is re-encoded from the object the proxy checked,
 so what was checked is exactly what runs: Go's JSON decoder matches keys
@@ -21,21 +21,20 @@ from neuronetz_gateway.domain.accounting import (
     decode_final_counts,
     estimate_native_prompt,
     native_num_predict,
-    plan_output,
-    token_room,
 )
 from neuronetz_gateway.domain.body_keys import case_variant_field
+from neuronetz_gateway.domain.identity import OptionCaps
 from neuronetz_gateway.domain.models import canonical_model
 from neuronetz_gateway.domain.options import KeepAliveWindow
-from neuronetz_gateway.proxy.asgi import BodyTooLarge, Receive, Scope, Send, read_body
+from neuronetz_gateway.proxy.asgi import Receive, Scope, Send
 from neuronetz_gateway.proxy.exchange import Exchange
-from neuronetz_gateway.proxy.refusals import ClientLeft, Refusal
-from neuronetz_gateway.proxy.relay import forward, read_whole, relay_ndjson, upstream_refusal
+from neuronetz_gateway.proxy.pipeline import Answer, TokenPlan
+from neuronetz_gateway.proxy.refusals import Refusal
+from neuronetz_gateway.proxy.relay import NativeFrames, forward, read_whole, upstream_refusal
 
 __all__ = [
-    "model_request",
+    "NativeCodec",
     "parse_object",
-    "read_request_body",
     "running_models",
     "tags",
     "version",
@@ -45,8 +44,6 @@ _JSON = b"application/json; charset=utf-8"
 _NDJSON = "application/x-ndjson"
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
-#: Routes whose answers carry no generated tokens.
-_NO_OUTPUT = frozenset({"embed", "embeddings", "show"})
 
 
 class _Listing(msgspec.Struct):
@@ -54,18 +51,6 @@ class _Listing(msgspec.Struct):
 
 
 _listing_decoder = msgspec.json.Decoder(_Listing)
-
-
-async def read_request_body(ex: Exchange, scope: Scope, receive: Receive) -> bytes:
-    """The request body within ``max_body_bytes`` (413 past it)."""
-    limit = ex.ctx.settings.max_body_bytes
-    try:
-        body = await read_body(scope, receive, limit)
-    except BodyTooLarge:
-        raise Refusal(413, "request_too_large", f"the request body exceeds {limit} bytes") from None
-    if body is None:
-        raise ClientLeft
-    return body
 
 
 def parse_object(body: bytes) -> dict[str, Any]:
@@ -101,64 +86,76 @@ def _set_num_predict(body: dict[str, Any], value: int) -> None:
     # any other ``options`` is malformed: Ollama answers it with its own 400
 
 
-def _model_of(route: str, body: dict[str, Any]) -> str:
-    model = body.get("model")
-    if route == "show" and not model:
-        model = body.get("name")  # Ollama still reads the deprecated field
-    if not isinstance(model, str) or not model:
-        raise Refusal(400, "invalid_request", "'model' is required and must be a string")
-    return model
+_TOKENS: dict[str, TokenPlan] = {"show": "none", "embed": "prompt", "embeddings": "prompt"}
 
 
-async def model_request(
-    ex: Exchange, scope: Scope, receive: Receive, send: Send, path: str
-) -> None:
-    """``generate``, ``chat``, ``embed``, ``embeddings``, ``show``: check, reserve, relay."""
-    raw = await read_request_body(ex, scope, receive)
-    body = parse_object(raw)
-    route = ex.route
-    await ex.check_model(_model_of(route, body))
-    settings = ex.ctx.settings
-    window = KeepAliveWindow(settings.keep_alive_min_seconds, settings.keep_alive_max_seconds)
-    try:
-        apply_native_caps(body, ex.identity.caps, window)
-    except CapRefusal as exc:
-        raise Refusal(400, "invalid_request", exc.message, param=exc.param) from None
-    estimate = estimate_native_prompt(route, body)
-    if route == "show":
-        tokens = 0
-    elif route in _NO_OUTPUT:
-        tokens = estimate
-    else:
-        plan = plan_output(
-            native_num_predict(body),
-            ex.ctx.settings.default_max_tokens,
-            estimate,
-            token_room(ex.identity.allowance),
-        )
-        if plan.forward_cap:
-            _set_num_predict(body, plan.output)
-        tokens = estimate + plan.output
-    await ex.reserve(estimate, tokens)
-    if ex.identity.log_prompts:
-        ex.prompt_text = raw.decode("utf-8", "replace")
-    upstream = await forward(ex, path, _encoder.encode(body))
-    if upstream.status != 200:
-        raise await upstream_refusal(ex, upstream)
-    content_type = upstream.content_type
-    if content_type.startswith(_NDJSON):
-        await relay_ndjson(ex, upstream, receive, send)
-        return
-    data = await read_whole(ex, upstream, receive)
-    counts = decode_final_counts(data) if route != "show" else None
-    if counts is not None and counts.prompt_eval_count is not None:
-        ex.charge(counts.prompt_eval_count, counts.eval_count or 0)
-    elif route != "show":
-        ex.charge_estimate(0)  # e.g. /api/embeddings, which reports no count
-    if ex.identity.log_prompts:
-        ex.response_text = data.decode("utf-8", "replace")
-    await ex.settle()
-    await ex.respond(send, 200, data, content_type.encode("latin-1"))
+class NativeCodec:
+    """``/api/generate``, ``/api/chat``, ``/api/embed``, ``/api/embeddings``, ``/api/show``.
+
+    The body is checked and re-encoded, never translated; a stream goes back
+    byte for byte (:class:`~neuronetz_gateway.proxy.relay.NativeFrames`).
+    """
+
+    __slots__ = ("route", "tokens", "upstream_path")
+
+    def __init__(self, route: str, upstream_path: str) -> None:
+        self.route = route
+        self.upstream_path = upstream_path
+        self.tokens: TokenPlan = _TOKENS.get(route, "output")
+
+    def decode(self, raw: bytes) -> dict[str, Any]:
+        return parse_object(raw)
+
+    def model(self, request: dict[str, Any]) -> str:
+        model = request.get("model")
+        if self.route == "show" and not model:
+            model = request.get("name")  # Ollama still reads the deprecated field
+        if not isinstance(model, str) or not model:
+            raise Refusal(400, "invalid_request", "'model' is required and must be a string")
+        return model
+
+    def cap(self, request: dict[str, Any], caps: OptionCaps, window: KeepAliveWindow) -> int | None:
+        try:
+            apply_native_caps(request, caps, window)
+        except CapRefusal as exc:
+            raise Refusal(400, "invalid_request", exc.message, param=exc.param) from None
+        return native_num_predict(request)
+
+    def estimate(self, request: dict[str, Any]) -> int:
+        return estimate_native_prompt(self.route, request)
+
+    def set_output(self, request: dict[str, Any], tokens: int) -> None:
+        _set_num_predict(request, tokens)
+
+    def encode(self, request: dict[str, Any]) -> bytes:
+        return _encoder.encode(request)
+
+    def stream_asked(self, request: dict[str, Any]) -> bool:
+        return self.tokens == "output" and request.get("stream") is not False
+
+    def streams(self, request: dict[str, Any], content_type: str) -> bool:
+        return content_type.startswith(_NDJSON)
+
+    def frames(self, request: dict[str, Any], request_id: str, estimate: int) -> NativeFrames:
+        return NativeFrames()
+
+    def answer(
+        self,
+        request: dict[str, Any],
+        data: bytes,
+        content_type: str,
+        request_id: str,
+        *,
+        keep_text: bool,
+    ) -> Answer:
+        counts: tuple[int, int] | None = (0, 0)  # show: no tokens
+        if self.route != "show":
+            final = decode_final_counts(data)
+            counts = None  # e.g. /api/embeddings, which reports no count: estimated
+            if final is not None and final.prompt_eval_count is not None:
+                counts = (final.prompt_eval_count, final.eval_count or 0)
+        text = data.decode("utf-8", "replace") if keep_text else None
+        return Answer(data, content_type.encode("latin-1"), counts, text)
 
 
 async def tags(ex: Exchange, scope: Scope, receive: Receive, send: Send) -> None:

@@ -1,8 +1,9 @@
-"""The OpenAI ``/v1/*`` surface, translated to and from Ollama's native API.
+"""The OpenAI ``/v1/*`` surface: its codecs, and the model listings.
 
-Translation lives in :mod:`neuronetz_gateway.domain.openai_compat`; this
-module checks the model, applies the key's caps to the translated request,
-reserves, forwards and shapes the answer (SSE when streaming).
+Translation lives in :mod:`neuronetz_gateway.domain.openai_compat`; each
+codec here hands the pipeline (:mod:`neuronetz_gateway.proxy.pipeline`) the
+translated request, its caps and estimate, and turns Ollama's answer back
+into OpenAI's (SSE chunks when streaming).
 """
 
 from __future__ import annotations
@@ -12,18 +13,16 @@ from typing import TypeVar
 
 import msgspec
 
-from neuronetz_gateway.domain.accounting import (
-    capped_num_predict,
-    estimate_prompt_tokens,
-    plan_output,
-    token_room,
-)
+from neuronetz_gateway.domain.accounting import estimate_prompt_tokens
+from neuronetz_gateway.domain.identity import OptionCaps
 from neuronetz_gateway.domain.models import canonical_model
 from neuronetz_gateway.domain.openai_compat import (
+    ChatRequestTranslation,
     ChatStreamTranslator,
+    CompletionRequestTranslation,
     CompletionStreamTranslator,
+    EmbeddingsRequestTranslation,
     OllamaChatRequest,
-    OllamaChunk,
     OllamaGenerateRequest,
     OllamaOptions,
     TranslationError,
@@ -40,14 +39,14 @@ from neuronetz_gateway.domain.openai_compat import (
     translate_embeddings_request,
     translation_error_body,
 )
-from neuronetz_gateway.domain.options import output_limit
+from neuronetz_gateway.domain.options import KeepAliveWindow
 from neuronetz_gateway.proxy.asgi import Receive, Scope, Send
 from neuronetz_gateway.proxy.exchange import Exchange
-from neuronetz_gateway.proxy.native import read_request_body
-from neuronetz_gateway.proxy.refusals import Refusal
-from neuronetz_gateway.proxy.relay import forward, read_whole, relay_sse, upstream_refusal
+from neuronetz_gateway.proxy.pipeline import Answer, TokenPlan, capped_output
+from neuronetz_gateway.proxy.refusals import Refusal, model_unavailable
+from neuronetz_gateway.proxy.relay import TranslatedFrames
 
-__all__ = ["chat_completions", "completions", "embeddings", "model", "models"]
+__all__ = ["ChatCodec", "CompletionCodec", "EmbeddingsCodec", "model", "models"]
 
 _JSON = b"application/json"
 _T = TypeVar("_T")
@@ -67,144 +66,193 @@ def _translate(translate: Callable[[bytes], _T], body: bytes) -> _T:
         ) from None
 
 
-def _cap(ex: Exchange, request: OllamaChatRequest | OllamaGenerateRequest) -> int | None:
-    """Clamp ``num_predict`` (max_tokens) to the key's cap; return the output bound.
+def _set_num_predict(
+    request: OllamaChatRequest | OllamaGenerateRequest, tokens: int | None
+) -> None:
+    if request.options is None:
+        request.options = OllamaOptions(num_predict=tokens)
+    else:
+        request.options.num_predict = tokens
 
-    ``max_tokens`` is at least 1 (the translation refuses 0); one larger than
-    any bound (:data:`MAX_OUTPUT_TOKENS`) is unbounded, as Ollama would read it.
-    """
-    options = request.options
-    requested = options.num_predict if options is not None else None
-    capped = capped_num_predict(
-        output_limit("max_tokens", requested), ex.identity.caps.max_num_predict
-    )
+
+def _cap(request: OllamaChatRequest | OllamaGenerateRequest, caps: OptionCaps) -> int | None:
+    """Clamp ``num_predict`` (max_tokens, at least 1 by the translation) to the key's cap."""
+    requested = request.options.num_predict if request.options is not None else None
+    capped = capped_output(requested, caps)
     if capped != requested:
-        if options is None:
-            request.options = OllamaOptions(num_predict=capped)
-        else:
-            options.num_predict = capped
+        _set_num_predict(request, capped)
     return capped
 
 
-def _reservation(
-    ex: Exchange,
-    request: OllamaChatRequest | OllamaGenerateRequest,
-    estimate: int,
-    output: int | None,
-) -> int:
-    """Tokens to reserve; without a client cap, the planned one is forwarded as num_predict."""
-    plan = plan_output(
-        output, ex.ctx.settings.default_max_tokens, estimate, token_room(ex.identity.allowance)
-    )
-    if plan.forward_cap:
-        if request.options is None:
-            request.options = OllamaOptions(num_predict=plan.output)
-        else:
-            request.options.num_predict = plan.output
-    return estimate + plan.output
+class ChatCodec:
+    """``POST /v1/chat/completions`` -> ``/api/chat``; SSE chunks when streaming."""
+
+    upstream_path = "/api/chat"
+    tokens: TokenPlan = "output"
+
+    def decode(self, raw: bytes) -> ChatRequestTranslation:
+        return _translate(translate_chat_request, raw)
+
+    def model(self, request: ChatRequestTranslation) -> str:
+        return request.ollama.model
+
+    def cap(
+        self, request: ChatRequestTranslation, caps: OptionCaps, window: KeepAliveWindow
+    ) -> int | None:
+        return _cap(request.ollama, caps)
+
+    def estimate(self, request: ChatRequestTranslation) -> int:
+        messages = request.ollama.messages
+        texts = [m.content for m in messages]
+        if request.ollama.tools:
+            texts.append(_encoder.encode(request.ollama.tools).decode())
+        images = sum(len(m.images or ()) for m in messages)
+        return estimate_prompt_tokens(texts, messages=len(messages), images=images)
+
+    def set_output(self, request: ChatRequestTranslation, tokens: int) -> None:
+        _set_num_predict(request.ollama, tokens)
+
+    def encode(self, request: ChatRequestTranslation) -> bytes:
+        return encode_ollama_request(request.ollama)
+
+    def stream_asked(self, request: ChatRequestTranslation) -> bool:
+        return request.ollama.stream
+
+    def streams(self, request: ChatRequestTranslation, content_type: str) -> bool:
+        return request.ollama.stream
+
+    def frames(
+        self, request: ChatRequestTranslation, request_id: str, estimate: int
+    ) -> TranslatedFrames:
+        translator = ChatStreamTranslator(
+            request_id, request.ollama.model, include_usage=request.include_usage
+        )
+        return TranslatedFrames(translator)
+
+    def answer(
+        self,
+        request: ChatRequestTranslation,
+        data: bytes,
+        content_type: str,
+        request_id: str,
+        *,
+        keep_text: bool,
+    ) -> Answer:
+        chunk = decode_ollama_chunk(data)
+        text = ((chunk.message.content if chunk.message else "") or "") if keep_text else None
+        body = chat_completion_body(chunk, request_id=request_id, model=request.ollama.model)
+        return Answer(body, _JSON, (chunk.prompt_eval_count or 0, chunk.eval_count or 0), text)
 
 
-async def chat_completions(ex: Exchange, scope: Scope, receive: Receive, send: Send) -> None:
-    """``POST /v1/chat/completions`` -> ``/api/chat``."""
-    raw = await read_request_body(ex, scope, receive)
-    translation = _translate(translate_chat_request, raw)
-    request = translation.ollama
-    await ex.check_model(request.model)
-    output = _cap(ex, request)
-    texts = [m.content for m in request.messages]
-    if request.tools:
-        texts.append(_encoder.encode(request.tools).decode())
-    images = sum(len(m.images or ()) for m in request.messages)
-    estimate = estimate_prompt_tokens(texts, messages=len(request.messages), images=images)
-    await _generate(
-        ex, receive, send, raw, request, estimate, output,
-        upstream_path="/api/chat",
-        translator=lambda: ChatStreamTranslator(
-            ex.identity.request_id, request.model, include_usage=translation.include_usage
-        ),
-        body_of=chat_completion_body,
-        text_of=lambda chunk: (chunk.message.content if chunk.message else "") or "",
-    )  # fmt: skip
-
-
-async def completions(ex: Exchange, scope: Scope, receive: Receive, send: Send) -> None:
+class CompletionCodec:
     """``POST /v1/completions`` -> ``/api/generate``."""
-    raw = await read_request_body(ex, scope, receive)
-    translation = _translate(translate_completion_request, raw)
-    request = translation.ollama
-    await ex.check_model(request.model)
-    output = _cap(ex, request)
-    estimate = estimate_prompt_tokens([request.prompt, request.suffix or ""])
-    await _generate(
-        ex, receive, send, raw, request, estimate, output,
-        upstream_path="/api/generate",
-        translator=lambda: CompletionStreamTranslator(
-            ex.identity.request_id, request.model, include_usage=translation.include_usage
-        ),
-        body_of=completion_body,
-        text_of=lambda chunk: chunk.response or "",
-    )  # fmt: skip
+
+    upstream_path = "/api/generate"
+    tokens: TokenPlan = "output"
+
+    def decode(self, raw: bytes) -> CompletionRequestTranslation:
+        return _translate(translate_completion_request, raw)
+
+    def model(self, request: CompletionRequestTranslation) -> str:
+        return request.ollama.model
+
+    def cap(
+        self, request: CompletionRequestTranslation, caps: OptionCaps, window: KeepAliveWindow
+    ) -> int | None:
+        return _cap(request.ollama, caps)
+
+    def estimate(self, request: CompletionRequestTranslation) -> int:
+        return estimate_prompt_tokens([request.ollama.prompt, request.ollama.suffix or ""])
+
+    def set_output(self, request: CompletionRequestTranslation, tokens: int) -> None:
+        _set_num_predict(request.ollama, tokens)
+
+    def encode(self, request: CompletionRequestTranslation) -> bytes:
+        return encode_ollama_request(request.ollama)
+
+    def stream_asked(self, request: CompletionRequestTranslation) -> bool:
+        return request.ollama.stream
+
+    def streams(self, request: CompletionRequestTranslation, content_type: str) -> bool:
+        return request.ollama.stream
+
+    def frames(
+        self, request: CompletionRequestTranslation, request_id: str, estimate: int
+    ) -> TranslatedFrames:
+        translator = CompletionStreamTranslator(
+            request_id, request.ollama.model, include_usage=request.include_usage
+        )
+        return TranslatedFrames(translator)
+
+    def answer(
+        self,
+        request: CompletionRequestTranslation,
+        data: bytes,
+        content_type: str,
+        request_id: str,
+        *,
+        keep_text: bool,
+    ) -> Answer:
+        chunk = decode_ollama_chunk(data)
+        text = (chunk.response or "") if keep_text else None
+        body = completion_body(chunk, request_id=request_id, model=request.ollama.model)
+        return Answer(body, _JSON, (chunk.prompt_eval_count or 0, chunk.eval_count or 0), text)
 
 
-async def _generate(
-    ex: Exchange,
-    receive: Receive,
-    send: Send,
-    raw: bytes,
-    request: OllamaChatRequest | OllamaGenerateRequest,
-    estimate: int,
-    output: int | None,
-    *,
-    upstream_path: str,
-    translator: Callable[[], ChatStreamTranslator | CompletionStreamTranslator],
-    body_of: Callable[..., bytes],
-    text_of: Callable[[OllamaChunk], str],
-) -> None:
-    """Reserve, forward, and answer as a stream (SSE) or one translated body."""
-    await ex.reserve(estimate, _reservation(ex, request, estimate, output))
-    if ex.identity.log_prompts:
-        ex.prompt_text = raw.decode("utf-8", "replace")
-    upstream = await forward(ex, upstream_path, encode_ollama_request(request))
-    if upstream.status != 200:
-        raise await upstream_refusal(ex, upstream)
-    if request.stream:
-        await relay_sse(ex, upstream, receive, send, translator())
-        return
-    data = await read_whole(ex, upstream, receive)
-    chunk = decode_ollama_chunk(data)
-    ex.charge(chunk.prompt_eval_count or 0, chunk.eval_count or 0)
-    if ex.identity.log_prompts:
-        ex.response_text = text_of(chunk)
-    await ex.settle()
-    body = body_of(chunk, request_id=ex.identity.request_id, model=request.model)
-    await ex.respond(send, 200, body, _JSON)
+class EmbeddingsCodec:
+    """``POST /v1/embeddings`` -> ``/api/embed``; the prompt is all it costs."""
 
+    upstream_path = "/api/embed"
+    tokens: TokenPlan = "prompt"
 
-async def embeddings(ex: Exchange, scope: Scope, receive: Receive, send: Send) -> None:
-    """``POST /v1/embeddings`` -> ``/api/embed``."""
-    raw = await read_request_body(ex, scope, receive)
-    translation = _translate(translate_embeddings_request, raw)
-    request = translation.ollama
-    await ex.check_model(request.model)
-    inputs = [request.input] if isinstance(request.input, str) else request.input
-    estimate = estimate_prompt_tokens(inputs, messages=len(inputs))
-    await ex.reserve(estimate, estimate)
-    if ex.identity.log_prompts:
-        ex.prompt_text = raw.decode("utf-8", "replace")
-    upstream = await forward(ex, "/api/embed", encode_ollama_request(request))
-    if upstream.status != 200:
-        raise await upstream_refusal(ex, upstream)
-    data = await read_whole(ex, upstream, receive)
-    response = decode_ollama_embed(data)
-    if response.prompt_eval_count is not None:
-        ex.charge(response.prompt_eval_count, 0)
-    else:
-        ex.charge_estimate(0)
-    await ex.settle()
-    body = embeddings_body(
-        response, model=request.model, encoding_format=translation.encoding_format
-    )
-    await ex.respond(send, 200, body, _JSON)
+    def decode(self, raw: bytes) -> EmbeddingsRequestTranslation:
+        return _translate(translate_embeddings_request, raw)
+
+    def model(self, request: EmbeddingsRequestTranslation) -> str:
+        return request.ollama.model
+
+    def cap(
+        self, request: EmbeddingsRequestTranslation, caps: OptionCaps, window: KeepAliveWindow
+    ) -> int | None:
+        return None  # no output to cap
+
+    def estimate(self, request: EmbeddingsRequestTranslation) -> int:
+        value = request.ollama.input
+        inputs = [value] if isinstance(value, str) else value
+        return estimate_prompt_tokens(inputs, messages=len(inputs))
+
+    def set_output(self, request: EmbeddingsRequestTranslation, tokens: int) -> None:
+        return None  # never called: embeddings plan no output
+
+    def encode(self, request: EmbeddingsRequestTranslation) -> bytes:
+        return encode_ollama_request(request.ollama)
+
+    def stream_asked(self, request: EmbeddingsRequestTranslation) -> bool:
+        return False
+
+    def streams(self, request: EmbeddingsRequestTranslation, content_type: str) -> bool:
+        return False
+
+    def frames(
+        self, request: EmbeddingsRequestTranslation, request_id: str, estimate: int
+    ) -> TranslatedFrames:
+        raise NotImplementedError("embeddings are never streamed")
+
+    def answer(
+        self,
+        request: EmbeddingsRequestTranslation,
+        data: bytes,
+        content_type: str,
+        request_id: str,
+        *,
+        keep_text: bool,
+    ) -> Answer:
+        response = decode_ollama_embed(data)
+        counts = None if response.prompt_eval_count is None else (response.prompt_eval_count, 0)
+        body = embeddings_body(
+            response, model=request.ollama.model, encoding_format=request.encoding_format
+        )
+        return Answer(body, _JSON, counts)
 
 
 async def models(ex: Exchange, scope: Scope, receive: Receive, send: Send) -> None:
@@ -216,11 +264,12 @@ async def models(ex: Exchange, scope: Scope, receive: Receive, send: Send) -> No
 
 
 async def model(ex: Exchange, scope: Scope, receive: Receive, send: Send, model_id: str) -> None:
-    """``GET /v1/models/{model}``: one model, or 404 for anything outside the key's set."""
+    """``GET /v1/models/{model}``: one model, or OpenAI's 404 ``model_not_found`` for
+    anything outside the key's set (the same body as a model call's, missing or not allowed)."""
     ex.model = model_id[:200]
     canonical = canonical_model(model_id)
     catalogue = await ex.catalogue()
     if not canonical or canonical not in catalogue.effective(ex.identity.models):
-        raise Refusal(404, "not_found", f"The model '{model_id}' does not exist", param="model")
+        raise model_unavailable(model_id, ex.surface)
     ex.canonical = canonical
     await ex.respond(send, 200, model_body(catalogue.openai_entry(canonical)), _JSON)

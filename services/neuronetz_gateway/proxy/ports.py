@@ -7,6 +7,7 @@ ones in and unit tests plug in fakes (``tests/unit/fakes.py``).
 - :class:`Upstream`: forward a native Ollama request, get a streaming answer;
 - :class:`TokenLimiter`: single use of the identity, reservation, settlement,
   the concurrency lease (Redis in production);
+- :class:`ModelCatalogue`: which models are installed (``/api/tags``, cached);
 - :class:`AuditSink`: where the audit and prompt rows go (queued, never blocking);
 - :class:`Clock`: wall-clock seconds (``time.time``).
 
@@ -18,7 +19,7 @@ The errors a port raises are part of its contract and are re-exported here:
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from neuronetz_gateway.adapters.ollama_client import (
     UpstreamError,
@@ -31,12 +32,16 @@ from neuronetz_gateway.domain.identity import Allowance, Limits
 from neuronetz_gateway.domain.limits import Decision
 from neuronetz_gateway.domain.model_call import ModelCall
 
+if TYPE_CHECKING:
+    from neuronetz_gateway.proxy.discovery import Catalogue
+
 __all__ = [
     "AuditSink",
     "Clock",
     "IdentityReplayed",
     "LimiterUnavailable",
     "ModelCall",
+    "ModelCatalogue",
     "TokenLimiter",
     "Upstream",
     "UpstreamError",
@@ -179,6 +184,16 @@ class TokenLimiter(Protocol):
     async def release_lease(self, *, tenant_id: int, key_id: int, lease_id: str) -> None: ...
 
     async def ping(self) -> bool: ...
+
+
+class ModelCatalogue(Protocol):
+    """The installed models; :meth:`catalogue` raises ``DiscoveryFailed`` when unknown."""
+
+    async def catalogue(self) -> Catalogue: ...
+
+    def forget(self) -> None:
+        """Drop what is cached (an upstream said a listed model is missing)."""
+        ...
 
 
 class AuditSink(Protocol):

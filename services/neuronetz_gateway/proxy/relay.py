@@ -5,33 +5,39 @@
 - :class:`ClientWatch`: notices a client that leaves (then closes the
   upstream connection, so Ollama stops generating) and renews the
   concurrency lease while a long answer runs;
-- :func:`relay_ndjson`: native NDJSON passed through byte for byte, unbuffered;
-  each complete line is decoded (as JSON, in any spelling) to find the final
-  counts or an error;
-- :func:`relay_sse`: Ollama NDJSON translated line by line into OpenAI SSE.
+- :func:`relay_stream`: a streamed answer through the surface's
+  :class:`StreamFrames`: :class:`NativeFrames` pass native NDJSON through
+  byte for byte, unbuffered, decoding each complete line (as JSON, in any
+  spelling) only to find the final counts or an error;
+  :class:`TranslatedFrames` translate it line by line (OpenAI SSE),
+  :class:`EventFrames` too, with an opening event and keep-alives (the
+  agent surfaces);
+- :func:`read_whole`: a non-streamed answer, watching the client meanwhile;
+- :func:`upstream_refusal`: Ollama's non-200 answer in the surface's dialect.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Literal, Protocol
 
 import msgspec
 
 from neuronetz_gateway.domain.accounting import response_text
-from neuronetz_gateway.domain.openai_compat import (
-    ChatStreamTranslator,
-    CompletionStreamTranslator,
-    error_event,
-    ollama_error_to_openai,
-)
+from neuronetz_gateway.domain.dialect import NATIVE, error_body
+from neuronetz_gateway.domain.openai_compat import error_event, ollama_error_to_openai
 from neuronetz_gateway.domain.stream_lines import LineSplitter, NativeStreamScan
 from neuronetz_gateway.logging import get_logger
 from neuronetz_gateway.proxy.asgi import Receive, Send, end_body, send_body, start_response
 from neuronetz_gateway.proxy.exchange import REVOKED_MESSAGE, Exchange
-from neuronetz_gateway.proxy.ports import LimiterUnavailable, UpstreamError, UpstreamTimeout
-from neuronetz_gateway.proxy.ports import UpstreamStream as UpstreamResponse
+from neuronetz_gateway.proxy.ports import (
+    LimiterUnavailable,
+    UpstreamError,
+    UpstreamStream,
+    UpstreamTimeout,
+)
 from neuronetz_gateway.proxy.refusals import (
     ClientLeft,
     Refusal,
@@ -40,14 +46,21 @@ from neuronetz_gateway.proxy.refusals import (
 )
 
 __all__ = [
+    "KEEPALIVE_SECONDS",
     "ClientWatch",
+    "EventFrames",
+    "EventTranslator",
+    "Failure",
+    "NativeFrames",
     "NativeStreamScan",
     "NdjsonScan",
+    "StreamFrames",
+    "TranslatedFrames",
     "ended_by_revocation",
     "forward",
+    "lines_or_silence",
     "read_whole",
-    "relay_ndjson",
-    "relay_sse",
+    "relay_stream",
     "upstream_refusal",
     "watch_client",
 ]
@@ -56,11 +69,14 @@ log = get_logger(__name__)
 
 _NDJSON = b"application/x-ndjson"
 _SSE = b"text/event-stream"
-_LOST = b'{"error":"the model server closed the stream before it finished"}\n'
-_REVOKED = msgspec.json.encode({"error": REVOKED_MESSAGE}) + b"\n"
+_LOST_MESSAGE = "the model server closed the stream before it finished"
+_LOST = error_body(NATIVE, 502, "upstream_error", _LOST_MESSAGE) + b"\n"
+_REVOKED = error_body(NATIVE, 401, "invalid_api_key", REVOKED_MESSAGE) + b"\n"
 
 
-async def forward(ex: Exchange, path: str, body: bytes | None) -> UpstreamResponse:
+async def forward(
+    ex: Exchange, path: str, body: bytes | None, *, stream: bool = False
+) -> UpstreamStream:
     """Send to Ollama (the identity claimed first); a refused connection or a timeout: 502/504."""
     await ex.claim()
     if ex.revoked:
@@ -68,8 +84,8 @@ async def forward(ex: Exchange, path: str, body: bytes | None) -> UpstreamRespon
     ex.to_backend()
     # a task, so that a revocation can stop the wait for the answer's headers
     # (a non-streamed answer sends them only when it is complete)
-    sending: asyncio.Future[UpstreamResponse] = asyncio.ensure_future(
-        ex.ctx.upstream.open(ex.model_call(), path, body)
+    sending: asyncio.Future[UpstreamStream] = asyncio.ensure_future(
+        ex.ctx.upstream.open(ex.model_call(stream=stream), path, body)
     )
     ex.upstream_wait = sending
     try:
@@ -144,7 +160,7 @@ class ClientWatch:
             self._task.exception()  # retrieved, so asyncio does not log it
 
 
-def watch_client(ex: Exchange, receive: Receive, upstream: UpstreamResponse) -> ClientWatch:
+def watch_client(ex: Exchange, receive: Receive, upstream: UpstreamStream) -> ClientWatch:
     """A :class:`ClientWatch` that aborts ``upstream`` when the client leaves."""
     identity = ex.identity
     renew: Callable[[], Awaitable[None]] | None = None
@@ -163,14 +179,185 @@ def watch_client(ex: Exchange, receive: Receive, upstream: UpstreamResponse) -> 
 #: The name the relay used before the scan moved to the domain.
 NdjsonScan = NativeStreamScan
 
+#: Seconds of upstream silence after which a surface with a keep-alive sends one.
+KEEPALIVE_SECONDS = 10.0
+
+#: Why a stream ends with the surface's error frame.
+Failure = Literal["revoked", "truncated", "broken", "unreadable"]
+FAILURE_MESSAGES: dict[Failure, str] = {
+    "revoked": REVOKED_MESSAGE,
+    "truncated": "the model server closed the stream early",
+    "broken": "the model server stream broke off",
+    "unreadable": "the model server sent an unreadable stream",
+}
+
+
+class StreamFrames(Protocol):
+    """A surface's side of a stream: Ollama's NDJSON reads in, the client's frames out.
+
+    ``finished``: the upstream's final (or error) line arrived; ``failed``: it
+    was an error line (already relayed in the surface's words). After the
+    stream, :meth:`counts` are Ollama's exact ``(prompt, completion)``, or
+    ``None``: then the prompt estimate and ``chunks`` are charged.
+    """
+
+    content_type: bytes
+    keepalive: float | None  # seconds of silence before ping(); None: never
+
+    @property
+    def finished(self) -> bool: ...
+    @property
+    def failed(self) -> bool: ...
+    @property
+    def chunks(self) -> int: ...
+
+    def opening(self) -> bytes: ...
+    def feed(self, data: bytes) -> bytes: ...
+    def close(self) -> bytes: ...
+    def ping(self) -> bytes: ...
+    def fail(self, failure: Failure) -> bytes: ...
+    def counts(self) -> tuple[int, int] | None: ...
+
+
+class NativeFrames:
+    """Native ``/api/*``: every read goes out as it came; the scan only reads along."""
+
+    __slots__ = ("scan",)
+    content_type: bytes = _NDJSON
+    keepalive: float | None = None
+
+    def __init__(self) -> None:
+        self.scan = NativeStreamScan()
+
+    @property
+    def finished(self) -> bool:
+        return self.scan.final is not None or self.scan.error is not None
+
+    @property
+    def failed(self) -> bool:
+        return self.scan.error is not None
+
+    @property
+    def chunks(self) -> int:
+        return self.scan.lines
+
+    def opening(self) -> bytes:
+        return b""
+
+    def feed(self, data: bytes) -> bytes:
+        self.scan.feed(data)
+        return data
+
+    def close(self) -> bytes:
+        self.scan.close()
+        return b""
+
+    def ping(self) -> bytes:
+        return b""
+
+    def fail(self, failure: Failure) -> bytes:
+        return _REVOKED if failure == "revoked" else _LOST
+
+    def counts(self) -> tuple[int, int] | None:
+        final = self.scan.final
+        if final is None:
+            return None
+        return final.prompt_eval_count or 0, final.eval_count or 0
+
+
+class LineTranslator(Protocol):
+    """A domain stream translator: one Ollama line in, the surface's events out."""
+
+    finished: bool
+    failed: bool
+    content_chunks: int
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+    def feed_line(self, line: bytes) -> bytes: ...
+    def fail(self, message: str) -> bytes: ...
+
+
+class EventTranslator(LineTranslator, Protocol):
+    """A translator with an opening and a keep-alive (the agent surfaces')."""
+
+    def opening(self) -> bytes: ...
+    def ping(self) -> bytes: ...
+
+
+class TranslatedFrames:
+    """A translating surface: Ollama's lines, cut out of the reads, each translated."""
+
+    __slots__ = ("_splitter", "_translator", "keepalive")
+    content_type: bytes = _SSE
+
+    def __init__(self, translator: LineTranslator, *, keepalive: float | None = None) -> None:
+        self._translator = translator
+        self._splitter = LineSplitter()
+        self.keepalive = keepalive
+
+    @property
+    def finished(self) -> bool:
+        return self._translator.finished
+
+    @property
+    def failed(self) -> bool:
+        return self._translator.failed
+
+    @property
+    def chunks(self) -> int:
+        return self._translator.content_chunks
+
+    def opening(self) -> bytes:
+        return b""
+
+    def feed(self, data: bytes) -> bytes:
+        feed_line = self._translator.feed_line
+        return b"".join([feed_line(line) for line in self._splitter.feed(data)])
+
+    def close(self) -> bytes:
+        rest = self._splitter.rest()
+        return self._translator.feed_line(rest) if rest.strip() else b""
+
+    def ping(self) -> bytes:
+        return b""
+
+    def fail(self, failure: Failure) -> bytes:
+        if failure == "revoked":
+            return error_event(
+                REVOKED_MESSAGE, error_type="invalid_request_error", code="invalid_api_key"
+            )
+        return error_event(FAILURE_MESSAGES[failure])
+
+    def counts(self) -> tuple[int, int] | None:
+        translator = self._translator
+        if translator.completion_tokens is None or translator.prompt_tokens is None:
+            return None
+        return translator.prompt_tokens, translator.completion_tokens
+
+
+class EventFrames(TranslatedFrames):
+    """An agent surface: an opening event, keep-alives while quiet, its own error event."""
+
+    __slots__ = ("_events",)
+
+    def __init__(self, translator: EventTranslator) -> None:
+        super().__init__(translator, keepalive=KEEPALIVE_SECONDS)
+        self._events = translator
+
+    def opening(self) -> bytes:
+        return self._events.opening()
+
+    def ping(self) -> bytes:
+        return self._events.ping()
+
+    def fail(self, failure: Failure) -> bytes:
+        return self._events.fail(FAILURE_MESSAGES[failure])
+
 
 def ended_by_revocation(ex: Exchange) -> None:
     """The stream was cut because its key was revoked (the audit row says so)."""
     ex.status = 401
-
-
-def _revoked_event() -> bytes:
-    return error_event(REVOKED_MESSAGE, error_type="invalid_request_error", code="invalid_api_key")
 
 
 def _midstream_failure(ex: Exchange, kind: str) -> None:
@@ -179,133 +366,124 @@ def _midstream_failure(ex: Exchange, kind: str) -> None:
     ex.ctx.metrics.upstream_errors.labels(kind).inc()
 
 
-async def relay_ndjson(
-    ex: Exchange, upstream: UpstreamResponse, receive: Receive, send: Send
-) -> None:
-    """Pass a native NDJSON stream through as it arrives; count tokens on the way."""
-    watch = watch_client(ex, receive, upstream)
-    keep: list[bytes] | None = [] if ex.identity.log_prompts else None
-    await start_response(send, 200, ex.headers(_NDJSON))
-    ex.status = 200
-    ex.responded = True
-    ex.streamed = True
-    scan = NativeStreamScan()
+async def lines_or_silence(
+    chunks: AsyncIterator[bytes], every: float
+) -> AsyncIterator[bytes | None]:
+    """The upstream's reads, and ``None`` after each ``every`` seconds without one."""
+    pending = asyncio.ensure_future(anext(chunks))
     try:
-        async for data in upstream.chunks():
-            await send_body(send, data)
-            if ex.ttfb_ms is None:
-                ex.mark_first_byte()
-            if keep is not None:
-                keep.append(data)
-            scan.feed(data)
-        scan.close()
-        if ex.revoked:
-            ended_by_revocation(ex)
-            await send_body(send, _REVOKED)
-        elif scan.error is not None:
-            _midstream_failure(ex, "midstream")  # its error line went to the client
-        elif scan.final is None and not watch.left:
-            _midstream_failure(ex, "truncated")
-            await send_body(send, _LOST)
-    except UpstreamError as exc:
-        if ex.revoked:
-            ended_by_revocation(ex)
-            with contextlib.suppress(Exception):
-                await send_body(send, _REVOKED)
-        elif not watch.left:
-            _midstream_failure(ex, "timeout" if isinstance(exc, UpstreamTimeout) else "midstream")
-            with contextlib.suppress(Exception):
-                await send_body(send, _LOST)
+        while True:
+            done, _ = await asyncio.wait((pending,), timeout=every)
+            if not done:
+                yield None
+                continue
+            try:
+                data = pending.result()
+            except StopAsyncIteration:
+                return
+            yield data
+            pending = asyncio.ensure_future(anext(chunks))
     finally:
-        upstream.abort()  # a no-op after a complete body; else Ollama must see the cancel
-        await watch.close()
-        ex.disconnected = watch.left
-        final = scan.final
-        if final is not None:
-            ex.charge(final.prompt_eval_count or 0, final.eval_count or 0)
-        else:
-            ex.charge_estimate(scan.lines)
-    if keep is not None:
-        ex.response_text = response_text(b"".join(keep))
-    if not watch.left:
-        await end_body(send)
+        if not pending.done():
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, UpstreamError):
+                await pending
 
 
-async def _end_sse(
+async def _pass_frames(
     ex: Exchange,
+    upstream: UpstreamStream,
     send: Send,
-    translator: ChatStreamTranslator | CompletionStreamTranslator,
-    *,
-    left: bool,
+    frames: StreamFrames,
+    keep: list[bytes] | None,
 ) -> None:
-    """After the upstream's last read: the error frame the stream still owes, if any."""
-    if left:
-        return
-    if ex.revoked:
-        ended_by_revocation(ex)
-        await send_body(send, _revoked_event())
-    elif not translator.finished:
-        _midstream_failure(ex, "truncated")
-        await send_body(send, error_event("the model server closed the stream early"))
-    elif translator.failed:
-        _midstream_failure(ex, "midstream")
-
-
-async def relay_sse(
-    ex: Exchange,
-    upstream: UpstreamResponse,
-    receive: Receive,
-    send: Send,
-    translator: ChatStreamTranslator | CompletionStreamTranslator,
-) -> None:
-    """Translate Ollama's NDJSON into OpenAI SSE frames as each line completes."""
-    watch = watch_client(ex, receive, upstream)
-    keep: list[bytes] | None = [] if ex.identity.log_prompts else None
-    await start_response(send, 200, ex.headers(_SSE))
-    ex.status = 200
-    ex.responded = True
-    ex.streamed = True
-    splitter = LineSplitter()
-    try:
+    """Every upstream read through ``frames`` to the client, as it arrives."""
+    if frames.keepalive is None:
         async for data in upstream.chunks():
-            if keep is not None:
-                keep.append(data)
-            out = b"".join([translator.feed_line(line) for line in splitter.feed(data)])
+            out = frames.feed(data)
             if out:
                 await send_body(send, out)
                 if ex.ttfb_ms is None:
                     ex.mark_first_byte()
-        rest = splitter.rest()
-        if rest.strip():
-            out = translator.feed_line(rest)
+            if keep is not None:
+                keep.append(data)
+    else:
+        async for quiet in lines_or_silence(aiter(upstream.chunks()), frames.keepalive):
+            if quiet is None:
+                await send_body(send, frames.ping())
+                continue
+            out = frames.feed(quiet)
             if out:
                 await send_body(send, out)
-        await _end_sse(ex, send, translator, left=watch.left)
+                if ex.ttfb_ms is None:
+                    ex.mark_first_byte()
+            if keep is not None:
+                keep.append(quiet)
+    rest = frames.close()
+    if rest:
+        await send_body(send, rest)
+
+
+async def relay_stream(
+    ex: Exchange, upstream: UpstreamStream, receive: Receive, send: Send, frames: StreamFrames
+) -> None:
+    """Relay a streamed answer through the surface's ``frames``; charge what it cost.
+
+    The stream's end is checked in this order: a client that left gets
+    nothing more; a revoked key ends with the surface's error (401 in the
+    audit row); an error line from Ollama (already relayed) is a mid-stream
+    failure; a stream without its final line ends with the surface's error.
+    """
+    watch = watch_client(ex, receive, upstream)
+    keep: list[bytes] | None = [] if ex.identity.log_prompts else None
+    await start_response(send, 200, ex.headers(frames.content_type))
+    ex.status = 200
+    ex.responded = True
+    ex.streamed = True
+    opening = frames.opening()
+    if opening:
+        await send_body(send, opening)
+    try:
+        await _pass_frames(ex, upstream, send, frames, keep)
+        if watch.left:
+            pass
+        elif ex.revoked:
+            ended_by_revocation(ex)
+            await send_body(send, frames.fail("revoked"))
+        elif frames.failed:
+            _midstream_failure(ex, "midstream")  # its error went to the client
+        elif not frames.finished:
+            _midstream_failure(ex, "truncated")
+            await send_body(send, frames.fail("truncated"))
     except (msgspec.DecodeError, msgspec.ValidationError):
         upstream.abort()
         _midstream_failure(ex, "unreadable")
-        await send_body(send, error_event("the model server sent an unreadable stream"))
+        await send_body(send, frames.fail("unreadable"))
     except UpstreamError as exc:
         if ex.revoked:
             ended_by_revocation(ex)
             with contextlib.suppress(Exception):
-                await send_body(send, _revoked_event())
+                await send_body(send, frames.fail("revoked"))
         elif not watch.left:
             _midstream_failure(ex, "timeout" if isinstance(exc, UpstreamTimeout) else "midstream")
             with contextlib.suppress(Exception):
-                await send_body(send, error_event("the model server stream broke off"))
+                await send_body(send, frames.fail("broken"))
     finally:
         upstream.abort()  # a no-op after a complete body; else Ollama must see the cancel
         await watch.close()
         ex.disconnected = watch.left
-        _charge_translated(ex, translator)
+        counts = frames.counts()
+        if counts is not None:
+            ex.charge(*counts)
+        else:
+            ex.charge_estimate(frames.chunks)
     if keep is not None:
         ex.response_text = response_text(b"".join(keep))
     if not watch.left:
         await end_body(send)
 
 
-async def read_whole(ex: Exchange, upstream: UpstreamResponse, receive: Receive) -> bytes:
+async def read_whole(ex: Exchange, upstream: UpstreamStream, receive: Receive) -> bytes:
     """A non-streamed answer, read while watching the client (who may leave: ClientLeft)."""
     watch = watch_client(ex, receive, upstream)
     # a task, so that a revocation can stop the wait (closing the connection
@@ -348,7 +526,7 @@ class _ErrorView(msgspec.Struct):
 _error_decoder = msgspec.json.Decoder(_ErrorView)
 
 
-async def upstream_refusal(ex: Exchange, upstream: UpstreamResponse) -> Refusal:
+async def upstream_refusal(ex: Exchange, upstream: UpstreamStream) -> Refusal:
     """Ollama's non-200 answer as a refusal in the dialect (404 -> the model 403)."""
     status = upstream.status
     try:
@@ -381,12 +559,3 @@ async def upstream_refusal(ex: Exchange, upstream: UpstreamResponse) -> Refusal:
 
 def _retry(status: int) -> int | None:
     return 1 if status in {429, 503} else None
-
-
-def _charge_translated(
-    ex: Exchange, translator: ChatStreamTranslator | CompletionStreamTranslator
-) -> None:
-    if translator.completion_tokens is not None and translator.prompt_tokens is not None:
-        ex.charge(translator.prompt_tokens, translator.completion_tokens)
-    else:
-        ex.charge_estimate(translator.content_chunks)

@@ -1,44 +1,39 @@
 """The OpenAI Responses surface (``/v1/responses``, stateless), translated to ``/api/chat``.
 
 Translation lives in :mod:`neuronetz_gateway.domain.responses_compat`; the
-pipeline (caps, reservation, relay, accounting) in
-:mod:`neuronetz_gateway.proxy.agent_relay`. Refusals use OpenAI's error
+steps (caps, reservation, relay, accounting) in
+:mod:`neuronetz_gateway.proxy.pipeline`. Refusals use OpenAI's error
 object (the exchange's surface is ``openai``).
 """
 
 from __future__ import annotations
 
-from neuronetz_gateway.domain.ollama_chat import SurfaceError
+from neuronetz_gateway.domain.ollama_chat import ChatChunk
 from neuronetz_gateway.domain.responses_compat import (
+    ResponsesTranslation,
     ResponseStreamTranslator,
     response_body,
     translate_responses_request,
 )
-from neuronetz_gateway.proxy.agent_relay import refuse_input, run_chat
-from neuronetz_gateway.proxy.asgi import Receive, Scope, Send
-from neuronetz_gateway.proxy.exchange import Exchange
-from neuronetz_gateway.proxy.native import read_request_body
+from neuronetz_gateway.proxy.agent_codec import AgentCodec
+from neuronetz_gateway.proxy.relay import EventFrames
 
-__all__ = ["responses"]
+__all__ = ["ResponsesCodec"]
 
 
-async def responses(ex: Exchange, scope: Scope, receive: Receive, send: Send) -> None:
+class ResponsesCodec(AgentCodec[ResponsesTranslation]):
     """``POST /v1/responses`` -> ``/api/chat``."""
-    raw = await read_request_body(ex, scope, receive)
-    try:
-        translation = translate_responses_request(raw)
-    except SurfaceError as exc:
-        raise refuse_input(exc) from None
-    request = translation.ollama
-    await ex.check_model(request.model)  # 404 on this surface, missing or not allowed
-    response_id = f"resp_{ex.identity.request_id}"
-    model, echo = request.model, translation.echo
-    await run_chat(
-        ex,
-        receive,
-        send,
-        raw,
-        request,
-        translator=lambda estimate: ResponseStreamTranslator(response_id, model, echo),
-        body_of=lambda chunk: response_body(chunk, response_id=response_id, model=model, echo=echo),
-    )
+
+    def translate(self, raw: bytes) -> ResponsesTranslation:
+        return translate_responses_request(raw)
+
+    def events(self, request: ResponsesTranslation, request_id: str, estimate: int) -> EventFrames:
+        translator = ResponseStreamTranslator(
+            f"resp_{request_id}", request.ollama.model, request.echo
+        )
+        return EventFrames(translator)
+
+    def body(self, request: ResponsesTranslation, chunk: ChatChunk, request_id: str) -> bytes:
+        return response_body(
+            chunk, response_id=f"resp_{request_id}", model=request.ollama.model, echo=request.echo
+        )

@@ -1,5 +1,9 @@
-"""The proxied routes (scope-docs/SPEC.md section 3) and the pipeline every one runs.
+"""The proxied routes (scope-docs/SPEC.md section 3) and what serves each.
 
+The routes are the rows of the one table, :data:`neuronetz_gateway.domain.routes.ROUTES`
+(auth classifies with the same rows); each row's ``codec`` names what serves
+it here (:data:`_SERVED_BY`): a model route runs the pipeline
+(:mod:`neuronetz_gateway.proxy.pipeline`) with its surface's codec.
 Each route is a Litestar ``asgi`` handler of a few lines. :func:`serve`
 verifies the signed identity before anything else (401 otherwise, and
 nothing reaches Ollama), checks that the identity was issued for this very
@@ -14,20 +18,24 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Any
 
 from litestar.handlers import ASGIRouteHandler, asgi
 from litestar.types import Receive as LitestarReceive
 from litestar.types import Scope as LitestarScope
 from litestar.types import Send as LitestarSend
 
-from neuronetz_gateway.domain.dialect import ANTHROPIC, NATIVE, OPENAI, Surface, error_body
+from neuronetz_gateway.domain.dialect import NATIVE, Surface, error_body
 from neuronetz_gateway.domain.identity import IdentityError, verify_identity
 from neuronetz_gateway.domain.model_call import session_hint
+from neuronetz_gateway.domain.routes import ROUTES, SURFACE_BY_ID, Route
 from neuronetz_gateway.logging import get_logger
 from neuronetz_gateway.proxy import anthropic, key_info, native, openai, responses
 from neuronetz_gateway.proxy.asgi import Receive, Scope, Send, request_header, send_response
 from neuronetz_gateway.proxy.context import ProxyContext
 from neuronetz_gateway.proxy.exchange import Exchange, IdentityReplayed
+from neuronetz_gateway.proxy.native import NativeCodec
+from neuronetz_gateway.proxy.pipeline import Codec, run_model_call
 from neuronetz_gateway.proxy.refusals import ClientLeft, Refusal
 
 __all__ = ["proxied_fast_paths", "proxied_route_handlers", "serve"]
@@ -44,9 +52,7 @@ _UNAUTHORISED = "invalid or missing gateway identity"
 
 
 def _surface(route: str) -> Surface:
-    if route.startswith("v1.messages"):
-        return ANTHROPIC
-    return OPENAI if route.startswith("v1.") else NATIVE
+    return SURFACE_BY_ID.get(route, NATIVE)
 
 
 async def _unauthorised(ctx: ProxyContext, route: str, send: Send) -> None:
@@ -175,24 +181,36 @@ async def _v1_models(scope: Scope, receive: Receive, send: Send) -> None:
     await serve("v1.model", "GET", one, scope, receive, send)
 
 
+def _model_call(codec: Codec[Any]) -> RouteWork:
+    """The pipeline with ``codec``: what every model route runs."""
+    return partial(run_model_call, codec)
+
+
+def _native(route: Route) -> RouteWork:
+    return _model_call(NativeCodec(route.id, route.upstream or route.path))
+
+
+#: What serves each route of the table (``Route.codec``): a surface's codec run by the
+#: pipeline, or the gateway's own answer. A new surface: its codec here and its rows there.
+_SERVED_BY: dict[str, Callable[[Route], RouteWork]] = {
+    "native": _native,
+    "native.tags": lambda _: native.tags,
+    "native.ps": lambda _: native.running_models,
+    "native.version": lambda _: native.version,
+    "key_info": lambda _: key_info.key_info,
+    "openai.chat": lambda _: _model_call(openai.ChatCodec()),
+    "openai.completions": lambda _: _model_call(openai.CompletionCodec()),
+    "openai.embeddings": lambda _: _model_call(openai.EmbeddingsCodec()),
+    "openai.responses": lambda _: _model_call(responses.ResponsesCodec()),
+    "anthropic.messages": lambda _: _model_call(anthropic.MessagesCodec()),
+    "anthropic.count_tokens": lambda _: anthropic.count_tokens,
+}
+
+
 def _routes() -> list[tuple[str, str, str, RouteWork]]:
+    """``(path, route id, method, work)`` per exact path (``/v1/models`` is a mount)."""
     return [
-        ("/api/generate", "generate", "POST", partial(_native_model, path="/api/generate")),
-        ("/api/chat", "chat", "POST", partial(_native_model, path="/api/chat")),
-        ("/api/embed", "embed", "POST", partial(_native_model, path="/api/embed")),
-        ("/api/embeddings", "embeddings", "POST", partial(_native_model, path="/api/embeddings")),
-        ("/api/show", "show", "POST", partial(_native_model, path="/api/show")),
-        ("/api/tags", "tags", "GET", native.tags),
-        ("/api/ps", "ps", "GET", native.running_models),
-        ("/api/version", "version", "GET", native.version),
-        ("/api/key", "key", "GET", key_info.key_info),
-        ("/v1/chat/completions", "v1.chat.completions", "POST", openai.chat_completions),
-        ("/v1/completions", "v1.completions", "POST", openai.completions),
-        ("/v1/embeddings", "v1.embeddings", "POST", openai.embeddings),
-        ("/v1/key", "v1.key", "GET", key_info.key_info),
-        ("/v1/responses", "v1.responses", "POST", responses.responses),
-        ("/v1/messages", "v1.messages", "POST", anthropic.messages),
-        ("/v1/messages/count_tokens", "v1.messages.count_tokens", "POST", anthropic.count_tokens),
+        (r.path, r.id, r.method, _SERVED_BY[r.codec](r)) for r in ROUTES if r.path != "/v1/models"
     ]
 
 
@@ -216,9 +234,3 @@ def proxied_route_handlers() -> list[ASGIRouteHandler]:
         asgi("/v1/models", name="v1.models", copy_scope=False, is_mount=True)(v1_models)
     )
     return handlers
-
-
-async def _native_model(
-    ex: Exchange, scope: Scope, receive: Receive, send: Send, *, path: str
-) -> None:
-    await native.model_request(ex, scope, receive, send, path)
