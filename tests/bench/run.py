@@ -181,6 +181,15 @@ def _profile(stack: BenchStack, scenarios: Scenarios, seconds: int) -> dict[str,
             services=("auth", "proxy"), seconds=seconds,
         )
     )  # fmt: skip
+    variant = next(v for v in CHAT_VARIANTS if v.id == "gateway_responses")
+    runs.append(
+        _profile_run(
+            py_spy, stack, scenarios,
+            title="Responses streams through the full gateway (20-chunk /v1/responses)",
+            target=variant.target(stack.urls, stack.key, stream=True),
+            services=("proxy",), seconds=seconds,
+        )
+    )  # fmt: skip
     return {"runs": runs}
 
 

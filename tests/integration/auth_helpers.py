@@ -8,6 +8,7 @@ happens unless a test wants one); tenants get unique names per test.
 from __future__ import annotations
 
 import secrets
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,8 +17,12 @@ from typing import Any
 
 import httpx
 
+from neuronetz_gateway.adapters.audit_writer import AuditWriter
 from neuronetz_gateway.adapters.hashing import KeyHasher
+from neuronetz_gateway.adapters.ledger_census import LedgerBeacon
 from neuronetz_gateway.adapters.postgres.store import KeyRecord, Store
+from neuronetz_gateway.adapters.redis_client import close_redis, open_redis
+from neuronetz_gateway.adapters.redis_commands import command_channel
 from neuronetz_gateway.auth.app import AuthService, create_app
 from neuronetz_gateway.domain.key_fingerprints import FingerprintKeys
 from neuronetz_gateway.domain.keys import generate_key
@@ -33,6 +38,7 @@ __all__ = [
     "make_key",
     "make_settings",
     "running_app",
+    "writer_next_door",
 ]
 
 CHEAP_ARGON2: dict[str, int] = {"time_cost": 1, "memory_cost": 1024, "parallelism": 1}
@@ -104,17 +110,41 @@ async def make_key(
 async def running_app(
     settings: Settings, store: Store, hasher: KeyHasher | None = None, **options: Any
 ) -> AsyncIterator[tuple[httpx.AsyncClient, AuthService]]:
-    """The app in-process with its lifespan run; yields the client and its collaborators."""
+    """The app in-process with its lifespan run; yields the client and its collaborators.
+
+    An audit writer reports to the ledger census next to it, as the proxy's
+    does in a deployment (budgets are rebuilt only once the census says the
+    ledger is complete).
+    """
     app = create_app(settings, store=store, hasher=hasher or cheap_hasher(), **options)
     # the app runs on this event loop (litestar's test client would use a thread of
     # its own, and the store's pool belongs to this loop)
-    async with app.lifespan():
+    async with app.lifespan(), writer_next_door(settings, store):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://auth") as client:
             service: AuthService = app.state.auth
             if service.listener is not None:
                 assert await service.listener.wait_listening(5.0)
             yield client, service
+
+
+@asynccontextmanager
+async def writer_next_door(settings: Settings, store: Store) -> AsyncIterator[AuditWriter]:
+    """A real audit writer and its ledger beacon on ``settings``' Redis prefix."""
+    redis = await open_redis(settings.redis_url, ca_file=settings.redis_ca_file or None)
+    commands = command_channel(redis, 5.0)
+    with tempfile.TemporaryDirectory(prefix="nz-spool-") as spool:
+        writer = AuditWriter(store.pool, spool)
+        await writer.start()
+        beacon = LedgerBeacon(commands, prefix=settings.redis_prefix, writer=writer)
+        await beacon.start()
+        try:
+            yield writer
+        finally:
+            await beacon.stop()
+            await writer.stop()
+            await commands.aclose()
+            await close_redis(redis)
 
 
 async def authorize(

@@ -19,7 +19,7 @@ from tests.support.servers import ThrowawayPostgres
 
 
 def _spooled(spool: Path) -> list[Path]:
-    return list(spool.glob("*.jsonl"))
+    return list(spool.rglob("*.jsonl"))  # one subdirectory per deployment
 
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}

@@ -73,7 +73,7 @@ async def test_no_prompt_text_anywhere_for_a_key_without_logging(
             )
             assert found == 0, table
     assert canary not in proxy.log.read_text()
-    assert canary not in "".join(p.read_text() for p in proxy.spool.glob("*"))
+    assert canary not in "".join(p.read_text() for p in proxy.spool.rglob("*") if p.is_file())
 
 
 async def test_opted_in_key_stores_request_and_answer_until_expiry(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,3 +95,31 @@ def test_console_format_goes_through_structlog(monkeypatch: pytest.MonkeyPatch) 
     assert nz_logging._Direct.writer is None
     nz_logging.info_line(nz_logging.get_logger("test"), "authorize", FIELDS)
     assert "authorize" in out.getvalue() and "request_id" in out.getvalue()
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_lines_of_one_loop_iteration_leave_in_one_write(
+    log_file: TextIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    file = _stderr_file(log_file, monkeypatch)
+    nz_logging.configure_logging("info", "json")
+    writes: list[bytes] = []
+    real_write = os.write
+
+    def counting_write(fd: int, data: bytes | memoryview) -> int:
+        writes.append(bytes(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(nz_logging.os, "write", counting_write)
+    log = nz_logging.get_logger("test")
+
+    async def decisions() -> int:
+        for i in range(3):
+            nz_logging.info_line(log, "authorize", {**FIELDS, "request_id": str(i)})
+        pending = len(writes)
+        await asyncio.sleep(0)  # the loop's next iteration
+        return pending
+
+    assert asyncio.run(decisions()) == 0
+    assert len(writes) == 1
+    assert [line["request_id"] for line in _lines(file)] == ["0", "1", "2"]

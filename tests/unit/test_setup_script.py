@@ -7,6 +7,7 @@ pinned a dependency itself, stayed green. These tests keep the two the same.
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,3 +63,12 @@ def test_coding_agents_are_pinned_exactly_and_installed_by_the_script() -> None:
     assert "npm install --prefix .tools/npm" in script
     ignored = (ROOT / ".gitignore").read_text().splitlines()
     assert ".tools" in ignored or ".tools/" in ignored  # a directory, or a link to one
+
+
+def test_no_checkout_local_tools_are_tracked() -> None:
+    """`.tools` holds this checkout's npm installs: tracked (a worktree's link to
+    another checkout slipped in twice), a fresh clone's bootstrap writes elsewhere."""
+    tracked = subprocess.run(
+        ["git", "ls-files", ".tools", ".venv"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert tracked == ""

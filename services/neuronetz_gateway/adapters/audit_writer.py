@@ -12,6 +12,14 @@ harmless because ``request_id`` is unique in ``usage_log`` and in
 ``prompt_log``. On shutdown the queue is flushed (to
 Postgres, or to the spool).
 
+The spool directory is ``spool_dir/<namespace>`` when a namespace is given
+(the proxy passes its database and Redis prefix,
+:func:`~neuronetz_gateway.domain.ledger_census.spool_namespace`): replay
+only ever sees the files of its own deployment. :meth:`pending_since` says
+since when rows wait unwritten (queue, batch in flight, spool), which the
+ledger census reports so that budgets are never rebuilt from a ledger that
+lacks them; :attr:`progress` is set after every write and replay.
+
 A row Postgres refuses for good (it should not happen: text is cleaned of
 what Postgres cannot store, and lengths are cut to the columns) is isolated
 by splitting its batch, so one bad row never costs the others their place
@@ -23,11 +31,12 @@ volume): a file another one already replayed is simply gone, which is fine.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -135,9 +144,15 @@ class AuditWriter:
         flush_interval: float = 0.5,
         retry_interval: float = 1.0,
         write_timeout: float = 5.0,
+        namespace: str | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._pool = pool
-        self.spool_dir = Path(spool_dir)
+        self.spool_dir = Path(spool_dir) / namespace if namespace else Path(spool_dir)
+        self._clock = clock
+        # submission times of the rows not yet written or spooled, oldest first
+        self._unwritten: collections.deque[float] = collections.deque()
+        self.progress = asyncio.Event()  # set after each write, spool or replay
         self._batch_size = batch_size
         self._flush_interval = flush_interval
         self._retry_interval = retry_interval
@@ -153,7 +168,23 @@ class AuditWriter:
 
     def submit(self, row: AuditRow | PromptRow) -> None:
         """Queue a row for the next batch (never blocks, never fails)."""
+        self._unwritten.append(self._clock())
         self._queue.put_nowait(row)
+
+    def pending_since(self) -> float | None:
+        """Unix time of the oldest row not yet in Postgres; ``0.0`` with rows in the spool.
+
+        ``None`` when every row submitted so far is written.
+        """
+        if self.spooled_files:
+            return 0.0
+        return self._unwritten[0] if self._unwritten else None
+
+    @contextlib.asynccontextmanager
+    async def replay_held(self) -> AsyncIterator[None]:
+        """No spool replay inside this block (operators and tests: a replay at a chosen time)."""
+        async with self._spool_lock:
+            yield
 
     @property
     def queue_depth(self) -> int:
@@ -205,10 +236,18 @@ class AuditWriter:
                     break
                 batch.append(item)
             await self._flush(batch)
+            self._written(len(batch))
         # Shutdown: whatever is still queued goes out too.
         rest = [item for item in self._drain() if item is not _STOP]
         if rest:
             await self._flush(rest)
+            self._written(len(rest))
+
+    def _written(self, rows: int) -> None:
+        """``rows`` of the oldest submitted are in Postgres or the spool now."""
+        for _ in range(min(rows, len(self._unwritten))):
+            self._unwritten.popleft()
+        self.progress.set()
 
     def _drain(self) -> list[object]:
         items = []
@@ -321,6 +360,7 @@ class AuditWriter:
                 written += int(done)
         if written:
             log.info("audit_spool_replayed", files=written)
+            self.progress.set()
         return written
 
     async def _replay_file(self, path: Path, kind: str, decoder: Any) -> bool | None:

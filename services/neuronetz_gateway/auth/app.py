@@ -28,8 +28,10 @@ from litestar.types import Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from neuronetz_gateway.adapters.hashing import KeyHasher
+from neuronetz_gateway.adapters.ledger_census import CompleteLedger
 from neuronetz_gateway.adapters.postgres.store import Store, open_pool
 from neuronetz_gateway.adapters.redis_client import RedisClient, close_redis, open_redis
+from neuronetz_gateway.adapters.redis_commands import command_channel
 from neuronetz_gateway.adapters.redis_limiter import Limiter
 from neuronetz_gateway.auth import responses
 from neuronetz_gateway.auth.authorize import Authorizer, DecisionRequest
@@ -160,10 +162,13 @@ async def _wire(
         )
         stack.push_async_callback(close_redis, redis)
     if limiter is None:
+        census = command_channel(redis, settings.decision_timeout_seconds)
+        stack.push_async_callback(census.aclose)
         limiter = Limiter(
             redis,
             prefix=settings.redis_prefix,
-            ledger=store,
+            # rebuilt budgets wait for the audit writers' unwritten rows (issue 13)
+            ledger=CompleteLedger(store, census, prefix=settings.redis_prefix),
             clock=clock,
             lease_ttl_seconds=settings.lease_ttl_seconds,
             timeout_seconds=settings.decision_timeout_seconds,

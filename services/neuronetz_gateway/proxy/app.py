@@ -23,11 +23,14 @@ from litestar.exceptions import HTTPException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from neuronetz_gateway.adapters.audit_writer import AuditWriter
+from neuronetz_gateway.adapters.ledger_census import CompleteLedger, LedgerBeacon
 from neuronetz_gateway.adapters.ollama_client import OllamaClient, OllamaUpstream
 from neuronetz_gateway.adapters.postgres.store import Store, open_pool
 from neuronetz_gateway.adapters.redis_client import close_redis, open_redis
+from neuronetz_gateway.adapters.redis_commands import RedisCommands, command_channel
 from neuronetz_gateway.adapters.redis_limiter import Limiter
 from neuronetz_gateway.domain.dialect import error_body
+from neuronetz_gateway.domain.ledger_census import spool_namespace
 from neuronetz_gateway.fast_paths import FastPathLitestar
 from neuronetz_gateway.logging import configure_logging, get_logger
 from neuronetz_gateway.proxy.context import ProxyContext
@@ -96,19 +99,12 @@ def create_app(
             await upstream.open()
             stack.push_async_callback(upstream.close)
             store = Store(db)
-            audit = AuditWriter(
-                db,
-                settings.audit_spool_dir,
-                batch_size=settings.audit_batch_size,
-                flush_interval=settings.audit_flush_interval_seconds,
-            )
-            await audit.start()
-            stack.push_async_callback(audit.stop)  # runs before the pool closes
+            audit, census = await _open_audit(settings, db, client, stack)
             metrics.watch_audit(lambda: audit.queue_depth, lambda: audit.spooled_files)
             limiter = Limiter(
                 client,
                 prefix=settings.redis_prefix,
-                ledger=store,
+                ledger=CompleteLedger(store, census, prefix=settings.redis_prefix),
                 lease_ttl_seconds=settings.lease_ttl_seconds,
                 timeout_seconds=settings.decision_timeout_seconds,
             )
@@ -224,3 +220,29 @@ def create_app_from_env() -> Litestar:
     if tracing is not None:
         app.on_shutdown.append(tracing.shutdown)
     return app
+
+
+async def _open_audit(
+    settings: Settings, db: asyncpg.Pool, client: Any, stack: contextlib.AsyncExitStack
+) -> tuple[AuditWriter, RedisCommands]:
+    """The audit writer, and its beacon in the ledger census (closed by ``stack``).
+
+    Returns the writer and the census's command channel (the limiter's
+    ledger reads the census over it before a budget rebuild).
+    """
+    audit = AuditWriter(
+        db,
+        settings.audit_spool_dir,
+        batch_size=settings.audit_batch_size,
+        flush_interval=settings.audit_flush_interval_seconds,
+        # one directory per deployment: a row is never replayed into another database
+        namespace=spool_namespace(settings.database_url, settings.redis_prefix),
+    )
+    await audit.start()
+    stack.push_async_callback(audit.stop)  # runs before the pool closes
+    census = command_channel(client, settings.decision_timeout_seconds)
+    stack.push_async_callback(census.aclose)
+    beacon = LedgerBeacon(census, prefix=settings.redis_prefix, writer=audit)
+    await beacon.start()
+    stack.push_async_callback(beacon.stop)  # stops before the writer's last flush
+    return audit, census

@@ -29,9 +29,9 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -39,6 +39,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from neuronetz_gateway.adapters.ollama_client import (
     OllamaClient,
     UpstreamResponse,
+    UpstreamTimeout,
     UpstreamUnavailable,
     public_address,
 )
@@ -55,9 +56,12 @@ from neuronetz_gateway.logging import get_logger
 from neuronetz_gateway.proxy.refusals import Refusal
 
 __all__ = [
+    "OUTCOMES",
     "SLOT_PATHS",
     "BackendPool",
+    "DiscoveredFleet",
     "Fleet",
+    "HealthSource",
     "PoolMember",
     "PoolMetrics",
     "SlotPort",
@@ -68,6 +72,11 @@ log = get_logger("neuronetz_gateway.proxy.pool")
 
 #: The native paths that run a model and so take one of the backend's slots.
 SLOT_PATHS = frozenset({"/api/chat", "/api/generate", "/api/embed", "/api/embeddings"})
+#: How a call to a backend went, as the pool reports it to the fleet (passive health;
+#: the values of the circuit breaker's ``Outcome``).
+SUCCESS, CONNECT_ERROR, SERVER_ERROR = "success", "connect_error", "server_error"
+TIMEOUT = "timeout"
+OUTCOMES = (SUCCESS, CONNECT_ERROR, SERVER_ERROR, TIMEOUT)
 #: A load_duration above this (ns) counts as a cold load (a loaded model reports ~ms).
 COLD_LOAD_NS = 250_000_000
 #: A 5xx body read before failing over is cut here (it is only logged by kind).
@@ -96,8 +105,8 @@ class Fleet(Protocol):
         """The backends now (cheap: read on every call)."""
         ...
 
-    def report(self, name: str, ok: bool) -> None:
-        """Passive health: a call to ``name`` succeeded or failed (connect error, 5xx)."""
+    def report(self, name: str, outcome: str) -> None:
+        """Passive health: how a call to ``name`` went (one of :data:`OUTCOMES`)."""
         ...
 
 
@@ -157,8 +166,8 @@ class StaticFleet:
             for m in self._members
         ]
 
-    def report(self, name: str, ok: bool) -> None:
-        if ok:
+    def report(self, name: str, outcome: str) -> None:
+        if outcome == SUCCESS:
             self._failures.pop(name, None)
             self._open_until.pop(name, None)
             return
@@ -166,6 +175,75 @@ class StaticFleet:
         if failures >= self._threshold:
             self._open_until[name] = self._clock() + self._open_seconds
             self._failures[name] = self._threshold - 1  # after the pause, one more failure reopens
+
+
+class _BackendSpecView(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def url(self) -> str: ...
+    @property
+    def slots(self) -> int: ...
+    @property
+    def weight(self) -> int: ...
+    @property
+    def accepts_new(self) -> bool: ...
+
+
+class _HealthView(Protocol):
+    @property
+    def spec(self) -> _BackendSpecView: ...
+    @property
+    def installed(self) -> frozenset[str]: ...
+    @property
+    def loaded(self) -> frozenset[str]: ...
+    def healthy(self, now: float) -> bool: ...
+
+
+class HealthSource(Protocol):
+    """Per-backend discovery and health (``proxy/fleet_discovery.FleetDiscovery``)."""
+
+    def health(self) -> Mapping[str, _HealthView]: ...
+
+    def record(self, backend: str, outcome: Any) -> None: ...
+
+
+class DiscoveredFleet:
+    """The :class:`Fleet` of the operator's backends, as per-backend discovery sees them.
+
+    ``outcome`` turns the pool's outcome names into what ``source.record``
+    takes (the circuit breaker's ``Outcome``).
+    """
+
+    def __init__(
+        self,
+        source: HealthSource,
+        outcome: Callable[[str], Any],
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._source = source
+        self._outcome = outcome
+        self._now = monotonic
+
+    def members(self) -> Sequence[PoolMember]:
+        now = self._now()
+        return [
+            PoolMember(
+                h.spec.name,
+                h.spec.url,
+                h.spec.slots,
+                h.spec.weight,
+                h.spec.accepts_new,
+                h.healthy(now),
+                frozenset(canonical_model(m) for m in h.installed),
+                frozenset(canonical_model(m) for m in h.loaded),
+            )
+            for h in self._source.health().values()
+        ]
+
+    def report(self, name: str, outcome: str) -> None:
+        self._source.record(name, self._outcome(outcome))
 
 
 def _with_health(member: PoolMember, *, healthy: bool) -> PoolMember:
@@ -237,7 +315,7 @@ class PoolMetrics:
         )
         self.errors = Counter(
             "nz_proxy_pool_errors_total",
-            "Backend failures by kind (connect, status, queue_timeout, slots_unavailable).",
+            "Backend failures by kind: connect, status, timeout, queue_timeout, slots_unavailable.",
             ("backend", "kind"),
             registry=registry,
         )
@@ -395,19 +473,27 @@ class BackendPool:
                 stream = await self._send(call, member, path, body, lease)
             except UpstreamUnavailable:
                 self._metrics.errors.labels(member.name, "connect").inc()
-                self._fleet.report(member.name, False)
+                self._fleet.report(member.name, CONNECT_ERROR)
                 if lease is not None:
                     self._give_back(lease)
+            except UpstreamTimeout:
+                # no failover: a slow answer's headers (a long load, a long non-streamed
+                # answer) would run the whole request a second time elsewhere
+                self._metrics.errors.labels(member.name, "timeout").inc()
+                self._fleet.report(member.name, TIMEOUT)
+                if lease is not None:
+                    self._give_back(lease)
+                raise
             except BaseException:
                 if lease is not None:
                     self._give_back(lease)
                 raise
             else:
                 if stream.status < 500:
-                    self._fleet.report(member.name, True)
+                    self._fleet.report(member.name, SUCCESS)
                     return stream
                 self._metrics.errors.labels(member.name, "status").inc()
-                self._fleet.report(member.name, False)
+                self._fleet.report(member.name, SERVER_ERROR)
                 connect_failed = False
                 if last:
                     return stream  # the client gets the backend's own error, translated
