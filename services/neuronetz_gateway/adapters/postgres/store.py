@@ -14,12 +14,14 @@ from typing import Any, cast
 
 import asyncpg
 
+from neuronetz_gateway.domain.backends import BackendSpec, BackendState, check_weight
 from neuronetz_gateway.domain.errors import Conflict, InvalidInput, NotFound
 from neuronetz_gateway.domain.policy import PolicySettings, check_name, check_policy_value
 
 __all__ = [
     "POLICY_COLUMNS",
     "AuthKeyRecord",
+    "BackendRecord",
     "KeyRecord",
     "LedgerTotals",
     "Store",
@@ -60,6 +62,17 @@ class TenantRecord:
     name: str
     policy: PolicySettings
     created_at: datetime
+    weight: int | None = None  # share in the backend queues (NULL = 1)
+
+
+@dataclass(frozen=True, slots=True)
+class BackendRecord:
+    """A backend row: the spec every proxy loads, plus its bookkeeping."""
+
+    id: int
+    spec: BackendSpec
+    created_at: datetime
+    updated_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +151,24 @@ def _key_from(row: Mapping[str, Any]) -> KeyRecord:
 
 def _tenant_from(row: Mapping[str, Any]) -> TenantRecord:
     return TenantRecord(
-        id=row["id"], name=row["name"], policy=_policy_from(row), created_at=row["created_at"]
+        id=row["id"],
+        name=row["name"],
+        policy=_policy_from(row),
+        created_at=row["created_at"],
+        weight=row.get("weight"),
+    )
+
+
+def _backend_from(row: Mapping[str, Any]) -> BackendRecord:
+    spec = BackendSpec(
+        name=row["name"],
+        url=row["url"],
+        slots=row["slots"],
+        weight=row["weight"],
+        state=BackendState(row["state"]),
+    )
+    return BackendRecord(
+        id=row["id"], spec=spec, created_at=row["created_at"], updated_at=row["updated_at"]
     )
 
 
@@ -160,19 +190,25 @@ class Store:
 
     # tenants -----------------------------------------------------------------
 
-    async def create_tenant(self, name: str, policy: PolicySettings) -> TenantRecord:
+    async def create_tenant(
+        self, name: str, policy: PolicySettings, weight: int | None = None
+    ) -> TenantRecord:
         check_name("tenant", name)
         _check_policy(policy)
+        if weight is not None:
+            check_weight(weight)
         columns = ", ".join(POLICY_COLUMNS)
-        params = ", ".join(f"${i + 2}" for i in range(len(POLICY_COLUMNS)))
+        params = ", ".join(f"${i + 3}" for i in range(len(POLICY_COLUMNS)))
         values = [getattr(policy, c) for c in POLICY_COLUMNS]
         values[POLICY_COLUMNS.index("models")] = (
             None if policy.models is None else list(policy.models)
         )
         try:
             row = await self.pool.fetchrow(
-                f"INSERT INTO tenant (name, {columns}) VALUES ($1, {params}) RETURNING *",  # noqa: S608 (column names are ours)
+                f"INSERT INTO tenant (name, weight, {columns}) VALUES ($1, $2, {params})"  # noqa: S608 (column names are ours)
+                " RETURNING *",
                 name,
+                weight,
                 *values,
             )
         except asyncpg.UniqueViolationError:
@@ -190,6 +226,59 @@ class Store:
         _check_policy(changes)
         row = await self._update_policy("tenant", "id", tenant.id, changes)
         return _tenant_from(row)
+
+    async def set_tenant_weight(self, name: str, weight: int | None) -> TenantRecord:
+        """The tenant's share in the backend queues (``None``: back to the default, 1)."""
+        if weight is not None:
+            check_weight(weight)
+        row = await self.pool.fetchrow(
+            "UPDATE tenant SET weight = $2 WHERE name = $1 RETURNING *", name, weight
+        )
+        if row is None:
+            raise NotFound(f"unknown tenant {name!r}")
+        return _tenant_from(row)
+
+    # backends ----------------------------------------------------------------
+
+    async def add_backend(self, spec: BackendSpec) -> BackendRecord:
+        try:
+            row = await self.pool.fetchrow(
+                "INSERT INTO backend (name, url, slots, weight, state)"
+                " VALUES ($1, $2, $3, $4, $5) RETURNING *",
+                spec.name,
+                spec.url,
+                spec.slots,
+                spec.weight,
+                spec.state.value,
+            )
+        except asyncpg.UniqueViolationError:
+            raise Conflict(f"backend {spec.name!r} already exists") from None
+        return _backend_from(_one(row))
+
+    async def list_backends(self) -> list[BackendRecord]:
+        rows = await self.pool.fetch("SELECT * FROM backend ORDER BY name")
+        return [_backend_from(r) for r in rows]
+
+    async def backend_specs(self) -> list[BackendSpec]:
+        """What the proxies route to (the backend directory's loader)."""
+        return [r.spec for r in await self.list_backends()]
+
+    async def set_backend_state(self, name: str, state: BackendState) -> BackendRecord:
+        """Drain or enable (idempotent: the same state again changes nothing)."""
+        row = await self.pool.fetchrow(
+            "UPDATE backend SET state = $2, updated_at = now() WHERE name = $1 RETURNING *",
+            name,
+            state.value,
+        )
+        if row is None:
+            raise NotFound(f"unknown backend {name!r}")
+        return _backend_from(row)
+
+    async def remove_backend(self, name: str) -> BackendRecord:
+        row = await self.pool.fetchrow("DELETE FROM backend WHERE name = $1 RETURNING *", name)
+        if row is None:
+            raise NotFound(f"unknown backend {name!r}")
+        return _backend_from(row)
 
     # keys --------------------------------------------------------------------
 
