@@ -16,6 +16,7 @@ from neuronetz_gateway.adapters.backend_directory import BackendDirectory, envir
 from neuronetz_gateway.adapters.postgres.store import Store
 from neuronetz_gateway.adapters.redis_client import close_redis, open_redis
 from neuronetz_gateway.devstack.servers import free_port
+from neuronetz_gateway.devstack.stack import DevBackend, fleet_models, register_dev_backends
 from neuronetz_gateway.domain.backend_status import BackendStatus
 from neuronetz_gateway.domain.backends import BackendSpec, BackendState
 from neuronetz_gateway.proxy.fleet_discovery import FleetDiscovery
@@ -113,3 +114,29 @@ async def test_checks_over_http_feed_the_catalogue(
     finally:
         await checker.close()
         await close_redis(client)
+
+
+async def test_dev_registers_its_simulated_fleet_replacing_an_earlier_one(
+    database_url: str, store: Store
+) -> None:
+    first = [
+        DevBackend(f"sim{i}", f"http://127.0.0.1:{11435 + i}", fleet_models(i), "x") for i in (1, 2)
+    ]
+    await register_dev_backends(database_url, first)
+    second = first[:1]
+    await register_dev_backends(database_url, second)  # a reused database: sim2 goes
+    try:
+        sims = [b for b in await store.backend_specs() if b.name.startswith("sim")]
+        assert [(b.name, b.url, b.slots) for b in sims] == [("sim1", "http://127.0.0.1:11436", 2)]
+    finally:
+        await register_dev_backends(database_url, [])
+    assert not [b for b in await store.backend_specs() if b.name.startswith("sim")]
+
+
+def test_the_simulated_fleet_shares_its_models_out() -> None:
+    sets = [fleet_models(i) for i in range(3)]
+    assert sets == [
+        ("llama3.2:latest", "qwen2.5:0.5b", "nomic-embed-text:latest"),
+        ("qwen2.5:0.5b", "mistral:latest", "nomic-embed-text:latest"),
+        ("mistral:latest", "phi3:mini", "nomic-embed-text:latest"),
+    ]
