@@ -259,9 +259,19 @@ def _assert_no_wrong_answer(result: Figures) -> None:
     assert result.leases_leaked == 0
 
 
-async def _wait_for(check: Callable[[], bool], within: float = 30.0) -> None:
+async def _still_down_until(check: Callable[[], bool], within: float = 30.0) -> float:
+    """Poll ``check`` (recovered?) until it holds; when the last check saying "not yet" began.
+
+    Up to that moment the dependency was certainly gone; it recovered at some
+    point after it (other parties may learn of it before the next check).
+    """
     deadline = time.monotonic() + within
-    while not await asyncio.to_thread(check):
+    last_down = time.monotonic()
+    while True:
+        asked = time.monotonic()
+        if await asyncio.to_thread(check):
+            return last_down
+        last_down = asked
         assert time.monotonic() < deadline, "the deployment did not recover"
         await asyncio.sleep(0.1)
 
@@ -358,6 +368,16 @@ def _slot_master(deployment: RedisDeployment, slot: int) -> RedisNode:
     raise AssertionError(f"no master for slot {slot}")
 
 
+def _replica_of(deployment: RedisDeployment, master: RedisNode) -> RedisNode:
+    lines = [line.split() for line in deployment.cli(master, "CLUSTER", "NODES").splitlines()]
+    master_id = next(parts[0] for parts in lines if "myself" in parts[2])
+    for parts in lines:
+        if "slave" in parts[2] and parts[3] == master_id:
+            port = int(parts[1].split("@")[0].rsplit(":", 1)[1])
+            return next(n for n in deployment.nodes if n.port == port)
+    raise AssertionError("the master has no replica")
+
+
 async def test_a_cluster_master_killed(
     cluster_stack: tuple[RedisDeployment, ChaosStack], run_factory: Callable
 ) -> None:
@@ -366,17 +386,14 @@ async def test_a_cluster_master_killed(
     probe = next(n for n in deployment.nodes if n.running)
     slot = int(deployment.cli(probe, "CLUSTER", "KEYSLOT", f"{{t{run.tenant.tenant_id}}}"))
     master = _slot_master(deployment, slot)
+    replica = _replica_of(deployment, master)
     master.kill()
     down = time.monotonic()
 
-    def promoted() -> bool:
-        try:
-            return _slot_master(deployment, slot).port != master.port
-        except (AssertionError, subprocess.SubprocessError):
-            return False
+    def promoted() -> bool:  # the moment writes can succeed again (other nodes learn later)
+        return "role:master" in deployment.cli(replica, "INFO", "replication")
 
-    await _wait_for(promoted)
-    up = time.monotonic()
+    up = await _still_down_until(promoted)
     recovered = await run.traffic.first_success_after(up)
     _assert_no_wrong_answer(
         await _finish(run, "a cluster master killed", down=(down, up), recovered=recovered)
@@ -396,8 +413,7 @@ async def test_b_sentinel_failover(
     def failed_over() -> bool:  # the moment writes can succeed again: the replica promoted
         return "role:master" in deployment.cli(replica, "INFO", "replication")
 
-    await _wait_for(failed_over)
-    up = time.monotonic()
+    up = await _still_down_until(failed_over)
     recovered = await run.traffic.first_success_after(up)
     _assert_no_wrong_answer(
         await _finish(run, "b sentinel failover", down=(down, up), recovered=recovered)
