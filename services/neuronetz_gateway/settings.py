@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
+from neuronetz_gateway.domain.backends import MAX_SLOTS
 from neuronetz_gateway.domain.redis_urls import SENTINEL_SCHEMES, parse_sentinel_url
 
 __all__ = ["Secret", "Settings", "SettingsError", "load_settings"]
@@ -75,6 +76,9 @@ class Settings:
     database_url: str = DEFAULT_DATABASE_URL
     redis_url: str = "redis://127.0.0.1:6379/0"
     ollama_url: str = "http://127.0.0.1:11434"
+    # the slots (requests at once, Ollama's OLLAMA_NUM_PARALLEL) of NZ_OLLAMA_URL when it
+    # is the one backend, i.e. when `backend add` defined none
+    ollama_slots: int = 4
     gateway_secret: Secret = field(default_factory=lambda: Secret(""))
     # the secret being rotated out: still accepted for identities and key
     # fingerprints, never used for anything new (empty = none)
@@ -100,6 +104,9 @@ class Settings:
     upstream_connect_timeout_seconds: float = 5.0
     upstream_read_timeout_seconds: float = 600.0
     discovery_ttl_seconds: float = 10.0
+    # how often each backend's /api/tags and /api/ps are checked (once per round across
+    # the replicas); a status nobody renewed for 3 rounds is gone
+    backend_check_interval_seconds: float = 3.0
     # a fleet (SPEC section 12): how long a request waits in a backend's fair queue for a
     # slot before it gets 503 with Retry-After (long before Ollama's own queue would)
     queue_timeout_seconds: float = 30.0
@@ -146,6 +153,8 @@ class Settings:
             raise SettingsError(
                 f"{_env('keep_alive_min_seconds')} must not exceed {_env('keep_alive_max_seconds')}"
             )
+        if self.ollama_slots > MAX_SLOTS:
+            raise SettingsError(f"{_env('ollama_slots')} must be at most {MAX_SLOTS}")
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:

@@ -59,7 +59,7 @@ async def test_migrate_twice_is_a_no_op(pg_admin_url: str) -> None:
     name, url = await _fresh_database(pg_admin_url)
     try:
         first = await asyncio.to_thread(run_cli, url, "migrate")
-        assert "applied 6 migration(s)" in first.stdout
+        assert "applied 7 migration(s)" in first.stdout
         after_first = await _schema_snapshot(url)
         second = await asyncio.to_thread(run_cli, url, "migrate")
         assert "schema up to date" in second.stdout
@@ -68,6 +68,7 @@ async def test_migrate_twice_is_a_no_op(pg_admin_url: str) -> None:
         assert any("usage_log_tenant_ts_idx" in str(r) for r in after_first)
         assert any("prompt_log_request_id_uq" in str(r) for r in after_first)
         assert any("api_key_fingerprint_follows_hash" in str(r) for r in after_first)
+        assert any("backend_changed" in str(r) for r in after_first)
     finally:
         await _drop(pg_admin_url, name)
 

@@ -24,10 +24,18 @@ FORBIDDEN = {
 
 
 #: The proxy modules allowed to import adapters: the composition root, the ports
-#: (which re-export the adapters' error types), the two background readers
-#: that talk to Ollama's /api/tags and Postgres' LISTEN themselves, and the
-#: backend pool (the Upstream port over many Ollama clients and the Redis slots).
-PROXY_EDGES = {"app.py", "ports.py", "discovery.py", "revocation.py", "pool.py"}
+#: (which re-export the adapters' error types), the background readers that
+#: talk to Ollama's /api/tags, Redis' shared backend statuses and Postgres'
+#: LISTEN themselves, and the backend pool (the Upstream port over many Ollama
+#: clients and the Redis slots).
+PROXY_EDGES = {
+    "app.py",
+    "ports.py",
+    "discovery.py",
+    "fleet_discovery.py",
+    "revocation.py",
+    "pool.py",
+}
 
 
 def _imported_modules(path: Path) -> set[str]:

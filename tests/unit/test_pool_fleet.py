@@ -6,7 +6,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from neuronetz_gateway.proxy.pool import CONNECT_ERROR, DiscoveredFleet, PoolMember, StaticFleet
+from neuronetz_gateway.proxy.pool import (
+    CONNECT_ERROR,
+    DiscoveredFleet,
+    FleetUpstream,
+    PoolMember,
+    StaticFleet,
+)
 
 
 @dataclass
@@ -82,3 +88,28 @@ def test_the_static_fleets_breaker_opens_after_failures_in_a_row_and_closes_afte
     assert fleet.members()[0].healthy  # one more try
     fleet.report("a", "server_error")
     assert not fleet.members()[0].healthy  # failed again: open at once
+
+
+class Named:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.calls: list[str] = []
+
+    async def open(self, call: Any, path: str, body: bytes | None) -> Any:
+        self.calls.append(path)
+        return self.name
+
+    async def ping(self, limit_seconds: float = 2.0) -> bool:
+        return self.name == "pool"
+
+
+async def test_fleet_upstream_follows_the_directory_on_every_call() -> None:
+    single, pool = Named("single"), Named("pool")
+    defined = [False]
+    upstream = FleetUpstream(single, pool, lambda: defined[0])
+    assert await upstream.open(None, "/api/chat", b"{}") == "single"
+    assert not await upstream.ping()
+    defined[0] = True  # `backend add`: the next call goes through the pool
+    assert await upstream.open(None, "/api/chat", b"{}") == "pool"
+    assert await upstream.ping()
+    assert (single.calls, pool.calls) == (["/api/chat"], ["/api/chat"])

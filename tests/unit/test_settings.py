@@ -28,6 +28,8 @@ def test_defaults_and_types() -> None:
     assert load_settings({**GOOD, "NZ_QUEUE_TIMEOUT_SECONDS": "2.5"}).queue_timeout_seconds == 2.5
     assert settings.ollama_url == "http://127.0.0.1:11434"
     assert (settings.keep_alive_min_seconds, settings.keep_alive_max_seconds) == (60, 86400)
+    assert settings.ollama_slots == 4
+    assert load_settings({**GOOD, "NZ_OLLAMA_SLOTS": "16"}).ollama_slots == 16
 
 
 @pytest.mark.parametrize(
@@ -43,6 +45,9 @@ def test_defaults_and_types() -> None:
         ({**GOOD, "NZ_QUEUE_TIMEOUT_SECONDS": "0"}, "NZ_QUEUE_TIMEOUT_SECONDS"),
         ({**GOOD, "NZ_LOG_LEVEL": "loud"}, "NZ_LOG_LEVEL"),
         ({**GOOD, "NZ_KEEP_ALIVE_MIN_SECONDS": "0"}, "NZ_KEEP_ALIVE_MIN_SECONDS"),
+        ({**GOOD, "NZ_OLLAMA_SLOTS": "0"}, "NZ_OLLAMA_SLOTS"),
+        ({**GOOD, "NZ_OLLAMA_SLOTS": "5000"}, "NZ_OLLAMA_SLOTS"),
+        ({**GOOD, "NZ_OLLAMA_SLOTS": "four"}, "NZ_OLLAMA_SLOTS"),
         (
             {**GOOD, "NZ_KEEP_ALIVE_MIN_SECONDS": "600", "NZ_KEEP_ALIVE_MAX_SECONDS": "60"},
             "NZ_KEEP_ALIVE_MIN_SECONDS",

@@ -71,6 +71,7 @@ class KeyEventListener:
         on_state: Callable[[bool], None],
         metrics: ListenerMetrics,
         application_name: str = APPLICATION_NAME,
+        channel: str = CHANNEL,
         ping_interval: float = 1.0,
         ping_timeout: float = 2.0,
         max_backoff: float = 2.0,
@@ -82,6 +83,7 @@ class KeyEventListener:
         self._on_state = on_state
         self._metrics = metrics
         self._application_name = application_name
+        self._channel = channel  # the backend directory listens on nz_backend_events
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._max_backoff = max_backoff
@@ -135,7 +137,7 @@ class KeyEventListener:
                 )
                 self._lost.clear()
                 connected.add_termination_listener(self._terminated)
-                await connected.add_listener(CHANNEL, self._notified)
+                await connected.add_listener(self._channel, self._notified)
                 await self._on_gap()  # events during the gap are lost: trust nothing older
                 self._set_state(True)
                 log.info("key_listener_up")
@@ -163,7 +165,7 @@ class KeyEventListener:
                 return
             payload = f"{_PING}{self._token}:{time.monotonic():.6f}"
             await asyncio.wait_for(
-                conn.execute("SELECT pg_notify($1, $2)", CHANNEL, payload),
+                conn.execute("SELECT pg_notify($1, $2)", self._channel, payload),
                 timeout=self._ping_timeout,
             )
 

@@ -58,6 +58,18 @@ def usage_text(info: StackInfo) -> str:
         "  )",
         "  print(reply.choices[0].message.content)",
         "",
+        *(
+            [
+                f"backends ({len(info.backends)} simulated GPUs, see `backend list`):",
+                *(
+                    f"  {b.name}  {b.url}  {', '.join(b.models)}  (warm: {b.loaded})"
+                    for b in info.backends
+                ),
+                "",
+            ]
+            if info.backends
+            else []
+        ),
         f"logs: {info.state_dir / 'logs'} (deleted on exit)",
         "Press Ctrl-C to stop everything.",
         "",
@@ -79,6 +91,15 @@ def dev(
         Path | None,
         typer.Option("--caddyfile", help="Caddyfile to use (default: the repository's)."),
     ] = None,
+    backends: Annotated[
+        int,
+        typer.Option(
+            "--backends",
+            min=0,
+            max=16,
+            help="Start N simulators (GPUs with different models) as the fleet's backends.",
+        ),
+    ] = 0,
 ) -> None:
     """Run the whole gateway locally: Postgres, Redis, auth, proxy, Caddy, Ollama or a simulator."""
     stop_requested = threading.Event()
@@ -92,7 +113,9 @@ def dev(
         signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)
     }
     stack = DevStack(
-        DevStackOptions(caddy_port=port, force_simulator=simulator, caddyfile=caddyfile),
+        DevStackOptions(
+            caddy_port=port, force_simulator=simulator, caddyfile=caddyfile, backends=backends
+        ),
         os.environ,
         say=_say,
         should_stop=stop_requested.is_set,

@@ -7,11 +7,9 @@ tracebacks reach the operator. Listing commands take ``--json``.
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import asyncpg
 import typer
@@ -25,8 +23,9 @@ from neuronetz_gateway.adapters.postgres.store import (
     TenantRecord,
     expiry_from_days,
     models_list,
-    open_pool,
 )
+from neuronetz_gateway.cli.backends import backend_app
+from neuronetz_gateway.cli.common import fail, iso, print_json, run_with_store
 from neuronetz_gateway.cli.dev import dev
 from neuronetz_gateway.cli.doctor import doctor
 from neuronetz_gateway.cli.serve import serve
@@ -77,35 +76,16 @@ KeepAlive = Annotated[
     ),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+Weight = Annotated[
+    int | None,
+    typer.Option(
+        "--weight", help="The tenant's share when requests queue for backend slots (default 1)."
+    ),
+]
 
 
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
-
-
-def _run(work: Callable[[Store], Awaitable[T]]) -> T:
-    """Open a pool, run ``work``, and turn every expected failure into one line."""
-
-    async def go() -> T:
-        pool = await open_pool(load_database_url(), min_size=1, max_size=2)
-        try:
-            return await work(Store(pool))
-        finally:
-            await pool.close()
-
-    try:
-        return asyncio.run(go())
-    except GatewayError as exc:
-        _fail(str(exc))
-    except SettingsError as exc:
-        _fail(str(exc))
-    except OverflowError as exc:
-        _fail(f"value out of range: {exc}")
-    except asyncpg.UndefinedTableError:
-        _fail("the database is not migrated; run `neuronetz-gateway migrate` first")
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        _fail(f"database error: {type(exc).__name__}: {exc}".splitlines()[0])
+_fail = fail
+_run = run_with_store
 
 
 def _policy(
@@ -150,7 +130,7 @@ def _policy(
 
 
 def _tenant_json(t: TenantRecord) -> dict[str, Any]:
-    return {"id": t.id, "name": t.name, **_policy_json(t.policy)}
+    return {"id": t.id, "name": t.name, **_policy_json(t.policy), "weight": t.weight}
 
 
 def _policy_json(p: PolicySettings) -> dict[str, Any]:
@@ -159,8 +139,7 @@ def _policy_json(p: PolicySettings) -> dict[str, Any]:
     return out
 
 
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.astimezone(UTC).isoformat()
+_iso = iso
 
 
 def _key_status(k: KeyRecord, now: datetime) -> str:
@@ -187,8 +166,7 @@ def _key_json(k: KeyRecord, now: datetime) -> dict[str, Any]:
     }
 
 
-def _print_json(value: object) -> None:
-    typer.echo(json.dumps(value, default=str, indent=None))
+_print_json = print_json
 
 
 def _fingerprint(full_key: str) -> str | None:
@@ -266,12 +244,13 @@ def create_tenant(
     max_num_ctx: MaxCtx = None,
     max_num_predict: MaxPredict = None,
     allow_keep_alive: KeepAlive = None,
+    weight: Weight = None,
     as_json: AsJson = False,
 ) -> None:
     """Create a tenant with its limits, budgets and models (unset = unlimited / all)."""
     changes = _policy_options(locals())
     policy = PolicySettings().updated(changes)
-    tenant = _run(lambda store: store.create_tenant(name, policy))
+    tenant = _run(lambda store: store.create_tenant(name, policy, weight))
     if as_json:
         _print_json(_tenant_json(tenant))
     else:
@@ -440,21 +419,30 @@ def set_limits(
             "inherit on a key (e.g. rpm,daily-tokens,models).",
         ),
     ] = None,
+    weight: Weight = None,
     as_json: AsJson = False,
 ) -> None:
-    """Change limits, budgets, models or caps of a tenant or a key."""
+    """Change limits, budgets, models, caps (or a tenant's weight) of a tenant or a key."""
     if (tenant is None) == (prefix is None):
         _fail("give exactly one of --tenant or --prefix")
     changes = _policy_options(locals())
+    new_weight: int | object | None = _UNCHANGED if weight is None else weight
     for raw in (clear or "").split(","):
         field = raw.strip().replace("-", "_")
         if not field:
+            continue
+        if field == "weight" and tenant is not None:
+            if weight is not None:
+                _fail(f"--clear {raw.strip()} conflicts with a value given for it")
+            new_weight = None
             continue
         if field not in POLICY_FIELDS:
             _fail(f"--clear: unknown setting {raw.strip()!r}")
         if field in changes:
             _fail(f"--clear {raw.strip()} conflicts with a value given for it")
         changes[field] = None
+    if prefix is not None and weight is not None:
+        _fail("--weight is a tenant's setting; give --tenant")
     if prefix is not None:
         try:
             _check_prefix(prefix)
@@ -467,7 +455,18 @@ def set_limits(
             typer.echo(f"updated key {key.prefix}")
         return
     tenant_name = tenant or ""
-    record = _run(lambda store: store.update_tenant_policy(tenant_name, changes))
+
+    async def update_tenant(store: Store) -> TenantRecord:
+        if new_weight is _UNCHANGED:
+            return await store.update_tenant_policy(tenant_name, changes)
+        async with store.pool.acquire() as conn, conn.transaction():
+            in_tx = Store(conn)
+            record = await in_tx.set_tenant_weight(tenant_name, new_weight)  # type: ignore[arg-type]
+            if changes:
+                record = await in_tx.update_tenant_policy(tenant_name, changes)
+            return record
+
+    record = _run(update_tenant)
     if as_json:
         _print_json(_tenant_json(record))
     else:
@@ -540,10 +539,12 @@ def purge_prompts() -> None:
 
 
 DEFAULT_PROMPT_TTL_DAYS = 30
+_UNCHANGED = object()
 
 app.command("serve")(serve)
 app.command("dev")(dev)
 app.command("doctor")(doctor)
+app.add_typer(backend_app, name="backend")
 
 
 def main() -> None:

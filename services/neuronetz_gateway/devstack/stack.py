@@ -16,7 +16,7 @@ import secrets
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,11 +35,20 @@ from neuronetz_gateway.devstack.processes import (
     wait_until,
 )
 from neuronetz_gateway.devstack.servers import MissingDependency, ThrowawayPostgres, ThrowawayRedis
+from neuronetz_gateway.domain.backends import BackendSpec
 from neuronetz_gateway.domain.errors import Conflict
 from neuronetz_gateway.domain.keys import generate_key
 from neuronetz_gateway.domain.policy import PolicySettings
 
-__all__ = ["DEMO_TENANT", "DevStack", "DevStackOptions", "StackInfo"]
+__all__ = [
+    "DEMO_TENANT",
+    "DevBackend",
+    "DevStack",
+    "DevStackOptions",
+    "StackInfo",
+    "fleet_models",
+    "register_dev_backends",
+]
 
 DEMO_TENANT = "demo"
 DEFAULT_CADDY_PORT = 8080
@@ -59,6 +68,8 @@ class DevStackOptions:
     caddy_port: int = DEFAULT_CADDY_PORT
     force_simulator: bool = False
     caddyfile: Path | None = None
+    #: start this many simulators, each a GPU with its own models, as the fleet's backends
+    backends: int = 0
 
 
 @dataclass(slots=True)
@@ -73,6 +84,52 @@ class StackInfo:
     ollama_url: str
     state_dir: Path
     pids: dict[str, int] = field(default_factory=dict)
+    #: the simulated fleet (``--backends N``), registered with ``backend add``
+    backends: list[DevBackend] = field(default_factory=list)
+
+
+#: The chat models the simulated fleet shares out; every backend also has the embedder.
+FLEET_CHAT_MODELS = ("llama3.2:latest", "qwen2.5:0.5b", "mistral:latest", "phi3:mini")
+FLEET_EMBED_MODEL = "nomic-embed-text:latest"
+#: Each simulated GPU: slots per model, models loaded at once, a cold load, a speed.
+FLEET_SLOTS = 2
+FLEET_GPU_FLAGS: tuple[str, ...] = ("--slots", "2", "--max-loaded", "2", "--load-seconds", "2")
+FLEET_GPU_FLAGS += ("--tokens-per-second", "40")
+
+
+@dataclass(frozen=True, slots=True)
+class DevBackend:
+    """One simulated GPU of ``dev --backends N``."""
+
+    name: str
+    url: str
+    models: tuple[str, ...]
+    loaded: str
+
+
+def fleet_models(index: int) -> tuple[str, ...]:
+    """Backend ``index``'s models: two chat models (overlapping its neighbours'), the embedder.
+
+    So with three backends every chat model but one is on two of them, and a
+    request for it has a choice; ``phi3:mini`` only on the third.
+    """
+    count = len(FLEET_CHAT_MODELS)
+    chat = (FLEET_CHAT_MODELS[index % count], FLEET_CHAT_MODELS[(index + 1) % count])
+    return (*chat, FLEET_EMBED_MODEL)
+
+
+async def register_dev_backends(database_url: str, backends: Sequence[DevBackend]) -> None:
+    """Make ``backends`` the fleet's ``sim*`` backends (a reused database's old ones replaced)."""
+    pool = await open_pool(database_url, min_size=1, max_size=2)
+    try:
+        store = Store(pool)
+        for record in await store.list_backends():
+            if record.spec.name.startswith("sim"):
+                await store.remove_backend(record.spec.name)
+        for backend in backends:
+            await store.add_backend(BackendSpec.checked(backend.name, backend.url, FLEET_SLOTS))
+    finally:
+        await pool.close()
 
 
 def _answers_ok(url: str) -> bool:
@@ -150,7 +207,13 @@ class DevStack:
         key, prefix = asyncio.run(self._create_demo_key(database_url))
         self._checkpoint()
 
-        ollama_url, using_simulator = self._ollama()
+        fleet: list[DevBackend] = []
+        if self._options.backends > 0:
+            fleet = self._fleet(self._options.backends)
+            asyncio.run(register_dev_backends(database_url, fleet))
+            ollama_url, using_simulator = fleet[0].url, True
+        else:
+            ollama_url, using_simulator = self._ollama()
         self._checkpoint()
         taken = [self._options.caddy_port, DEFAULT_CADDY_PORT]
         auth_port = pick_port(DEFAULT_AUTH_PORT, taken=taken)
@@ -160,6 +223,7 @@ class DevStack:
             "NZ_DATABASE_URL": database_url,
             "NZ_REDIS_URL": redis_url,
             "NZ_OLLAMA_URL": ollama_url,
+            **({"NZ_OLLAMA_SLOTS": str(FLEET_SLOTS)} if fleet else {}),
             "NZ_GATEWAY_SECRET": self._gateway_secret(),
             "NZ_AUDIT_SPOOL_DIR": str(self._state_dir / "spool"),
         }
@@ -216,6 +280,7 @@ class DevStack:
             ollama_url=ollama_url,
             state_dir=self._state_dir,
             pids={p.name: p.pid for p in self._children},
+            backends=fleet,
         )
 
     def _database_url(self) -> str:
@@ -313,6 +378,33 @@ class DevStack:
             should_stop=self._should_stop,
         )
         return url, True
+
+    def _fleet(self, count: int) -> list[DevBackend]:
+        """``count`` simulators, each a GPU with its own models (one of them warm)."""
+        self._say(f"Ollama: {count} BUNDLED SIMULATORS as the fleet's backends (not real models)")
+        fleet: list[DevBackend] = []
+        taken: list[int] = [self._options.caddy_port, DEFAULT_AUTH_PORT, DEFAULT_PROXY_PORT]
+        started: list[tuple[DevBackend, ManagedProcess]] = []
+        for index in range(count):
+            port = pick_port(DEFAULT_SIMULATOR_PORT + index, taken=taken)
+            taken.append(port)
+            models = fleet_models(index)
+            backend = DevBackend(f"sim{index + 1}", f"http://127.0.0.1:{port}", models, models[0])
+            argv = [sys.executable, "-P", "-m", "neuronetz_gateway.simulator"]
+            argv += ["--host", "127.0.0.1", "--port", str(port), "--models", ",".join(models)]
+            argv += ["--loaded", backend.loaded, *FLEET_GPU_FLAGS]
+            started.append((backend, self._spawn(backend.name, argv, self._environ)))
+        for backend, proc in started:
+            wait_until(
+                functools.partial(_answers_ok, f"{backend.url}/api/version"),
+                what=f"the simulator {backend.name} ({backend.url})",
+                timeout=READY_TIMEOUT_SECONDS,
+                watch=[proc],
+                should_stop=self._should_stop,
+            )
+            self._say(f"backend {backend.name}: {backend.url} {', '.join(backend.models)}")
+            fleet.append(backend)
+        return fleet
 
     def _spawn_service(self, service: str, port: int, env: Mapping[str, str]) -> ManagedProcess:
         argv = [

@@ -12,6 +12,10 @@ writes an audit row under its request id). Whatever happens afterwards
 real count, releases the concurrency lease, queues the audit row (and the
 prompt row for keys that opted in), counts the metrics and writes the one
 log line. None of it carries prompt text except the opted-in prompt row.
+
+Who writes it: ``proxy/routes.serve`` opens and finishes it, the pipeline's
+steps (``proxy/pipeline.py`` and its relay, ``proxy/relay.py``) advance it;
+codecs never touch it (they get the request and return bytes and counts).
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ import msgspec
 
 from neuronetz_gateway.domain.accounting import estimate_prompt_tokens
 from neuronetz_gateway.domain.identity import OptionCaps
-from neuronetz_gateway.domain.models import canonical_model
 from neuronetz_gateway.domain.openai_compat import (
     ChatRequestTranslation,
     ChatStreamTranslator,
@@ -43,7 +42,7 @@ from neuronetz_gateway.domain.options import KeepAliveWindow
 from neuronetz_gateway.proxy.asgi import Receive, Scope, Send
 from neuronetz_gateway.proxy.exchange import Exchange
 from neuronetz_gateway.proxy.pipeline import Answer, TokenPlan, capped_output
-from neuronetz_gateway.proxy.refusals import Refusal, model_unavailable
+from neuronetz_gateway.proxy.refusals import Refusal
 from neuronetz_gateway.proxy.relay import TranslatedFrames
 
 __all__ = ["ChatCodec", "CompletionCodec", "EmbeddingsCodec", "model", "models"]
@@ -266,10 +265,6 @@ async def models(ex: Exchange, scope: Scope, receive: Receive, send: Send) -> No
 async def model(ex: Exchange, scope: Scope, receive: Receive, send: Send, model_id: str) -> None:
     """``GET /v1/models/{model}``: one model, or OpenAI's 404 ``model_not_found`` for
     anything outside the key's set (the same body as a model call's, missing or not allowed)."""
-    ex.model = model_id[:200]
-    canonical = canonical_model(model_id)
+    canonical = await ex.check_model(model_id)  # the model call's check, and its 404
     catalogue = await ex.catalogue()
-    if not canonical or canonical not in catalogue.effective(ex.identity.models):
-        raise model_unavailable(model_id, ex.surface)
-    ex.canonical = canonical
     await ex.respond(send, 200, model_body(catalogue.openai_entry(canonical)), _JSON)

@@ -53,6 +53,7 @@ from neuronetz_gateway.domain.model_call import ModelCall
 from neuronetz_gateway.domain.models import canonical_model
 from neuronetz_gateway.domain.routing import BackendView, Route, plan_route
 from neuronetz_gateway.logging import get_logger
+from neuronetz_gateway.proxy.ports import UpstreamStream
 from neuronetz_gateway.proxy.refusals import Refusal
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "BackendPool",
     "DiscoveredFleet",
     "Fleet",
+    "FleetUpstream",
     "HealthSource",
     "PoolMember",
     "PoolMetrics",
@@ -704,6 +706,40 @@ class BackendPool:
         for member in members:
             self._metrics.healthy.labels(member.name).set(1 if member.healthy else 0)
             self._metrics.active.labels(member.name).set(1 if member.active else 0)
+
+
+class _Single(Protocol):
+    async def open(self, call: ModelCall, path: str, body: bytes | None) -> UpstreamStream: ...
+
+    async def ping(self, limit_seconds: float = 2.0) -> bool: ...
+
+
+class FleetUpstream:
+    """The pool while the operator has backends defined, else the one ``NZ_OLLAMA_URL``.
+
+    ``use_pool()`` is asked on every call (the backend directory's
+    ``from_database``), so a ``backend add`` switches a running proxy over
+    within the directory's second, and removing the last backend switches it
+    back, without a restart. With no backend defined the single upstream
+    is today's path exactly: no slot admission.
+    """
+
+    def __init__(self, single: _Single, pool: _Single, use_pool: Callable[[], bool]) -> None:
+        self._single = single
+        self._pool = pool
+        self._use_pool = use_pool
+
+    async def open(self, call: ModelCall, path: str, body: bytes | None) -> UpstreamStream:
+        """Through the pool or the single upstream (see the class)."""
+        if self._use_pool():
+            return await self._pool.open(call, path, body)
+        return await self._single.open(call, path, body)
+
+    async def ping(self, limit_seconds: float = 2.0) -> bool:
+        """Ready while the pool has a backend that answers (or the single upstream does)."""
+        if self._use_pool():
+            return await self._pool.ping(limit_seconds)
+        return await self._single.ping(limit_seconds)
 
 
 def _no_backend(model: str | None) -> Refusal:

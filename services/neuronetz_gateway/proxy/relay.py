@@ -195,6 +195,9 @@ FAILURE_MESSAGES: dict[Failure, str] = {
 class StreamFrames(Protocol):
     """A surface's side of a stream: Ollama's NDJSON reads in, the client's frames out.
 
+    Exactly one of ``passthrough`` (native: the reads go out unchanged, it only
+    reads along, after each send) and ``feed_line`` (a translating surface: one
+    complete Ollama line in, its frames out; the relay cuts the lines) is set.
     ``finished``: the upstream's final (or error) line arrived; ``failed``: it
     was an error line (already relayed in the surface's words). After the
     stream, :meth:`counts` are Ollama's exact ``(prompt, completion)``, or
@@ -203,6 +206,8 @@ class StreamFrames(Protocol):
 
     content_type: bytes
     keepalive: float | None  # seconds of silence before ping(); None: never
+    passthrough: Callable[[bytes], None] | None
+    feed_line: Callable[[bytes], bytes] | None
 
     @property
     def finished(self) -> bool: ...
@@ -212,8 +217,7 @@ class StreamFrames(Protocol):
     def chunks(self) -> int: ...
 
     def opening(self) -> bytes: ...
-    def feed(self, data: bytes) -> bytes: ...
-    def close(self) -> bytes: ...
+    def close(self) -> None: ...
     def ping(self) -> bytes: ...
     def fail(self, failure: Failure) -> bytes: ...
     def counts(self) -> tuple[int, int] | None: ...
@@ -222,12 +226,14 @@ class StreamFrames(Protocol):
 class NativeFrames:
     """Native ``/api/*``: every read goes out as it came; the scan only reads along."""
 
-    __slots__ = ("scan",)
+    __slots__ = ("passthrough", "scan")
     content_type: bytes = _NDJSON
     keepalive: float | None = None
+    feed_line: Callable[[bytes], bytes] | None = None
 
     def __init__(self) -> None:
         self.scan = NativeStreamScan()
+        self.passthrough: Callable[[bytes], None] | None = self.scan.feed
 
     @property
     def finished(self) -> bool:
@@ -244,13 +250,8 @@ class NativeFrames:
     def opening(self) -> bytes:
         return b""
 
-    def feed(self, data: bytes) -> bytes:
-        self.scan.feed(data)
-        return data
-
-    def close(self) -> bytes:
+    def close(self) -> None:
         self.scan.close()
-        return b""
 
     def ping(self) -> bytes:
         return b""
@@ -286,14 +287,16 @@ class EventTranslator(LineTranslator, Protocol):
 
 
 class TranslatedFrames:
-    """A translating surface: Ollama's lines, cut out of the reads, each translated."""
+    """A translating surface (OpenAI SSE): each Ollama line through its translator."""
 
-    __slots__ = ("_splitter", "_translator", "keepalive")
+    __slots__ = ("_translator", "feed_line", "keepalive")
     content_type: bytes = _SSE
+    passthrough: Callable[[bytes], None] | None = None
 
     def __init__(self, translator: LineTranslator, *, keepalive: float | None = None) -> None:
         self._translator = translator
-        self._splitter = LineSplitter()
+        # the translator's own method: no wrapper call per line
+        self.feed_line: Callable[[bytes], bytes] | None = translator.feed_line
         self.keepalive = keepalive
 
     @property
@@ -311,13 +314,8 @@ class TranslatedFrames:
     def opening(self) -> bytes:
         return b""
 
-    def feed(self, data: bytes) -> bytes:
-        feed_line = self._translator.feed_line
-        return b"".join([feed_line(line) for line in self._splitter.feed(data)])
-
-    def close(self) -> bytes:
-        rest = self._splitter.rest()
-        return self._translator.feed_line(rest) if rest.strip() else b""
+    def close(self) -> None:
+        return None
 
     def ping(self) -> bytes:
         return b""
@@ -398,30 +396,42 @@ async def _pass_frames(
     keep: list[bytes] | None,
 ) -> None:
     """Every upstream read through ``frames`` to the client, as it arrives."""
-    if frames.keepalive is None:
+    read_along = frames.passthrough
+    if read_along is not None:  # native: byte for byte, the scan after the send
         async for data in upstream.chunks():
-            out = frames.feed(data)
-            if out:
-                await send_body(send, out)
-                if ex.ttfb_ms is None:
-                    ex.mark_first_byte()
+            await send_body(send, data)
+            if ex.ttfb_ms is None:
+                ex.mark_first_byte()
             if keep is not None:
                 keep.append(data)
-    else:
-        async for quiet in lines_or_silence(aiter(upstream.chunks()), frames.keepalive):
-            if quiet is None:
-                await send_body(send, frames.ping())
-                continue
-            out = frames.feed(quiet)
-            if out:
-                await send_body(send, out)
-                if ex.ttfb_ms is None:
-                    ex.mark_first_byte()
-            if keep is not None:
-                keep.append(quiet)
-    rest = frames.close()
-    if rest:
-        await send_body(send, rest)
+            read_along(data)
+        frames.close()
+        return
+    feed_line = frames.feed_line
+    if feed_line is None:
+        raise TypeError("StreamFrames sets passthrough or feed_line")
+    splitter = LineSplitter()
+    reads: AsyncIterator[bytes | None] = (
+        upstream.chunks()
+        if frames.keepalive is None
+        else lines_or_silence(aiter(upstream.chunks()), frames.keepalive)
+    )
+    async for read in reads:
+        if read is None:  # quiet for ``keepalive`` seconds
+            await send_body(send, frames.ping())
+            continue
+        if keep is not None:
+            keep.append(read)
+        out = b"".join([feed_line(line) for line in splitter.feed(read)])
+        if out:
+            await send_body(send, out)
+            if ex.ttfb_ms is None:
+                ex.mark_first_byte()
+    rest = splitter.rest()
+    if rest.strip():
+        out = feed_line(rest)
+        if out:
+            await send_body(send, out)
 
 
 async def relay_stream(

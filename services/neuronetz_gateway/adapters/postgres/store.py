@@ -14,12 +14,14 @@ from typing import Any, cast
 
 import asyncpg
 
+from neuronetz_gateway.domain.backends import BackendSpec, BackendState, check_weight
 from neuronetz_gateway.domain.errors import Conflict, InvalidInput, NotFound
 from neuronetz_gateway.domain.policy import PolicySettings, check_name, check_policy_value
 
 __all__ = [
     "POLICY_COLUMNS",
     "AuthKeyRecord",
+    "BackendRecord",
     "KeyRecord",
     "LedgerTotals",
     "Store",
@@ -60,6 +62,17 @@ class TenantRecord:
     name: str
     policy: PolicySettings
     created_at: datetime
+    weight: int | None = None  # share in the backend queues (NULL = 1)
+
+
+@dataclass(frozen=True, slots=True)
+class BackendRecord:
+    """A backend row: the spec every proxy loads, plus its bookkeeping."""
+
+    id: int
+    spec: BackendSpec
+    created_at: datetime
+    updated_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +151,24 @@ def _key_from(row: Mapping[str, Any]) -> KeyRecord:
 
 def _tenant_from(row: Mapping[str, Any]) -> TenantRecord:
     return TenantRecord(
-        id=row["id"], name=row["name"], policy=_policy_from(row), created_at=row["created_at"]
+        id=row["id"],
+        name=row["name"],
+        policy=_policy_from(row),
+        created_at=row["created_at"],
+        weight=row.get("weight"),
+    )
+
+
+def _backend_from(row: Mapping[str, Any]) -> BackendRecord:
+    spec = BackendSpec(
+        name=row["name"],
+        url=row["url"],
+        slots=row["slots"],
+        weight=row["weight"],
+        state=BackendState(row["state"]),
+    )
+    return BackendRecord(
+        id=row["id"], spec=spec, created_at=row["created_at"], updated_at=row["updated_at"]
     )
 
 
@@ -152,27 +182,57 @@ def _check_policy(policy: PolicySettings | Mapping[str, object]) -> None:
         check_policy_value(column, value)
 
 
+#: A pooled connection that a Postgres restart (or a network blip) closed: the
+#: query never ran. asyncpg finds out only when a query uses it.
+_STALE_CONNECTION = (asyncpg.ConnectionDoesNotExistError, ConnectionResetError)
+
+
 class Store:
-    """Queries on one asyncpg pool."""
+    """Queries on one asyncpg pool.
+
+    The reads on the request path (key lookup, ledger totals, revocations,
+    the fleet's backends) are tried once more on a stale pooled connection:
+    after Postgres comes back, the first request that draws a connection the
+    restart closed must not be refused (issue 13). Writes are never retried
+    here (the audit writer has its own spool).
+    """
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
+    async def _fetchrow(self, query: str, *args: Any) -> Any:
+        try:
+            return await self.pool.fetchrow(query, *args)
+        except _STALE_CONNECTION:
+            return await self.pool.fetchrow(query, *args)
+
+    async def _fetch(self, query: str, *args: Any) -> list[Any]:
+        try:
+            return list(await self.pool.fetch(query, *args))
+        except _STALE_CONNECTION:
+            return list(await self.pool.fetch(query, *args))
+
     # tenants -----------------------------------------------------------------
 
-    async def create_tenant(self, name: str, policy: PolicySettings) -> TenantRecord:
+    async def create_tenant(
+        self, name: str, policy: PolicySettings, weight: int | None = None
+    ) -> TenantRecord:
         check_name("tenant", name)
         _check_policy(policy)
+        if weight is not None:
+            check_weight(weight)
         columns = ", ".join(POLICY_COLUMNS)
-        params = ", ".join(f"${i + 2}" for i in range(len(POLICY_COLUMNS)))
+        params = ", ".join(f"${i + 3}" for i in range(len(POLICY_COLUMNS)))
         values = [getattr(policy, c) for c in POLICY_COLUMNS]
         values[POLICY_COLUMNS.index("models")] = (
             None if policy.models is None else list(policy.models)
         )
         try:
             row = await self.pool.fetchrow(
-                f"INSERT INTO tenant (name, {columns}) VALUES ($1, {params}) RETURNING *",  # noqa: S608 (column names are ours)
+                f"INSERT INTO tenant (name, weight, {columns}) VALUES ($1, $2, {params})"  # noqa: S608 (column names are ours)
+                " RETURNING *",
                 name,
+                weight,
                 *values,
             )
         except asyncpg.UniqueViolationError:
@@ -190,6 +250,59 @@ class Store:
         _check_policy(changes)
         row = await self._update_policy("tenant", "id", tenant.id, changes)
         return _tenant_from(row)
+
+    async def set_tenant_weight(self, name: str, weight: int | None) -> TenantRecord:
+        """The tenant's share in the backend queues (``None``: back to the default, 1)."""
+        if weight is not None:
+            check_weight(weight)
+        row = await self.pool.fetchrow(
+            "UPDATE tenant SET weight = $2 WHERE name = $1 RETURNING *", name, weight
+        )
+        if row is None:
+            raise NotFound(f"unknown tenant {name!r}")
+        return _tenant_from(row)
+
+    # backends ----------------------------------------------------------------
+
+    async def add_backend(self, spec: BackendSpec) -> BackendRecord:
+        try:
+            row = await self.pool.fetchrow(
+                "INSERT INTO backend (name, url, slots, weight, state)"
+                " VALUES ($1, $2, $3, $4, $5) RETURNING *",
+                spec.name,
+                spec.url,
+                spec.slots,
+                spec.weight,
+                spec.state.value,
+            )
+        except asyncpg.UniqueViolationError:
+            raise Conflict(f"backend {spec.name!r} already exists") from None
+        return _backend_from(_one(row))
+
+    async def list_backends(self) -> list[BackendRecord]:
+        rows = await self._fetch("SELECT * FROM backend ORDER BY name")
+        return [_backend_from(r) for r in rows]
+
+    async def backend_specs(self) -> list[BackendSpec]:
+        """What the proxies route to (the backend directory's loader)."""
+        return [r.spec for r in await self.list_backends()]
+
+    async def set_backend_state(self, name: str, state: BackendState) -> BackendRecord:
+        """Drain or enable (idempotent: the same state again changes nothing)."""
+        row = await self.pool.fetchrow(
+            "UPDATE backend SET state = $2, updated_at = now() WHERE name = $1 RETURNING *",
+            name,
+            state.value,
+        )
+        if row is None:
+            raise NotFound(f"unknown backend {name!r}")
+        return _backend_from(row)
+
+    async def remove_backend(self, name: str) -> BackendRecord:
+        row = await self.pool.fetchrow("DELETE FROM backend WHERE name = $1 RETURNING *", name)
+        if row is None:
+            raise NotFound(f"unknown backend {name!r}")
+        return _backend_from(row)
 
     # keys --------------------------------------------------------------------
 
@@ -250,7 +363,7 @@ class Store:
 
     async def find_key_for_auth(self, prefix: str) -> AuthKeyRecord | None:
         """The key, its hashes and its tenant in one query; ``None`` if unknown."""
-        row = await self.pool.fetchrow(
+        row = await self._fetchrow(
             "SELECT row_to_json(k.*)::jsonb AS k, row_to_json(t.*)::jsonb AS t"
             " FROM api_key k JOIN tenant t ON t.id = k.tenant WHERE k.prefix = $1",
             prefix,
@@ -426,7 +539,7 @@ class Store:
 
     async def revoked_keys(self, key_ids: list[int]) -> set[int]:
         """Those of ``key_ids`` that are revoked (for ending their running requests)."""
-        rows = await self.pool.fetch(
+        rows = await self._fetch(
             "SELECT id FROM api_key WHERE id = ANY($1::int[]) AND revoked_at IS NOT NULL",
             key_ids,
         )
@@ -436,7 +549,7 @@ class Store:
         self, *, tenant_id: int, key_id: int | None, day_start: datetime, month_start: datetime
     ) -> LedgerTotals:
         """Tokens spent today, this month and ever, for a key (or the whole tenant)."""
-        row = await self.pool.fetchrow(
+        row = await self._fetchrow(
             "SELECT coalesce(sum(prompt_tokens + completion_tokens)"
             "   FILTER (WHERE ts >= $3), 0) AS d,"
             " coalesce(sum(prompt_tokens + completion_tokens) FILTER (WHERE ts >= $4), 0) AS m,"

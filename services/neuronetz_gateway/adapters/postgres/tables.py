@@ -21,7 +21,7 @@ from piccolo.columns import (
 from piccolo.columns.defaults.timestamptz import TimestamptzNow
 from piccolo.table import Table
 
-__all__ = ["ApiKey", "PromptLog", "Tenant", "UsageLog"]
+__all__ = ["ApiKey", "Backend", "PromptLog", "Tenant", "UsageLog"]
 
 
 class Tenant(Table, tablename="tenant"):
@@ -39,6 +39,8 @@ class Tenant(Table, tablename="tenant"):
     max_num_predict = Integer(null=True, default=None)
     allow_keep_alive_override = Boolean(null=True, default=None)
     created_at = Timestamptz(default=TimestamptzNow())
+    # share when requests queue for backend slots, NULL = 1 (migration m0007, plain SQL)
+    weight = Integer(null=True, default=None)
 
 
 class ApiKey(Table, tablename="api_key"):
@@ -103,3 +105,18 @@ class PromptLog(Table, tablename="prompt_log"):
     expires_at = Timestamptz(null=False, index=True)
     request_text = Text(null=False)
     response_text = Text(null=False, default="")
+
+
+class Backend(Table, tablename="backend"):
+    """An Ollama server behind the gateway (created by migration m0007, plain SQL).
+
+    ``state``: ``active`` or ``draining``; changes notify ``nz_backend_events``.
+    """
+
+    name = Varchar(length=100, unique=True, null=False)
+    url = Text(null=False)
+    slots = Integer(null=False)
+    weight = Integer(null=False, default=1)
+    state = Varchar(length=16, null=False, default="active")
+    created_at = Timestamptz(default=TimestamptzNow())
+    updated_at = Timestamptz(default=TimestamptzNow())

@@ -1,0 +1,420 @@
+"""Chaos through Caddy (issue 13): faults cost 503s only while a dependency is gone.
+
+Traffic (4 clients) runs through Caddy, two auth and two proxy replicas
+while (a) the Redis Cluster master of the tenant's slot is killed and its
+replica takes over, (b) Sentinel fails the master over, (c) Redis restarts,
+(d) Postgres restarts (a throwaway cluster of our own), (e) one auth and
+(f) one proxy replica are SIGKILLed (the proxy mid-stream). Each test prints
+a ``CHAOS`` line with its figures and holds what must be zero: 200s while
+the dependency was certainly down, answers refused after the first success,
+answered requests without an audit row, leases still held after their TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from neuronetz_gateway.adapters.hashing import KeyHasher
+from neuronetz_gateway.adapters.postgres.store import Store, open_pool
+from neuronetz_gateway.adapters.redis_client import RedisClient, close_redis, open_redis
+from neuronetz_gateway.domain.keys import generate_key
+from neuronetz_gateway.domain.policy import PolicySettings
+from tests.conftest import TEST_SECRET, unique
+from tests.e2e.chaos import Figures, Traffic, figures
+from tests.e2e.processes import E2EStack, require_caddy, sim_configure, start_stack
+from tests.support.caddy import caddy_binaries
+from tests.support.redis_deployments import RedisDeployment, RedisNode, start_deployment
+from tests.support.servers import ThrowawayPostgres, ThrowawayRedis
+
+pytestmark = pytest.mark.e2e
+
+LEASE_TTL = 2  # NZ_LEASE_TTL_SECONDS of the chaos stacks
+CALM_SECONDS = 2.0  # traffic kept running after recovery: a stray late refusal shows
+
+
+@dataclass
+class ChaosStack:
+    stack: E2EStack
+    database_url: str
+    redis_url: str
+    prefix: str
+    ca_file: str | None = None
+
+    def service(self, name: str) -> int:
+        return next(p.pid for p in self.stack.processes if p.name == name)
+
+
+def _caddy() -> str:
+    versions = sorted(caddy_binaries())
+    return require_caddy(versions[-1] if versions else "none")
+
+
+def _migrate(url: str) -> None:
+    subprocess.run(
+        [str(Path(sys.executable).parent / "neuronetz-gateway"), "migrate"],
+        env={**os.environ, "NZ_DATABASE_URL": url},
+        check=True,
+        capture_output=True,
+    )
+
+
+def _start(
+    database_url: str, redis_url: str, state: Path, ca_file: str | None = None
+) -> ChaosStack:
+    prefix = unique("nzc")[:12]
+    env = {
+        "PATH": os.environ["PATH"],
+        "NZ_DATABASE_URL": database_url,
+        "NZ_REDIS_URL": redis_url,
+        "NZ_REDIS_PREFIX": prefix,
+        "NZ_GATEWAY_SECRET": TEST_SECRET,
+        "NZ_AUDIT_SPOOL_DIR": str(state / "spool"),
+        "NZ_AUDIT_FLUSH_INTERVAL_SECONDS": "0.1",
+        "NZ_LEASE_TTL_SECONDS": str(LEASE_TTL),
+        "NZ_LOG_FORMAT": "json",
+    }
+    if ca_file:
+        env["NZ_REDIS_CA_FILE"] = ca_file
+    stack = start_stack(env=env, log_dir=state, caddy=_caddy())
+    return ChaosStack(stack, database_url, redis_url, prefix, ca_file)
+
+
+@pytest.fixture(scope="module")
+def pg_and_redis() -> Iterator[tuple[ThrowawayPostgres, ThrowawayRedis, ChaosStack]]:
+    """A stack on a Postgres and a Redis of its own (the tests stop and start them)."""
+    pg = ThrowawayPostgres()
+    redis = ThrowawayRedis()
+    state = Path(tempfile.mkdtemp(prefix="nz-chaos-"))
+    try:
+        subprocess.run(
+            ["psql", pg.admin_url, "-qc", "CREATE DATABASE nz_chaos"],
+            check=True,
+            capture_output=True,
+        )
+        url = pg.admin_url.rsplit("/", 1)[0] + "/nz_chaos"
+        _migrate(url)
+        chaos = _start(url, redis.url, state)
+        try:
+            yield pg, redis, chaos
+        finally:
+            chaos.stack.stop()
+    finally:
+        redis.stop()
+        pg.destroy()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster_stack(database_url: str) -> Iterator[tuple[RedisDeployment, ChaosStack]]:
+    deployment = start_deployment("cluster")
+    state = Path(tempfile.mkdtemp(prefix="nz-chaos-cluster-"))
+    try:
+        chaos = _start(database_url, deployment.url, state)
+        try:
+            yield deployment, chaos
+        finally:
+            chaos.stack.stop()
+    finally:
+        deployment.destroy()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def sentinel_stack(database_url: str) -> Iterator[tuple[RedisDeployment, ChaosStack]]:
+    deployment = start_deployment("sentinel")
+    state = Path(tempfile.mkdtemp(prefix="nz-chaos-sentinel-"))
+    try:
+        chaos = _start(database_url, deployment.url, state)
+        try:
+            yield deployment, chaos
+        finally:
+            chaos.stack.stop()
+    finally:
+        deployment.destroy()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Tenant:
+    key: str
+    tenant_id: int
+    key_id: int
+
+
+async def _issue(database_url: str) -> Tenant:
+    pool = await open_pool(database_url, min_size=1, max_size=2)
+    try:
+        store = Store(pool)
+        name = unique("chaos")
+        policy = PolicySettings(concurrency=16, daily_tokens=10**9)
+        await store.create_tenant(name, policy)
+        key = generate_key()
+        record = await store.create_key(
+            tenant_name=name,
+            name=unique("key"),
+            prefix=key.prefix,
+            secret_hash=await asyncio.to_thread(KeyHasher().hash, key.full),
+            policy=PolicySettings(),
+            expires_at=None,
+            log_prompts=False,
+            prompt_ttl_days=None,
+        )
+        return Tenant(key.full, record.tenant_id, record.id)
+    finally:
+        await pool.close()
+
+
+async def _audited(database_url: str, tenant_id: int, expected: set[str]) -> set[str]:
+    """The tenant's request ids in the ledger, once ``expected`` are all there (or after 10 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            conn = await asyncpg.connect(database_url)
+            try:
+                rows = await conn.fetch(
+                    "SELECT request_id FROM usage_log WHERE tenant_id = $1", tenant_id
+                )
+            finally:
+                await conn.close()
+        except (OSError, asyncpg.PostgresError):
+            rows = []
+        ids = {r["request_id"] for r in rows}
+        if expected <= ids or time.monotonic() > deadline:
+            return ids
+        await asyncio.sleep(0.1)
+
+
+async def _leases(chaos: ChaosStack, tenant: Tenant) -> int:
+    """Leases of the key and its tenant still held (score = expiry in ms, in the future)."""
+    client: RedisClient = await open_redis(chaos.redis_url, ca_file=chaos.ca_file)
+    try:
+        now_ms = int(time.time() * 1000)
+        held = 0
+        for owner in (f"k{tenant.key_id}", "t"):
+            key = f"{chaos.prefix}:{{t{tenant.tenant_id}}}:conc:{owner}"
+            held += int(await client.zcount(key, now_ms, "+inf"))
+        return held
+    finally:
+        await close_redis(client)
+
+
+@dataclass
+class Run:
+    traffic: Traffic
+    tenant: Tenant
+    chaos: ChaosStack
+
+
+@pytest.fixture
+async def run_factory() -> AsyncIterator[Callable[[ChaosStack, bool], asyncio.Future[Run]]]:
+    runs: list[Run] = []
+
+    async def make(chaos: ChaosStack, stream: bool = False) -> Run:
+        tenant = await _issue(chaos.database_url)
+        traffic = Traffic(chaos.stack.url, tenant.key, stream=stream)
+        await traffic.start()
+        run = Run(traffic, tenant, chaos)
+        runs.append(run)
+        await traffic.first_success_after(0.0)  # warm: key cached, counters built
+        await asyncio.sleep(0.5)
+        return run
+
+    yield make  # type: ignore[misc]
+    for run in runs:
+        await run.traffic.stop()
+
+
+async def _finish(
+    run: Run, name: str, *, down: tuple[float, float] | None, recovered: float
+) -> Figures:
+    await asyncio.sleep(CALM_SECONDS)
+    await run.traffic.stop()
+    answers = run.traffic.answers
+    complete = {a.request_id for a in answers if a.complete}
+    audited = await _audited(run.chaos.database_url, run.tenant.tenant_id, complete)
+    await asyncio.sleep(LEASE_TTL + 0.5)  # leases a dead or failing request left: expired now
+    leaked = await _leases(run.chaos, run.tenant)
+    result = figures(answers, down=down, recovered=recovered, audited=audited, leases_leaked=leaked)
+    print(result.line(name))
+    return result
+
+
+def _assert_no_wrong_answer(result: Figures) -> None:
+    assert result.unchecked_200 == 0
+    assert result.refused_after_recovery == 0
+    assert result.audit_rows_lost == 0
+    assert result.leases_leaked == 0
+
+
+async def _still_down_until(check: Callable[[], bool], within: float = 30.0) -> float:
+    """Poll ``check`` (recovered?) until it holds; when the last check saying "not yet" began.
+
+    Up to that moment the dependency was certainly gone; it recovered at some
+    point after it (other parties may learn of it before the next check).
+    """
+    deadline = time.monotonic() + within
+    last_down = time.monotonic()
+    while True:
+        asked = time.monotonic()
+        if await asyncio.to_thread(check):
+            return last_down
+        last_down = asked
+        assert time.monotonic() < deadline, "the deployment did not recover"
+        await asyncio.sleep(0.1)
+
+
+# (c), (d): a single Redis and Postgres restarted ---------------------------------
+
+
+async def test_c_redis_restart(
+    pg_and_redis: tuple[ThrowawayPostgres, ThrowawayRedis, ChaosStack], run_factory: Callable
+) -> None:
+    _, redis, chaos = pg_and_redis
+    run = await run_factory(chaos)
+    redis.stop()
+    down = time.monotonic()
+    await asyncio.sleep(1.0)
+    up = time.monotonic()
+    await asyncio.to_thread(redis.start)
+    recovered = await run.traffic.first_success_after(up)
+    _assert_no_wrong_answer(
+        await _finish(run, "c redis restart", down=(down, up), recovered=recovered)
+    )
+
+
+async def test_d_postgres_restart(
+    pg_and_redis: tuple[ThrowawayPostgres, ThrowawayRedis, ChaosStack], run_factory: Callable
+) -> None:
+    pg, _, chaos = pg_and_redis
+    run = await run_factory(chaos)
+    await asyncio.to_thread(pg.stop)
+    await asyncio.sleep(1.5)
+    up = time.monotonic()
+    await asyncio.to_thread(pg.start)
+    recovered = await run.traffic.first_success_after(up)
+    # warm caches serve through a Postgres outage (the rows wait in the spool): a 200
+    # while it is down is checked; the ledger must get every one of them
+    _assert_no_wrong_answer(
+        await _finish(run, "d postgres restart", down=None, recovered=recovered)
+    )
+
+
+# (e), (f): replicas killed -------------------------------------------------------
+
+
+async def test_e_auth_replica_killed(
+    pg_and_redis: tuple[ThrowawayPostgres, ThrowawayRedis, ChaosStack], run_factory: Callable
+) -> None:
+    _, _, chaos = pg_and_redis
+    run = await run_factory(chaos)
+    os.killpg(chaos.service("auth1"), signal.SIGKILL)
+    await asyncio.sleep(1.5)
+    await asyncio.to_thread(chaos.stack.restart, "auth1", {})
+    result = await _finish(run, "e auth replica killed", down=None, recovered=0.0)
+    _assert_no_wrong_answer(result)
+    assert result.unavailable_503 == 0  # Caddy retried the other replica
+
+
+async def test_f_proxy_replica_killed_mid_stream(
+    pg_and_redis: tuple[ThrowawayPostgres, ThrowawayRedis, ChaosStack], run_factory: Callable
+) -> None:
+    _, _, chaos = pg_and_redis
+    sim_configure(chaos.stack, chunks=10, chunk_delay_ms=60)
+    try:
+        run = await run_factory(chaos, True)
+        await asyncio.sleep(0.3)  # streams under way on both replicas
+        os.killpg(chaos.service("proxy1"), signal.SIGKILL)
+        await asyncio.sleep(1.5)
+        await asyncio.to_thread(chaos.stack.restart, "proxy1", {})
+        # recovered: the replica is back (until Caddy's health check marks a dead one,
+        # a request sent to it gets 503: counted in the 503 figures, not here)
+        recovered = await run.traffic.first_success_after(time.monotonic())
+        result = await _finish(run, "f proxy replica killed", down=None, recovered=recovered)
+    finally:
+        sim_configure(chaos.stack, chunks=20, chunk_delay_ms=0)
+    _assert_no_wrong_answer(result)
+
+
+# (a), (b): Redis Cluster and Sentinel failovers ----------------------------------
+
+
+def _slot_master(deployment: RedisDeployment, slot: int) -> RedisNode:
+    for node in deployment.nodes:
+        if not node.running:
+            continue
+        for line in deployment.cli(node, "CLUSTER", "NODES").splitlines():
+            parts = line.split()
+            if "master" not in parts[2] or "fail" in parts[2]:
+                continue
+            for span in parts[8:]:
+                low, _, high = span.partition("-")
+                if low.isdigit() and int(low) <= slot <= int(high or low):
+                    port = int(parts[1].split("@")[0].rsplit(":", 1)[1])
+                    return next(n for n in deployment.nodes if n.port == port)
+        break
+    raise AssertionError(f"no master for slot {slot}")
+
+
+def _replica_of(deployment: RedisDeployment, master: RedisNode) -> RedisNode:
+    lines = [line.split() for line in deployment.cli(master, "CLUSTER", "NODES").splitlines()]
+    master_id = next(parts[0] for parts in lines if "myself" in parts[2])
+    for parts in lines:
+        if "slave" in parts[2] and parts[3] == master_id:
+            port = int(parts[1].split("@")[0].rsplit(":", 1)[1])
+            return next(n for n in deployment.nodes if n.port == port)
+    raise AssertionError("the master has no replica")
+
+
+async def test_a_cluster_master_killed(
+    cluster_stack: tuple[RedisDeployment, ChaosStack], run_factory: Callable
+) -> None:
+    deployment, chaos = cluster_stack
+    run = await run_factory(chaos)
+    probe = next(n for n in deployment.nodes if n.running)
+    slot = int(deployment.cli(probe, "CLUSTER", "KEYSLOT", f"{{t{run.tenant.tenant_id}}}"))
+    master = _slot_master(deployment, slot)
+    replica = _replica_of(deployment, master)
+    master.kill()
+    down = time.monotonic()
+
+    def promoted() -> bool:  # the moment writes can succeed again (other nodes learn later)
+        return "role:master" in deployment.cli(replica, "INFO", "replication")
+
+    up = await _still_down_until(promoted)
+    recovered = await run.traffic.first_success_after(up)
+    _assert_no_wrong_answer(
+        await _finish(run, "a cluster master killed", down=(down, up), recovered=recovered)
+    )
+
+
+async def test_b_sentinel_failover(
+    sentinel_stack: tuple[RedisDeployment, ChaosStack], run_factory: Callable
+) -> None:
+    deployment, chaos = sentinel_stack
+    run = await run_factory(chaos)
+    master = deployment.nodes[0]
+    master.kill()
+    down = time.monotonic()
+    replica = deployment.nodes[1]
+
+    def failed_over() -> bool:  # the moment writes can succeed again: the replica promoted
+        return "role:master" in deployment.cli(replica, "INFO", "replication")
+
+    up = await _still_down_until(failed_over)
+    recovered = await run.traffic.first_success_after(up)
+    _assert_no_wrong_answer(
+        await _finish(run, "b sentinel failover", down=(down, up), recovered=recovered)
+    )
