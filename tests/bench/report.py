@@ -512,6 +512,30 @@ def _profile_lines(results: Mapping[str, Any]) -> list[str]:
 REDIS_CLIENTS_MD = Path(__file__).resolve().parents[2] / "docs" / "benchmarks-redis-clients.md"
 
 
+FAIRNESS_MD = REDIS_CLIENTS_MD.with_name("benchmarks-fairness.md")
+
+
+def _fleet_lines() -> list[str]:
+    """The fleet scenario so far: fair slot admission (``task bench:fairness``), when run."""
+    lines = ["", "## Fleet", ""]
+    if FAIRNESS_MD.is_file():
+        text = FAIRNESS_MD.read_text().strip()
+        body = text.split("\n", 1)[1].strip() if text.startswith("#") else text
+        lines += [
+            "### Fair slot admission (`task bench:fairness`, the real `SlotAdmission` on Redis, "
+            "not yet through the gateway)",
+            "",
+            body,
+            "",
+        ]
+    lines.append(
+        "Not measured yet: slot utilisation against round-robin and backend 503s with and "
+        "without admission through the gateway (three simulated backends): the proxy does "
+        "not route over a backend pool with slot admission yet."
+    )
+    return lines
+
+
 def _redis_client_lines() -> list[str]:
     """The separate Redis client comparison (``task bench:redis``), when it was run."""
     if not REDIS_CLIENTS_MD.is_file():
@@ -650,6 +674,8 @@ def write_markdown(results: Mapping[str, Any], path: Path, chart_name: str) -> N
         "Ratios are round by round; CPU is the service's own per request.",
         "",
         *_granian_rows(results),
+        "",
+        *_fleet_lines(),
         "",
         "## Memory",
         "",

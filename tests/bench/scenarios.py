@@ -45,7 +45,7 @@ FLOOD_CONDITIONS = ("none", "same_prefix", "random_prefix")
 class BenchConfig:
     """How long and how hard; the defaults keep ``task bench`` under 12 minutes."""
 
-    seconds: float = 3.0
+    seconds: float = 2.5
     rounds: int = 3
     concurrencies: tuple[int, ...] = (1, 32)
     chunks: int = 20

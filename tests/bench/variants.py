@@ -132,7 +132,7 @@ CHAT_VARIANTS: tuple[Variant, ...] = (
     ),
     Variant(
         "litellm", "LiteLLM proxy, /v1/chat/completions", "litellm", "openai", ("litellm",),
-        auth="litellm", model=LITELLM_MODEL, long_cells=2.0,
+        auth="litellm", model=LITELLM_MODEL, long_cells=4.0,
     ),
     Variant(
         "bare_chain", "bare chain (yardstick): same Caddy, minimal auth + passthrough proxy, "

@@ -31,6 +31,7 @@ from neuronetz_gateway.adapters.hashing import KeyHasher
 from neuronetz_gateway.adapters.postgres.store import Store, open_pool
 from neuronetz_gateway.adapters.redis_client import RedisClient, close_redis, open_redis
 from neuronetz_gateway.domain.keys import generate_key
+from neuronetz_gateway.domain.limits import period_ids
 from neuronetz_gateway.domain.policy import PolicySettings
 from tests.conftest import TEST_SECRET, unique
 from tests.e2e.chaos import Figures, Traffic, figures
@@ -211,6 +212,30 @@ async def _leases(chaos: ChaosStack, tenant: Tenant) -> int:
         await close_redis(client)
 
 
+async def _reserved_but_unaccounted(chaos: ChaosStack, tenant: Tenant) -> int:
+    """The tenant's daily budget counter minus its ledger: reservations nobody settled.
+
+    Printed, not asserted: a proxy killed mid-stream leaves its reservations
+    counted (they do not expire by time yet; see scope-docs section 6b').
+    """
+    day, _ = period_ids(time.time())
+    client: RedisClient = await open_redis(chaos.redis_url, ca_file=chaos.ca_file)
+    try:
+        raw = await client.get(f"{chaos.prefix}:{{t{tenant.tenant_id}}}:bud:t:d:{day}")
+    finally:
+        await close_redis(client)
+    conn = await asyncpg.connect(chaos.database_url)
+    try:
+        spent = await conn.fetchval(
+            "SELECT coalesce(sum(prompt_tokens + completion_tokens), 0) FROM usage_log"
+            " WHERE tenant_id = $1",
+            tenant.tenant_id,
+        )
+    finally:
+        await conn.close()
+    return int(raw or 0) - int(spent)
+
+
 @dataclass
 class Run:
     traffic: Traffic
@@ -248,7 +273,8 @@ async def _finish(
     await asyncio.sleep(LEASE_TTL + 0.5)  # leases a dead or failing request left: expired now
     leaked = await _leases(run.chaos, run.tenant)
     result = figures(answers, down=down, recovered=recovered, audited=audited, leases_leaked=leaked)
-    print(result.line(name))
+    held = await _reserved_but_unaccounted(run.chaos, run.tenant)
+    print(f"{result.line(name)} budget_minus_ledger_tokens={held}")
     return result
 
 
@@ -259,9 +285,19 @@ def _assert_no_wrong_answer(result: Figures) -> None:
     assert result.leases_leaked == 0
 
 
-async def _wait_for(check: Callable[[], bool], within: float = 30.0) -> None:
+async def _still_down_until(check: Callable[[], bool], within: float = 30.0) -> float:
+    """Poll ``check`` (recovered?) until it holds; when the last check saying "not yet" began.
+
+    Up to that moment the dependency was certainly gone; it recovered at some
+    point after it (other parties may learn of it before the next check).
+    """
     deadline = time.monotonic() + within
-    while not await asyncio.to_thread(check):
+    last_down = time.monotonic()
+    while True:
+        asked = time.monotonic()
+        if await asyncio.to_thread(check):
+            return last_down
+        last_down = asked
         assert time.monotonic() < deadline, "the deployment did not recover"
         await asyncio.sleep(0.1)
 
@@ -358,6 +394,16 @@ def _slot_master(deployment: RedisDeployment, slot: int) -> RedisNode:
     raise AssertionError(f"no master for slot {slot}")
 
 
+def _replica_of(deployment: RedisDeployment, master: RedisNode) -> RedisNode:
+    lines = [line.split() for line in deployment.cli(master, "CLUSTER", "NODES").splitlines()]
+    master_id = next(parts[0] for parts in lines if "myself" in parts[2])
+    for parts in lines:
+        if "slave" in parts[2] and parts[3] == master_id:
+            port = int(parts[1].split("@")[0].rsplit(":", 1)[1])
+            return next(n for n in deployment.nodes if n.port == port)
+    raise AssertionError("the master has no replica")
+
+
 async def test_a_cluster_master_killed(
     cluster_stack: tuple[RedisDeployment, ChaosStack], run_factory: Callable
 ) -> None:
@@ -366,17 +412,14 @@ async def test_a_cluster_master_killed(
     probe = next(n for n in deployment.nodes if n.running)
     slot = int(deployment.cli(probe, "CLUSTER", "KEYSLOT", f"{{t{run.tenant.tenant_id}}}"))
     master = _slot_master(deployment, slot)
+    replica = _replica_of(deployment, master)
     master.kill()
     down = time.monotonic()
 
-    def promoted() -> bool:
-        try:
-            return _slot_master(deployment, slot).port != master.port
-        except (AssertionError, subprocess.SubprocessError):
-            return False
+    def promoted() -> bool:  # the moment writes can succeed again (other nodes learn later)
+        return "role:master" in deployment.cli(replica, "INFO", "replication")
 
-    await _wait_for(promoted)
-    up = time.monotonic()
+    up = await _still_down_until(promoted)
     recovered = await run.traffic.first_success_after(up)
     _assert_no_wrong_answer(
         await _finish(run, "a cluster master killed", down=(down, up), recovered=recovered)
@@ -396,8 +439,7 @@ async def test_b_sentinel_failover(
     def failed_over() -> bool:  # the moment writes can succeed again: the replica promoted
         return "role:master" in deployment.cli(replica, "INFO", "replication")
 
-    await _wait_for(failed_over)
-    up = time.monotonic()
+    up = await _still_down_until(failed_over)
     recovered = await run.traffic.first_success_after(up)
     _assert_no_wrong_answer(
         await _finish(run, "b sentinel failover", down=(down, up), recovered=recovered)

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from neuronetz_gateway.adapters.backend_board import BackendBoard
 from neuronetz_gateway.adapters.postgres.store import Store
 from neuronetz_gateway.adapters.redis_client import close_redis, open_redis
+from neuronetz_gateway.adapters.redis_slots import SlotAdmission, SlotLease
 from neuronetz_gateway.cli.main import app
 from neuronetz_gateway.domain.backend_status import BackendStatus
 from neuronetz_gateway.domain.backends import BackendSpec, BackendState
@@ -22,11 +23,25 @@ from tests.support.cli import run_cli, run_cli_json
 pytestmark = pytest.mark.integration
 
 
-async def _publish(redis_url: str, prefix: str, status: BackendStatus) -> None:
+async def _publish(redis_url: str, prefix: str, status: BackendStatus) -> SlotLease:
+    """Share ``status`` as the proxies do, and hold one of its slots as a running request."""
     client = await open_redis(redis_url)
+    admission = SlotAdmission(client, prefix=prefix)
     try:
         await BackendBoard(client, prefix=prefix).publish(status, ttl_ms=60_000)
+        return await admission.acquire(status.name, capacity=4, tenant="t1", queue_timeout=1.0)
     finally:
+        await admission.aclose()
+        await close_redis(client)
+
+
+async def _release(redis_url: str, prefix: str, lease: SlotLease) -> None:
+    client = await open_redis(redis_url)
+    admission = SlotAdmission(client, prefix=prefix)
+    try:
+        await admission.release(lease, capacity=4)
+    finally:
+        await admission.aclose()
         await close_redis(client)
 
 
@@ -58,13 +73,15 @@ def test_backend_lifecycle_through_the_cli(
             installed=("llama3.2:latest", "qwen2.5:0.5b"),
             loaded=("llama3.2:latest",),
         )
-        asyncio.run(_publish(redis_test_url, redis_prefix, status))
+        lease = asyncio.run(_publish(redis_test_url, redis_prefix, status))
         listed = run_cli_json(database_url, "backend", "list", env_changes=env)
+        asyncio.run(_release(redis_test_url, redis_prefix, lease))
         mine = next(b for b in listed if b["name"] == name)
         assert mine["health"] == "healthy"
         assert mine["installed"] == ["llama3.2:latest", "qwen2.5:0.5b"]
         assert mine["loaded"] == ["llama3.2:latest"]
-        assert set(mine) >= {"in_flight", "queued", "checked_at", "error"}
+        assert (mine["in_flight"], mine["queued"]) == (1, 0)
+        assert set(mine) >= {"checked_at", "error"}
 
         drained = run_cli_json(database_url, "backend", "drain", "--name", name)
         assert drained["state"] == "draining"

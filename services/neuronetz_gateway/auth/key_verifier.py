@@ -47,14 +47,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 from redis.exceptions import RedisError
 
 from neuronetz_gateway.adapters.hashing import KeyHasher
-from neuronetz_gateway.adapters.postgres.store import AuthKeyRecord, Store
-from neuronetz_gateway.auth.key_cache import LocalKeyCache, RedisKeyCache, VerifiedKey
+from neuronetz_gateway.adapters.postgres.store import AuthKeyRecord
+from neuronetz_gateway.auth.key_cache import LocalKeyCache, VerifiedKey
 from neuronetz_gateway.auth.metrics import AuthMetrics
 from neuronetz_gateway.domain.key_fingerprints import FingerprintKeys, Verdict
 from neuronetz_gateway.domain.keys import (
@@ -67,13 +67,37 @@ from neuronetz_gateway.domain.keys import (
 from neuronetz_gateway.domain.policy import key_state_refusal, resolve_policy
 from neuronetz_gateway.logging import get_logger
 
-__all__ = ["KeyCheck", "KeyStoreUnavailable", "KeyVerifier"]
+__all__ = ["KeyCheck", "KeyRecords", "KeyStoreUnavailable", "KeyVerifier", "SharedKeyCache"]
 
 log = get_logger(__name__)
 
 
 class KeyStoreUnavailable(Exception):
     """The key could not be checked (Redis or Postgres failed): answer 503."""
+
+
+class KeyRecords(Protocol):
+    """The key rows (Postgres: ``adapters/postgres/store.Store``); raise asyncpg/OS errors."""
+
+    async def find_key_for_auth(self, prefix: str) -> AuthKeyRecord | None: ...
+
+    async def set_key_fingerprint(
+        self, key_id: int, *, previous: bool, verified_hash: str, fingerprint: str
+    ) -> bool: ...
+
+    async def update_key_hash(
+        self, key_id: int, old_hash: str, new_hash: str, fingerprint: str | None = None
+    ) -> None: ...
+
+
+class SharedKeyCache(Protocol):
+    """The verified-key cache replicas share (Redis: ``auth/key_cache.RedisKeyCache``)."""
+
+    async def get(self, fp: str) -> tuple[VerifiedKey | None, int]: ...
+    async def put(self, fp: str, key: VerifiedKey, since_ms: int) -> bool: ...
+    async def evict_prefix(self, prefix: str) -> int: ...
+    async def evict_tenant(self, tenant_id: int) -> int: ...
+    async def flush(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,10 +139,10 @@ class KeyVerifier:
     def __init__(
         self,
         *,
-        store: Store,
+        store: KeyRecords,
         hasher: KeyHasher,
         local: LocalKeyCache,
-        remote: RedisKeyCache,
+        remote: SharedKeyCache,
         secret: bytes,
         metrics: AuthMetrics,
         clock: Callable[[], float] = time.time,

@@ -125,11 +125,30 @@ def _environment_backend() -> dict[str, Any]:
     }
 
 
-async def _statuses(names: list[str]) -> tuple[dict[str, BackendStatus], str | None]:
+class _Shared:
+    """What the proxies share in Redis about the backends."""
+
+    def __init__(self) -> None:
+        self.statuses: dict[str, BackendStatus] = {}
+        self.slots: dict[str, tuple[int, int]] = {}  # name -> (held, queued)
+        self.note: str | None = None
+
+
+async def _shared(slots: dict[str, int]) -> _Shared:
+    """Statuses (discovery) and slot counts (admission) of the backends ``name -> slots``."""
+    shared = _Shared()
+    shared.statuses, shared.note = await _statuses(list(slots), shared, slots)
+    return shared
+
+
+async def _statuses(
+    names: list[str], shared: _Shared, capacity: dict[str, int]
+) -> tuple[dict[str, BackendStatus], str | None]:
     """What the proxies share in Redis, or a note saying why it is not known."""
     # imported here: redis costs every other command of the CLI its import time
     from neuronetz_gateway.adapters.backend_board import BackendBoard, BoardUnavailable
     from neuronetz_gateway.adapters.redis_client import close_redis, open_redis
+    from neuronetz_gateway.adapters.redis_slots import SlotAdmission
 
     env = dict(os.environ)
     env.setdefault("NZ_GATEWAY_SECRET", "unused-by-backend-list")  # not needed to read statuses
@@ -147,14 +166,26 @@ async def _statuses(names: list[str]) -> tuple[dict[str, BackendStatus], str | N
         return {}, f"health unknown: redis unavailable ({type(exc).__name__})"
     try:
         board = BackendBoard(client, prefix=settings.redis_prefix)
-        return await board.read(names), None
+        statuses = await board.read(names)
     except BoardUnavailable as exc:
-        return {}, f"health unknown: redis unavailable ({exc})"
-    finally:
         await close_redis(client)
+        return {}, f"health unknown: redis unavailable ({exc})"
+    admission = SlotAdmission(client, prefix=settings.redis_prefix, timeout_seconds=_REDIS_TIMEOUT)
+    try:
+        for name in names:
+            state = await admission.state(name, capacity=capacity[name])
+            shared.slots[name] = (state.held, state.queued)
+    except Exception as exc:  # noqa: BLE001 - only the slot columns stay unknown
+        typer.echo(f"note: slots unknown ({type(exc).__name__})", err=True)
+    finally:
+        await admission.aclose()
+        await close_redis(client)
+    return statuses, None
 
 
-def _with_status(row: dict[str, Any], status: BackendStatus | None, known: bool) -> dict[str, Any]:
+def _with_status(
+    row: dict[str, Any], status: BackendStatus | None, known: bool, slots: tuple[int, int] | None
+) -> dict[str, Any]:
     health = "unknown" if status is None else ("healthy" if status.reachable else "unhealthy")
     return {
         **row,
@@ -163,10 +194,14 @@ def _with_status(row: dict[str, Any], status: BackendStatus | None, known: bool)
         "checked_at": iso(datetime.fromtimestamp(status.checked_at, UTC)) if status else None,
         "installed": list(status.installed) if status else None,
         "loaded": list(status.loaded) if status else None,
-        # slot admission's own counts (Redis leases and queues) are not shared here yet
-        "in_flight": None,
-        "queued": None,
+        # slot admission's leases and fair queue in Redis (adapters/redis_slots.py)
+        "in_flight": slots[0] if slots else None,
+        "queued": slots[1] if slots else None,
     }
+
+
+def _or_dash(value: object) -> str:
+    return "-" if value is None else str(value)
 
 
 @backend_app.command("list")
@@ -178,8 +213,12 @@ def list_backends(as_json: AsJson = False) -> None:
 
     records = run_with_store(work)
     rows = [_record_json(r) for r in records] or [_environment_backend()]
-    statuses, note = asyncio.run(_statuses([r["name"] for r in rows]))
-    listed = [_with_status(r, statuses.get(r["name"]), note is None) for r in rows]
+    shared = asyncio.run(_shared({r["name"]: r["slots"] for r in rows}))
+    note = shared.note
+    listed = [
+        _with_status(r, shared.statuses.get(r["name"]), note is None, shared.slots.get(r["name"]))
+        for r in rows
+    ]
     if note:
         typer.echo(f"note: {note}", err=True)
     if as_json:
@@ -196,5 +235,6 @@ def list_backends(as_json: AsJson = False) -> None:
         typer.echo(
             f"{r['name']:<16} {r['url']:<32} {r['state']:<8} slots {r['slots']:<4}"
             f" weight {r['weight']:<4} {r['health'] or 'unknown':<9} models {installed}"
-            f" loaded {loaded} checked {checked}"
+            f" loaded {loaded} in_flight {_or_dash(r['in_flight'])} queued {_or_dash(r['queued'])}"
+            f" checked {checked}"
         )

@@ -182,11 +182,35 @@ def _check_policy(policy: PolicySettings | Mapping[str, object]) -> None:
         check_policy_value(column, value)
 
 
+#: A pooled connection that a Postgres restart (or a network blip) closed: the
+#: query never ran. asyncpg finds out only when a query uses it.
+_STALE_CONNECTION = (asyncpg.ConnectionDoesNotExistError, ConnectionResetError)
+
+
 class Store:
-    """Queries on one asyncpg pool."""
+    """Queries on one asyncpg pool.
+
+    The reads on the request path (key lookup, ledger totals, revocations,
+    the fleet's backends) are tried once more on a stale pooled connection:
+    after Postgres comes back, the first request that draws a connection the
+    restart closed must not be refused (issue 13). Writes are never retried
+    here (the audit writer has its own spool).
+    """
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+
+    async def _fetchrow(self, query: str, *args: Any) -> Any:
+        try:
+            return await self.pool.fetchrow(query, *args)
+        except _STALE_CONNECTION:
+            return await self.pool.fetchrow(query, *args)
+
+    async def _fetch(self, query: str, *args: Any) -> list[Any]:
+        try:
+            return list(await self.pool.fetch(query, *args))
+        except _STALE_CONNECTION:
+            return list(await self.pool.fetch(query, *args))
 
     # tenants -----------------------------------------------------------------
 
@@ -256,7 +280,7 @@ class Store:
         return _backend_from(_one(row))
 
     async def list_backends(self) -> list[BackendRecord]:
-        rows = await self.pool.fetch("SELECT * FROM backend ORDER BY name")
+        rows = await self._fetch("SELECT * FROM backend ORDER BY name")
         return [_backend_from(r) for r in rows]
 
     async def backend_specs(self) -> list[BackendSpec]:
@@ -339,7 +363,7 @@ class Store:
 
     async def find_key_for_auth(self, prefix: str) -> AuthKeyRecord | None:
         """The key, its hashes and its tenant in one query; ``None`` if unknown."""
-        row = await self.pool.fetchrow(
+        row = await self._fetchrow(
             "SELECT row_to_json(k.*)::jsonb AS k, row_to_json(t.*)::jsonb AS t"
             " FROM api_key k JOIN tenant t ON t.id = k.tenant WHERE k.prefix = $1",
             prefix,
@@ -515,7 +539,7 @@ class Store:
 
     async def revoked_keys(self, key_ids: list[int]) -> set[int]:
         """Those of ``key_ids`` that are revoked (for ending their running requests)."""
-        rows = await self.pool.fetch(
+        rows = await self._fetch(
             "SELECT id FROM api_key WHERE id = ANY($1::int[]) AND revoked_at IS NOT NULL",
             key_ids,
         )
@@ -525,7 +549,7 @@ class Store:
         self, *, tenant_id: int, key_id: int | None, day_start: datetime, month_start: datetime
     ) -> LedgerTotals:
         """Tokens spent today, this month and ever, for a key (or the whole tenant)."""
-        row = await self.pool.fetchrow(
+        row = await self._fetchrow(
             "SELECT coalesce(sum(prompt_tokens + completion_tokens)"
             "   FILTER (WHERE ts >= $3), 0) AS d,"
             " coalesce(sum(prompt_tokens + completion_tokens) FILTER (WHERE ts >= $4), 0) AS m,"
