@@ -31,7 +31,6 @@ import asyncpg
 import httpx
 import pytest
 
-from neuronetz_gateway.adapters.postgres.migrate import apply_migrations
 from neuronetz_gateway.adapters.postgres.store import Store, open_pool
 from tests.conftest import TEST_SECRET
 from tests.e2e.conftest import IssuedKey, Ledger
@@ -89,7 +88,8 @@ def fleet_database(pg_admin_url: str) -> Iterator[str]:
 
     asyncio.run(admin(f'CREATE DATABASE "{name}"'))
     url = pg_admin_url.rsplit("/", 1)[0] + "/" + name
-    asyncio.run(apply_migrations(url))
+    # in a subprocess: the migration engine of this process is bound to the run's database
+    run_cli(url, "migrate")
     try:
         yield url
     finally:
