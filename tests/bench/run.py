@@ -213,7 +213,7 @@ def _auth_phases(
     results["redis_deployments"] = scenarios.authorize_sides(
         [("single", "auth"), ("cluster", "auth_cluster")], config.concurrencies
     )
-    stack.stop_services(["auth_cluster"])
+    stack.stop_services(["auth_cluster", "proxy_cluster"])
     stack.stop_cluster()
 
 

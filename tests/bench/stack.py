@@ -315,13 +315,20 @@ class BenchStack:
             self.unavailable[name] = str(exc)
 
     def start_cluster_auth(self) -> None:
-        """A local Redis Cluster (3 masters, 3 replicas) and the auth service on it."""
+        """A local Redis Cluster (3 masters, 3 replicas), the auth service and a proxy on it."""
         try:
             self._say("Redis Cluster: 6 nodes")
             self._cluster = start_deployment("cluster", parent=str(self.state_dir))
             env = {**self._gateway_env, "NZ_REDIS_URL": self._cluster.url}
-            argv = [self.python, "-m", "neuronetz_gateway.cli", "serve", "auth"]
-            self.urls["auth_cluster"] = self._serve("auth_cluster", argv, env, "/readyz")
+            serve = [self.python, "-m", "neuronetz_gateway.cli", "serve"]
+            # A proxy too, idle: on a fresh Redis the limiter's budgets wait (failing
+            # closed) until an audit writer has reported its unwritten rows there.
+            self.urls["proxy_cluster"] = self._serve(
+                "proxy_cluster", [*serve, "proxy"], env, "/readyz"
+            )
+            self.urls["auth_cluster"] = self._serve(
+                "auth_cluster", [*serve, "auth"], env, "/readyz"
+            )
         except (StartFailed, OSError, RuntimeError, subprocess.SubprocessError) as exc:
             self.unavailable["auth_cluster"] = f"{type(exc).__name__}: {exc}"
 

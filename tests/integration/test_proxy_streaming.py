@@ -51,8 +51,9 @@ async def test_chunks_reach_the_client_as_the_simulator_emits_them(
                 if line:
                     arrivals.append(time.monotonic() - start)
     assert len(arrivals) == 9  # 8 chunks and the final one
-    # the first chunk arrives about one delay in, long before the last (8 delays)
-    assert arrivals[0] < 0.8
+    # relayed as emitted: the first line arrives long before the last (8 delays of
+    # 150 ms); a buffered relay would deliver them together. No absolute deadline:
+    # a loaded machine may start the stream late.
     assert arrivals[-1] - arrivals[0] > 0.9
 
 
@@ -73,8 +74,7 @@ async def test_openai_stream_is_relayed_incrementally(
             async for line in reply.aiter_lines():
                 if line.startswith("data: ") and '"content":"' in line:
                     arrivals.append(time.monotonic() - start)
-    assert arrivals[0] < 0.8
-    assert arrivals[-1] - arrivals[0] > 0.5
+    assert arrivals[-1] - arrivals[0] > 0.5  # relayed as emitted, not buffered
 
 
 async def test_client_disconnect_cancels_upstream_charges_partial_and_frees_lease(
