@@ -22,6 +22,12 @@ async def apply_migrations(database_url: str) -> str:
     # Imported late: piccolo reads PICCOLO_CONF when its finder first runs.
     from piccolo.apps.migrations.commands.forwards import run_forwards
 
+    from neuronetz_gateway.adapters.postgres import piccolo_conf
+
+    # The conf module builds its engine once, at first import: a later call in the
+    # same process (task bench migrates two databases) must point it at this one.
+    piccolo_conf.DB.config = {**piccolo_conf.DB.config, "dsn": database_url}
+
     report = io.StringIO()
     with contextlib.redirect_stdout(report):
         result = await run_forwards(app_name="gateway", migration_id="all")
