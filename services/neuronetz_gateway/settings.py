@@ -118,6 +118,21 @@ class Settings:
     # auth: how long a verified key stays in the Redis cache shared by the replicas
     key_cache_redis_ttl_seconds: float = 300.0
 
+    def reservation_ttl_seconds(self) -> float:
+        """How long a proxy's unsettled token reservation holds budget (SPEC section 5).
+
+        The longest a request waits and then hears nothing from Ollama: a fair-queue
+        wait, a connect and one full read timeout, plus a minute's margin (695 s by
+        default). A stream that keeps sending for longer is still charged in full
+        when it settles; only its reservation stops holding budget before that.
+        """
+        return (
+            self.queue_timeout_seconds
+            + self.upstream_connect_timeout_seconds
+            + self.upstream_read_timeout_seconds
+            + 60.0
+        )
+
     def previous_secret(self) -> bytes | None:
         """``NZ_GATEWAY_SECRET_PREVIOUS`` as bytes, or ``None`` when unset."""
         value = self.gateway_secret_previous.get()

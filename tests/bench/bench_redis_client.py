@@ -255,9 +255,10 @@ def _decision(prefix: str, i: int) -> tuple[list[str], list[str]]:
         keys += [f"{base}:rpm:{owner}", f"{base}:conc:{owner}", f"{base}:tpm:{owner}"]
         keys += [f"{base}:bud:{owner}:d:20261126", f"{base}:bud:{owner}:m:202611"]
         keys += [f"{base}:bud:{owner}:total"]
+    keys += [f"{base}:resv", f"{base}:resv:rec"]  # the reservation records (swept first)
     now_ms = int(time.time() * 1000)
     args: list[Any] = ["admit", now_ms, now_ms // 1000, f"r{i}:{secrets.token_hex(6)}"]
-    args += [secrets.token_hex(16), now_ms + 60_000, 61_000, 0, *HIGH, *HIGH]
+    args += [secrets.token_hex(16), now_ms + 60_000, 61_000, 0, *HIGH, *HIGH, "", 0]
     return keys, [str(a) for a in args]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import redis.asyncio as aioredis
 
 from neuronetz_gateway.adapters.postgres.store import Store
 from neuronetz_gateway.domain.accounting import estimate_prompt_tokens
@@ -21,7 +22,7 @@ pytest_plugins = ["tests.support.proxy_fixtures"]
 
 
 async def test_thirty_concurrent_requests_against_a_budget_for_ten(
-    proxy: ProxyServer, sim: SimulatorServer, store: Store
+    proxy: ProxyServer, sim: SimulatorServer, store: Store, redis_test_url: str, redis_prefix: str
 ) -> None:
     sim.configure(chunk_delay_ms=20)
     reservation = estimate_prompt_tokens([PROMPT]) + NUM_PREDICT
@@ -61,6 +62,12 @@ async def test_thirty_concurrent_requests_against_a_budget_for_ten(
     assert charged <= budget  # + the bound, which is 0 here (no estimate undershoots)
     assert charged == len(ok) * actual
     assert sorted(r["status"] for r in rows.values()) == sorted(r.status_code for r in replies)
+    # every settle named its reservation: no record is left for the expiry sweep
+    redis = aioredis.from_url(redis_test_url)
+    try:
+        assert await redis.zcard(f"{redis_prefix}:{{t{ids['tenant_id']}}}:resv") == 0
+    finally:
+        await redis.aclose()
 
 
 async def test_streaming_success_carries_ratelimit_headers(

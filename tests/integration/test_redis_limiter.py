@@ -378,7 +378,8 @@ async def test_daily_budget_refuses_until_next_utc_day(make_limiter: MakeLimiter
 
 async def test_monthly_and_total_budgets(make_limiter: MakeLimiter) -> None:
     clock = Clock(datetime(2026, 11, 30, 23, 0, 0, tzinfo=UTC).timestamp())
-    limiter = make_limiter(clock=clock)
+    # the reservations stand for spent tokens here: they must outlive the test's hour
+    limiter = make_limiter(clock=clock, reservation_ttl_seconds=7200)
     tenant, key = new_id(), new_id()
     tenant_limits = Limits(monthly_tokens=50, total_tokens=80)
     assert (await reserve(limiter, tenant, key, 50, UNLIMITED, tenant_limits)).allowed
@@ -742,3 +743,84 @@ async def test_redis_that_never_answers_times_out(store: Store, redis_prefix: st
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+# reservations a proxy never settled (SPEC section 13: a killed replica leaks nothing)
+
+BUDGETS = Limits(daily_tokens=1000, monthly_tokens=5000, total_tokens=9000)
+
+
+async def test_a_reservation_never_settled_is_released_after_its_ttl(
+    make_limiter: MakeLimiter,
+) -> None:
+    clock = Clock(NOON)
+    limiter = make_limiter(clock=clock, reservation_ttl_seconds=2)
+    tenant, key = new_id(), new_id()
+    held = await reserve(limiter, tenant, key, 300, BUDGETS, BUDGETS)
+    assert held.allowed
+    assert held.reservation_id is not None
+    clock.advance(1.9)
+    still = await reserve(limiter, tenant, key, 0, BUDGETS, BUDGETS)
+    assert still.allowance.remaining_daily_tokens == 700  # within its TTL: held
+    clock.advance(0.2)  # the proxy died: nobody settles
+    after = await reserve(limiter, tenant, key, 0, BUDGETS, BUDGETS)
+    assert after.allowance.remaining_daily_tokens == 1000
+    assert after.allowance.remaining_monthly_tokens == 5000
+    assert after.allowance.remaining_total_tokens == 9000
+    assert (await reserve(limiter, tenant, key, 1000, BUDGETS, BUDGETS)).allowed
+
+
+async def test_a_settle_after_the_sweep_charges_exactly_the_actual(
+    make_limiter: MakeLimiter,
+) -> None:
+    clock = Clock(NOON)
+    limiter = make_limiter(clock=clock, reservation_ttl_seconds=2)
+    tenant, key = new_id(), new_id()
+    held = await reserve(limiter, tenant, key, 300, BUDGETS, BUDGETS)
+    clock.advance(3)
+    await reserve(limiter, tenant, key, 0, BUDGETS, BUDGETS)  # sweeps it
+    allowance = await limiter.settle(
+        tenant_id=tenant,
+        key_id=key,
+        reserved=300,
+        actual=120,
+        reserved_at=NOON,
+        key_limits=BUDGETS,
+        tenant_limits=BUDGETS,
+        reservation_id=held.reservation_id,
+    )
+    assert allowance.remaining_daily_tokens == 1000 - 120
+    assert allowance.remaining_monthly_tokens == 5000 - 120
+    assert allowance.remaining_total_tokens == 9000 - 120
+    clock.advance(3)  # and nothing is left to sweep twice
+    later = await reserve(limiter, tenant, key, 0, BUDGETS, BUDGETS)
+    assert later.allowance.remaining_daily_tokens == 1000 - 120
+
+
+async def test_a_settle_in_time_corrects_by_the_difference_and_leaves_no_record(
+    make_limiter: MakeLimiter, redis_client: RedisClient, redis_prefix: str
+) -> None:
+    clock = Clock(NOON)
+    limiter = make_limiter(clock=clock, reservation_ttl_seconds=2)
+    tenant, key = new_id(), new_id()
+    held = await reserve(limiter, tenant, key, 300, BUDGETS, BUDGETS)
+    base = f"{redis_prefix}:{{t{tenant}}}"
+    assert await redis_client.zcard(f"{base}:resv") == 1
+    clock.advance(1)
+    allowance = await limiter.settle(
+        tenant_id=tenant,
+        key_id=key,
+        reserved=300,
+        actual=120,
+        reserved_at=NOON,
+        key_limits=BUDGETS,
+        tenant_limits=BUDGETS,
+        reservation_id=held.reservation_id,
+    )
+    assert allowance.remaining_daily_tokens == 1000 - 120
+    assert await redis_client.zcard(f"{base}:resv") == 0
+    assert await redis_client.hlen(f"{base}:resv:rec") == 0
+    clock.advance(3)  # past the TTL: the settled reservation is not taken back again
+    later = await reserve(limiter, tenant, key, 0, BUDGETS, BUDGETS)
+    assert later.allowance.remaining_daily_tokens == 1000 - 120
+    assert later.allowance.remaining_total_tokens == 9000 - 120

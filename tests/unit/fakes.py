@@ -141,6 +141,7 @@ class FakeLimiter:
         key_limits: Limits | None = None,
         tenant_limits: Limits | None = None,
         release_lease_id: str | None = None,
+        reservation_id: str | None = None,
     ) -> Allowance:
         self.settled.append((reserved, actual))
         if release_lease_id is not None:

@@ -11,6 +11,10 @@ each script touches one Redis Cluster slot::
     <prefix>:{t<tenant>}:bud:k<key>:total    (and bud:t:... for the tenant) (kept)
     <prefix>:{t<tenant>}:used:<request id>    a signed identity's single-use marker
                                               (until the identity expires, + 1 s)
+    <prefix>:{t<tenant>}:resv                 ZSET reservation id -> expiry ms
+    <prefix>:{t<tenant>}:resv:rec             HASH reservation id -> amount and the
+                                              counters it was added to (until settled
+                                              or swept after its expiry)
 
 Each decision is one Lua script (``lua/*.lua``, EVALSHA with a reload on
 NOSCRIPT) that checks key and tenant together and records only when
@@ -34,6 +38,7 @@ import itertools
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from importlib.resources import files
 from typing import Any, Protocol, TypeVar
@@ -70,6 +75,10 @@ _BUDGET_NAMES = ("daily_tokens", "monthly_tokens", "total_tokens")
 _LEVELS = ("key", "tenant")
 #: A single-use marker outlives its identity by this much (clock steps between replicas).
 _MARKER_GRACE_MS = 1000
+
+#: How long an unsettled reservation holds its tokens when the caller does not say
+#: (the proxy passes its own bound: see ``proxy.app.reservation_ttl_seconds``).
+DEFAULT_RESERVATION_TTL_SECONDS = 720.0
 
 T = TypeVar("T")
 
@@ -184,7 +193,7 @@ class _Keys:
     built is kept, so a decision normally builds no string at all.
     """
 
-    __slots__ = ("_budget", "_decide", "_settle", "conc", "rpm", "tpm")
+    __slots__ = ("_budget", "_decide", "_settle", "conc", "resv", "rpm", "tpm")
 
     def __init__(self, prefix: str, tenant_id: int, key_id: int) -> None:
         base = f"{prefix}:{{t{tenant_id}}}"
@@ -193,6 +202,7 @@ class _Keys:
         self.conc = tuple(f"{base}:conc:{owner}" for owner in owners)
         self.tpm = tuple(f"{base}:tpm:{owner}" for owner in owners)
         self._budget = tuple(f"{base}:bud:{owner}" for owner in owners)
+        self.resv = (f"{base}:resv", f"{base}:resv:rec")
         self._decide: tuple[str, str, list[str]] = ("", "", [])
         self._settle: tuple[tuple[str, str, str, str], list[str]] = (("", "", "", ""), [])
 
@@ -201,13 +211,15 @@ class _Keys:
         return [(f"{b}:d:{day}", f"{b}:m:{month}", f"{b}:total") for b in self._budget]
 
     def decide_keys(self, day: str, month: str) -> list[str]:
-        """``decide.lua``'s KEYS: per level rpm, conc, tpm, daily, monthly, total."""
+        """``decide.lua``'s KEYS: per level rpm, conc, tpm, daily, monthly, total; then the
+        reservation ZSET and HASH."""
         cached_day, cached_month, keys = self._decide
         if cached_day == day and cached_month == month:
             return keys
         keys = []
         for level, budgets in enumerate(self.budgets(day, month)):
             keys += [self.rpm[level], self.conc[level], self.tpm[level], *budgets]
+        keys += self.resv
         self._decide = (day, month, keys)
         return keys
 
@@ -224,6 +236,7 @@ class _Keys:
             d_now, m_now, _ = current[level]
             keys += [self.rpm[level], self.tpm[level], d_then, m_then, total, d_now, m_now]
         keys += self.conc
+        keys += self.resv
         self._settle = (periods, keys)
         return keys
 
@@ -247,9 +260,12 @@ class Limiter:
         lease_ttl_seconds: int = 60,
         timeout_seconds: float = 1.0,
         ledger_timeout_seconds: float = 5.0,
+        reservation_ttl_seconds: float = DEFAULT_RESERVATION_TTL_SECONDS,
     ) -> None:
-        if lease_ttl_seconds <= 0 or timeout_seconds <= 0 or ledger_timeout_seconds <= 0:
+        if min(lease_ttl_seconds, timeout_seconds, ledger_timeout_seconds) <= 0:
             raise ValueError("lease TTL and timeouts must be positive")
+        if reservation_ttl_seconds <= 0:
+            raise ValueError("the reservation TTL must be positive")
         self._redis = redis
         self._commands: RedisCommands = command_channel(redis, timeout_seconds)
         # the pipelined client enforces the timeout per command
@@ -258,6 +274,7 @@ class Limiter:
         self._ledger = ledger
         self._clock = clock
         self._lease_ttl_ms = int(lease_ttl_seconds * 1000)
+        self._reservation_ttl_ms = int(reservation_ttl_seconds * 1000)
         self._timeout = timeout_seconds
         self._ledger_timeout = ledger_timeout_seconds
         self._ledger_flights: dict[
@@ -318,6 +335,11 @@ class Limiter:
         identity's expiry) the same script first claims the identity
         ``request_id`` (see :meth:`claim_identity`); a second claim raises
         :class:`IdentityReplayed` and records nothing.
+
+        An allowed reservation of more than zero tokens gets a record
+        (``Decision.reservation_id``): pass that id to :meth:`settle`. One never
+        settled is taken back out of the budgets after the reservation TTL, by
+        the next decision of its tenant.
         """
         if tokens < 0:
             raise ValueError("tokens to reserve must not be negative")
@@ -356,6 +378,7 @@ class Limiter:
         key_limits: Limits | None = None,
         tenant_limits: Limits | None = None,
         release_lease_id: str | None = None,
+        reservation_id: str | None = None,
     ) -> Allowance:
         """Correct a reservation to the real count (``actual - reserved``, may be negative).
 
@@ -364,10 +387,15 @@ class Limiter:
         the limits to get it, without them every value is ``None`` (and Redis
         does less work). ``release_lease_id`` also releases that concurrency
         lease, in the same round trip.
+
+        ``reservation_id`` (from :meth:`reserve`'s decision) removes the
+        reservation's record; if it had been swept already (it outlived the
+        reservation TTL and its tokens were given back), the budgets are charged
+        the whole ``actual`` instead of the difference.
         """
         want_stats = key_limits is not None or tenant_limits is not None
         delta = actual - reserved
-        if not delta and not want_stats and release_lease_id is None:
+        if not delta and not want_stats and release_lease_id is None and reservation_id is None:
             return Allowance()
         now_ms = self._now_ms()
         now_s = now_ms // 1000
@@ -381,6 +409,8 @@ class Limiter:
             now_s,
             release_lease_id or "",
             "1" if want_stats else "0",
+            reservation_id or "",
+            actual,
         )
         reply = await self._call(self._commands.evalsha(_SETTLE.sha, _SETTLE.text, keys, args))
         if not want_stats:
@@ -492,6 +522,9 @@ class Limiter:
         now_s = now_ms // 1000
         day, month = period_ids(now_s)
         script_keys = self._keys_of(tenant_id, key_id).decide_keys(day, month)
+        reservation_id = (
+            f"{self._unique}{next(self._sequence):x}" if mode == "reserve" and tokens else ""
+        )
         marker_ttl: tuple[int, ...] = ()
         if single_use_until_ms is not None:
             marker, ttl_ms = self._marker(tenant_id, request_id, single_use_until_ms)
@@ -509,6 +542,8 @@ class Limiter:
             tokens,
             *_limit_args(key_limits),
             *_limit_args(tenant_limits),
+            reservation_id,
+            now_ms + self._reservation_ttl_ms,
             *marker_ttl,
         )
         commands = self._commands
@@ -530,7 +565,10 @@ class Limiter:
             key_limits, tenant_limits, _usage(key_stats), tenant_usage, now_ms
         )
         if _text(status) == "ok":
-            return decide((), allowance, lease_id, tenant_usage)
+            decision = decide((), allowance, lease_id, tenant_usage)
+            if reservation_id:
+                decision = replace(decision, reservation_id=reservation_id)
+            return decision
         need = 1 if mode == "admit" else tokens
         limits = {"key": key_limits, "tenant": tenant_limits}
         now = datetime.fromtimestamp(now_ms / 1000, UTC)

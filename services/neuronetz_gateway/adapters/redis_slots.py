@@ -192,6 +192,25 @@ class SlotAdmission:
             backend, capacity, ticket, _text(reply[4]), started, queue_timeout, tenant, cost
         )
 
+    async def try_acquire(
+        self, backend: str, *, capacity: int, tenant: str, weight: int = 1
+    ) -> SlotLease | None:
+        """A slot on ``backend`` if one is free now (nobody queued), else ``None`` at once.
+
+        Two round trips when it is not free (the ticket taken is given back
+        at once); the tenant's finish tag still moves by one request's cost.
+        """
+        if capacity <= 0:
+            raise ValueError("a backend needs at least one slot")
+        cost = 1.0 / min(max(int(weight), 1), MAX_WEIGHT) if self._fair else 0.0
+        nonce = f"{self._unique}{next(self._sequence):x}"
+        reply = await self._script(backend, "acquire", capacity, nonce, tenant, repr(cost))
+        ticket = _text(reply[1])
+        if _text(reply[0]) == "granted":
+            return SlotLease(backend, ticket)
+        await self._script(backend, "release", capacity, ticket)
+        return None
+
     async def renew(self, lease: SlotLease) -> bool:
         """Extend a held slot by the lease TTL from now; ``False`` if it had already expired."""
         reply = await self._script(lease.backend, "renew", 0, lease.lease_id)

@@ -207,6 +207,8 @@ class Decision:
     level: str | None = None  # "key" | "tenant"
     retry_after: int = 0  # whole seconds >= 1 when refused
     lease_id: str | None = None  # set by admit when a concurrency limit applies
+    # set by reserve when it recorded tokens: settle must be told it
+    reservation_id: str | None = None
     # remaining values for the x-ratelimit-* headers (tighter of key and tenant)
     allowance: Allowance = field(default_factory=Allowance)
     # what the tenant level has used (admit / reserve), for the budget-burn gauges

@@ -23,19 +23,33 @@ from litestar.exceptions import HTTPException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from neuronetz_gateway.adapters.audit_writer import AuditWriter
+from neuronetz_gateway.adapters.backend_board import BackendBoard
+from neuronetz_gateway.adapters.backend_check import HttpBackendChecker
+from neuronetz_gateway.adapters.backend_directory import BackendDirectory, environment_backend
 from neuronetz_gateway.adapters.ledger_census import CompleteLedger, LedgerBeacon
 from neuronetz_gateway.adapters.ollama_client import OllamaClient, OllamaUpstream
 from neuronetz_gateway.adapters.postgres.store import Store, open_pool
 from neuronetz_gateway.adapters.redis_client import close_redis, open_redis
 from neuronetz_gateway.adapters.redis_commands import RedisCommands, command_channel
 from neuronetz_gateway.adapters.redis_limiter import Limiter
+from neuronetz_gateway.adapters.redis_slots import SlotAdmission
+from neuronetz_gateway.adapters.tenant_weights import TenantWeights
+from neuronetz_gateway.domain.circuit_breaker import Outcome
 from neuronetz_gateway.domain.dialect import error_body
 from neuronetz_gateway.domain.ledger_census import spool_namespace
 from neuronetz_gateway.fast_paths import FastPathLitestar
 from neuronetz_gateway.logging import configure_logging, get_logger
 from neuronetz_gateway.proxy.context import ProxyContext
 from neuronetz_gateway.proxy.discovery import ModelDiscovery
+from neuronetz_gateway.proxy.fleet_discovery import FleetDiscovery
 from neuronetz_gateway.proxy.metrics import DEFAULT_BACKEND, ProxyMetrics
+from neuronetz_gateway.proxy.pool import (
+    BackendPool,
+    DiscoveredFleet,
+    FleetCatalogue,
+    FleetUpstream,
+    PoolMetrics,
+)
 from neuronetz_gateway.proxy.revocation import RevocationWatch
 from neuronetz_gateway.proxy.routes import proxied_fast_paths, proxied_route_handlers
 from neuronetz_gateway.settings import Settings, load_settings
@@ -107,20 +121,25 @@ def create_app(
                 ledger=CompleteLedger(store, census, prefix=settings.redis_prefix),
                 lease_ttl_seconds=settings.lease_ttl_seconds,
                 timeout_seconds=settings.decision_timeout_seconds,
+                reservation_ttl_seconds=settings.reservation_ttl_seconds(),
             )
             stack.push_async_callback(limiter.aclose)
+            single_discovery = ModelDiscovery(
+                upstream,
+                client,
+                redis_key=f"{settings.redis_prefix}:models",
+                ttl_seconds=settings.discovery_ttl_seconds,
+            )
+            fleet_upstream, fleet_catalogue = await _open_fleet(
+                settings, store, client, metrics, stack, OllamaUpstream(upstream), single_discovery
+            )
             app.state.proxy = ProxyContext(
                 settings=settings,
                 secret=settings.gateway_secret.encode(),
                 previous_secret=settings.previous_secret(),
-                upstream=OllamaUpstream(upstream),
+                upstream=fleet_upstream,
                 limiter=limiter,
-                discovery=ModelDiscovery(
-                    upstream,
-                    client,
-                    redis_key=f"{settings.redis_prefix}:models",
-                    ttl_seconds=settings.discovery_ttl_seconds,
-                ),
+                discovery=fleet_catalogue,
                 audit=audit,
                 metrics=metrics,
                 tracing=tracing,
@@ -220,6 +239,85 @@ def create_app_from_env() -> Litestar:
     if tracing is not None:
         app.on_shutdown.append(tracing.shutdown)
     return app
+
+
+async def _open_fleet(
+    settings: Settings,
+    store: Store,
+    client: Any,
+    metrics: ProxyMetrics,
+    stack: contextlib.AsyncExitStack,
+    single: OllamaUpstream,
+    single_discovery: ModelDiscovery,
+) -> tuple[FleetUpstream, FleetCatalogue]:
+    """The operator's backends behind the Upstream port (SPEC section 12), closed by ``stack``.
+
+    The backend directory (rows, live within a second) decides per call:
+    with backends defined, the pool (routing, Redis slots, failover) over
+    per-backend discovery; with none, ``single`` and ``single_discovery``
+    exactly as before. Per-backend checks start once backends exist.
+    """
+    directory = BackendDirectory(
+        store.backend_specs,
+        environment_backend(settings.ollama_url, settings.ollama_slots),
+        database_url=settings.database_url,
+    )
+    checker = HttpBackendChecker(timeout_seconds=settings.upstream_connect_timeout_seconds)
+    await checker.open()
+    stack.push_async_callback(checker.close)
+    discovery = FleetDiscovery(
+        directory,
+        checker,
+        BackendBoard(client, prefix=settings.redis_prefix),
+        interval_seconds=settings.backend_check_interval_seconds,
+    )
+    slots = SlotAdmission(
+        client,
+        prefix=settings.redis_prefix,
+        lease_ttl_seconds=settings.lease_ttl_seconds,
+        timeout_seconds=settings.decision_timeout_seconds,
+    )
+    stack.push_async_callback(slots.aclose)
+    weights = TenantWeights(store.pool)
+    await weights.start()
+    stack.push_async_callback(weights.stop)
+    pool = BackendPool(
+        DiscoveredFleet(discovery, Outcome),
+        slots,
+        metrics=PoolMetrics(metrics.registry),
+        queue_timeout_seconds=settings.queue_timeout_seconds,
+        lease_ttl_seconds=settings.lease_ttl_seconds,
+        connect_timeout=settings.upstream_connect_timeout_seconds,
+        read_timeout=settings.upstream_read_timeout_seconds,
+        tenant_weight=weights,
+    )
+    stack.push_async_callback(pool.aclose)  # before the slots close: it gives back what it holds
+    checking = False
+
+    async def follow_directory() -> None:
+        """Per-backend checks run while backends are defined (none: no extra probes)."""
+        nonlocal checking
+        if directory.from_database and not checking:
+            checking = True
+            await discovery.start()
+        elif not directory.from_database and checking:
+            checking = False
+            await discovery.stop()
+
+    def changed(_: object) -> None:
+        task = asyncio.ensure_future(follow_directory())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    directory.on_change(changed)
+    await directory.start()
+    stack.push_async_callback(directory.stop)
+    await follow_directory()
+    stack.push_async_callback(discovery.stop)
+    use_fleet = lambda: directory.from_database  # noqa: E731 - read on every call
+    return (
+        FleetUpstream(single, pool, use_fleet),
+        FleetCatalogue(single_discovery, discovery, use_fleet),
+    )
 
 
 async def _open_audit(

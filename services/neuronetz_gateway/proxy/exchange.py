@@ -112,6 +112,7 @@ class Exchange:
         "prompt_estimate",
         "prompt_text",
         "prompt_tokens",
+        "reservation_id",
         "reserved",
         "reserved_at",
         "responded",
@@ -154,6 +155,7 @@ class Exchange:
         self.prompt_estimate = 0
         self.reserved = 0
         self.reserved_at = 0.0
+        self.reservation_id: str | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.estimated = False
@@ -341,6 +343,7 @@ class Exchange:
             )
         self.reserved = tokens
         self.reserved_at = reserved_at
+        self.reservation_id = decision.reservation_id
 
     def charge(self, prompt_tokens: int, completion_tokens: int) -> None:
         """The real counts, from Ollama's final chunk or body."""
@@ -387,6 +390,7 @@ class Exchange:
                 key_limits=identity.key_limits if headers_pending else None,
                 tenant_limits=identity.tenant_limits if headers_pending else None,
                 release_lease_id=lease_id,
+                reservation_id=self.reservation_id,
             )
         except LimiterUnavailable as exc:
             # The reservation stays charged (an over-count, never an under-count);

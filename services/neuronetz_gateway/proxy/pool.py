@@ -53,7 +53,8 @@ from neuronetz_gateway.domain.model_call import ModelCall
 from neuronetz_gateway.domain.models import canonical_model
 from neuronetz_gateway.domain.routing import BackendView, Route, plan_route
 from neuronetz_gateway.logging import get_logger
-from neuronetz_gateway.proxy.ports import UpstreamStream
+from neuronetz_gateway.proxy.discovery import Catalogue
+from neuronetz_gateway.proxy.ports import ModelCatalogue, UpstreamStream
 from neuronetz_gateway.proxy.refusals import Refusal
 
 __all__ = [
@@ -62,6 +63,7 @@ __all__ = [
     "BackendPool",
     "DiscoveredFleet",
     "Fleet",
+    "FleetCatalogue",
     "FleetUpstream",
     "HealthSource",
     "PoolMember",
@@ -125,6 +127,10 @@ class SlotPort(Protocol):
         queue_timeout: float,
         on_queued: Callable[[int], None] | None = None,
     ) -> SlotLease: ...
+
+    async def try_acquire(
+        self, backend: str, *, capacity: int, tenant: str, weight: int = 1
+    ) -> SlotLease | None: ...
 
     async def renew(self, lease: SlotLease) -> bool: ...
 
@@ -466,39 +472,27 @@ class BackendPool:
         started = time.monotonic()
         attempts = 0
         connect_failed = True
+        ready: tuple[str, SlotLease] | None = None
+        if needs_slot:
+            # the snapshot the route was ranked on is shared by concurrent arrivals: take
+            # the first candidate with a slot free *now* (warm, then cold) before queueing
+            ready = await self._first_free(call, route, members)
+            if ready is not None:
+                target = ready[0]
         while target is not None:
             attempts += 1
             member = members[target]
             last = attempts == 2 or route.failover(target) is None
-            lease = await self._admit(call, member, started) if needs_slot else None
-            try:
-                stream = await self._send(call, member, path, body, lease)
-            except UpstreamUnavailable:
-                self._metrics.errors.labels(member.name, "connect").inc()
-                self._fleet.report(member.name, CONNECT_ERROR)
-                if lease is not None:
-                    self._give_back(lease)
-            except UpstreamTimeout:
-                # no failover: a slow answer's headers (a long load, a long non-streamed
-                # answer) would run the whole request a second time elsewhere
-                self._metrics.errors.labels(member.name, "timeout").inc()
-                self._fleet.report(member.name, TIMEOUT)
-                if lease is not None:
-                    self._give_back(lease)
-                raise
-            except BaseException:
-                if lease is not None:
-                    self._give_back(lease)
-                raise
-            else:
-                if stream.status < 500:
-                    self._fleet.report(member.name, SUCCESS)
-                    return stream
-                self._metrics.errors.labels(member.name, "status").inc()
-                self._fleet.report(member.name, SERVER_ERROR)
+            lease: SlotLease | None = None
+            if ready is not None:
+                lease, ready = ready[1], None
+            elif needs_slot:
+                lease = await self._admit(call, member, started)
+            stream = await self._attempt(call, member, path, body, lease)
+            if stream is not None:
+                if stream.status < 500 or last:
+                    return stream  # a last 5xx: the backend's own error, translated
                 connect_failed = False
-                if last:
-                    return stream  # the client gets the backend's own error, translated
                 await self._discard(stream)
             if last:
                 break
@@ -508,6 +502,42 @@ class BackendPool:
         if connect_failed:
             raise _no_backend(call.model)
         raise UpstreamUnavailable("no backend answered")
+
+    async def _attempt(
+        self,
+        call: ModelCall,
+        member: PoolMember,
+        path: str,
+        body: bytes | None,
+        lease: SlotLease | None,
+    ) -> PooledStream | None:
+        """One try on ``member``: its answer (5xx included), or ``None`` if it was unreachable."""
+        try:
+            stream = await self._send(call, member, path, body, lease)
+        except UpstreamUnavailable:
+            self._metrics.errors.labels(member.name, "connect").inc()
+            self._fleet.report(member.name, CONNECT_ERROR)
+            if lease is not None:
+                self._give_back(lease)
+            return None
+        except UpstreamTimeout:
+            # no failover: a slow answer's headers (a long load, a long non-streamed
+            # answer) would run the whole request a second time elsewhere
+            self._metrics.errors.labels(member.name, "timeout").inc()
+            self._fleet.report(member.name, TIMEOUT)
+            if lease is not None:
+                self._give_back(lease)
+            raise
+        except BaseException:
+            if lease is not None:
+                self._give_back(lease)
+            raise
+        if stream.status < 500:
+            self._fleet.report(member.name, SUCCESS)
+        else:
+            self._metrics.errors.labels(member.name, "status").inc()
+            self._fleet.report(member.name, SERVER_ERROR)
+        return stream
 
     async def ping(self, limit_seconds: float = 2.0) -> bool:
         """Ready while at least one active, healthy backend answers ``/api/version``."""
@@ -577,6 +607,27 @@ class BackendPool:
             )
         session = None if call.session is None else f"t{call.tenant_id}:{call.session}"
         return plan_route(model, views, session)
+
+    async def _first_free(
+        self, call: ModelCall, route: Route, members: Mapping[str, PoolMember]
+    ) -> tuple[str, SlotLease] | None:
+        """The first ranked backend that grants a slot at once (``None``: all are full)."""
+        weight = self._tenant_weight(call.tenant_id) if self._tenant_weight is not None else 1
+        for name in route.candidates:
+            member = members[name]
+            try:
+                lease = await self._slots.try_acquire(
+                    name, capacity=member.slots, tenant=str(call.tenant_id), weight=weight
+                )
+            except SlotsUnavailable:
+                self._metrics.errors.labels(name, "slots_unavailable").inc()
+                raise _slots_unavailable() from None
+            if lease is not None:
+                self._metrics.queue_wait.labels(name).observe(0.0)
+                self._leases[lease] = member.slots
+                self._ensure_renewer()
+                return name, lease
+        return None
 
     async def _admit(self, call: ModelCall, member: PoolMember, started: float) -> SlotLease:
         remaining = self._queue_timeout - (time.monotonic() - started)
@@ -740,6 +791,29 @@ class FleetUpstream:
         if self._use_pool():
             return await self._pool.ping(limit_seconds)
         return await self._single.ping(limit_seconds)
+
+
+class FleetCatalogue:
+    """The installed models: the fleet's union while backends are defined, else the one
+    ``NZ_OLLAMA_URL``'s (``ModelCatalogue`` port; switched per call like :class:`FleetUpstream`)."""
+
+    def __init__(
+        self, single: ModelCatalogue, fleet: ModelCatalogue, use_fleet: Callable[[], bool]
+    ) -> None:
+        self._single = single
+        self._fleet = fleet
+        self._use_fleet = use_fleet
+
+    async def catalogue(self) -> Catalogue:
+        """The models of whichever upstream serves now."""
+        if self._use_fleet():
+            return await self._fleet.catalogue()
+        return await self._single.catalogue()
+
+    def forget(self) -> None:
+        """A backend said a listed model is missing: both look again."""
+        self._single.forget()
+        self._fleet.forget()
 
 
 def _no_backend(model: str | None) -> Refusal:

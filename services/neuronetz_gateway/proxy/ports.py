@@ -177,6 +177,7 @@ class TokenLimiter(Protocol):
         key_limits: Limits | None = None,
         tenant_limits: Limits | None = None,
         release_lease_id: str | None = None,
+        reservation_id: str | None = None,
     ) -> Allowance: ...
 
     async def renew_lease(self, *, tenant_id: int, key_id: int, lease_id: str) -> None: ...

@@ -3,13 +3,19 @@
 --
 -- KEYS, 6 per level (1..6 key, 7..12 tenant), all in one {t<id>} slot:
 --   rpm ZSET, conc ZSET, tpm HASH, daily / monthly / total budget counters
---   13 (optional) the single-use marker of the proxy's signed identity
+--   13 the tenant's reservation ZSET (id -> expiry ms), 14 its HASH (id -> record)
+--   15 (optional) the single-use marker of the proxy's signed identity
 -- ARGV:
 --   1 mode "admit" | "reserve"     2 now ms      3 now unix second
 --   4 RPM member (unique per hit)  5 lease id ("" = none)  6 lease expiry ms
 --   7 lease ZSET ttl ms            8 tokens to reserve (reserve only)
 --   9..14 key limits, 15..20 tenant limits: rpm tpm concurrency daily monthly total (-1 = unlimited)
---   21 (with KEYS[13]) the marker's lifetime in ms
+--   21 reservation id ("" = none; reserve only)   22 reservation expiry ms
+--   23 (with KEYS[15]) the marker's lifetime in ms
+-- Every call first sweeps up to SWEEP reservations past their expiry (a proxy that
+-- died before settling): their tokens leave the budget counters of their own period.
+-- The TPM window needs no sweep: its buckets leave the 60 s window by themselves.
+-- A record is the reserved amount and the counters it was added to, one per line.
 -- Returns one of
 --   {"missing", {"key:daily_tokens", ...}}   budget counters to rebuild from the ledger first
 --   {"replay"}   KEYS[13] was already set: the identity was used before; nothing recorded
@@ -29,6 +35,7 @@ local tokens = tonumber(ARGV[8])
 local WINDOW_MS = 60000
 local RPM_TTL_MS = 61000
 local TPM_TTL_S = 120
+local SWEEP = 4
 local LEVELS = {"key", "tenant"}
 local BUDGETS = {"daily_tokens", "monthly_tokens", "total_tokens"}
 -- admit asks "is there any room left?" (one token), reserve asks for the request's tokens
@@ -43,6 +50,25 @@ local function limit_of(level, i)
 end
 -- limit index: 1 rpm, 2 tpm, 3 concurrency, 4 daily, 5 monthly, 6 total
 -- key index:   1 rpm, 2 conc, 3 tpm, 4 daily, 5 monthly, 6 total
+
+-- 0. release reservations nobody settled in time (each is swept once: O(1) amortised,
+-- as every reserve adds at most one and every call sweeps up to SWEEP)
+local resv_set, resv_data = KEYS[13], KEYS[14]
+for _, id in ipairs(redis.call("ZRANGEBYSCORE", resv_set, "-inf", now_ms, "LIMIT", 0, SWEEP)) do
+  local record = redis.call("HGET", resv_data, id)
+  if record then
+    local amount = nil
+    for part in string.gmatch(record, "[^\n]+") do
+      if not amount then
+        amount = part
+      elseif redis.call("EXISTS", part) == 1 and redis.call("DECRBY", part, amount) < 0 then
+        redis.call("SET", part, 0, "KEEPTTL")
+      end
+    end
+    redis.call("HDEL", resv_data, id)
+  end
+  redis.call("ZREM", resv_set, id)
+end
 
 -- 1. every budget that applies must be known, or the ledger has to rebuild it
 local budget_values = {{}, {}}
@@ -61,7 +87,7 @@ end
 if #missing > 0 then return {"missing", missing} end
 
 -- 1b. single use: claim the identity (after the rebuild check, so a rerun is no replay)
-if KEYS[13] and not redis.call("SET", KEYS[13], "1", "NX", "PX", ARGV[21]) then
+if KEYS[15] and not redis.call("SET", KEYS[15], "1", "NX", "PX", ARGV[23]) then
   return {"replay"}
 end
 
@@ -122,6 +148,7 @@ end
 if #refusals > 0 then return {"refused", stats[1], stats[2], refusals} end
 
 -- 3. all passed: record at both levels
+local reserved_in = {}
 for level = 1, 2 do
   local s = stats[level]
   if mode == "admit" then
@@ -150,8 +177,16 @@ for level = 1, 2 do
       -- setting the budget later starts from the right value
       if budget_values[level][b] and tokens ~= 0 then
         s[2 + b] = redis.call("INCRBY", key_of(level, 3 + b), ARGV[8])
+        reserved_in[#reserved_in + 1] = key_of(level, 3 + b)
       end
     end
   end
+end
+-- (no counter took the tokens: nothing to give back, no record; settle then finds none
+-- and charges the actual to whatever counter exists by then, i.e. one rebuilt since)
+if mode == "reserve" and #reserved_in > 0 and ARGV[21] ~= "" then
+  table.insert(reserved_in, 1, ARGV[8])
+  redis.call("HSET", resv_data, ARGV[21], table.concat(reserved_in, "\n"))
+  redis.call("ZADD", resv_set, ARGV[22], ARGV[21])
 end
 return {"ok", stats[1], stats[2], {}}

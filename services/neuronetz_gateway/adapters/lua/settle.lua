@@ -4,9 +4,15 @@
 -- KEYS, 7 per level (1..7 key, 8..14 tenant), then 15 / 16, all in one {t<id>} slot:
 --   rpm ZSET, tpm HASH, daily and monthly counters of the reservation's period,
 --   total counter, daily and monthly counters of the current period;
---   15 key-level and 16 tenant-level lease ZSETs
+--   15 key-level and 16 tenant-level lease ZSETs;
+--   17 the tenant's reservation ZSET, 18 its HASH (see decide.lua)
 -- ARGV: 1 delta   2 reservation unix second   3 now ms   4 now unix second
 --       5 lease id to release ("" = none)   6 "1" = return the stats, "0" = return {}
+--       7 reservation id ("" = none recorded)   8 actual tokens
+-- The reservation's record is removed. If it was gone already (decide.lua swept it
+-- after its expiry and took its tokens back), the budget counters get the whole
+-- actual amount instead of the delta, so a late settle is never corrected twice.
+-- The TPM bucket is never swept: it always gets the delta.
 -- Only what exists is adjusted: a missing counter is rebuilt from the ledger
 -- later (which then holds the real count), a TPM bucket that left the window
 -- no longer matters. Counters never go below zero.
@@ -19,9 +25,18 @@ local now_s = tonumber(ARGV[4])
 
 local function key_of(level, i) return KEYS[(level - 1) * 7 + i] end
 
+local counter_delta = delta
+if ARGV[7] ~= "" then
+  if redis.call("ZREM", KEYS[17], ARGV[7]) == 1 then
+    redis.call("HDEL", KEYS[18], ARGV[7])
+  else
+    counter_delta = tonumber(ARGV[8])
+  end
+end
+
 local function adjust(counter_key)
-  if delta == 0 or redis.call("EXISTS", counter_key) == 0 then return end
-  if redis.call("INCRBY", counter_key, ARGV[1]) < 0 then
+  if counter_delta == 0 or redis.call("EXISTS", counter_key) == 0 then return end
+  if redis.call("INCRBY", counter_key, counter_delta) < 0 then
     redis.call("SET", counter_key, 0, "KEEPTTL")
   end
 end
