@@ -273,7 +273,6 @@ def _stack() -> Iterator[dict[str, str]]:
     import asyncpg
 
     from neuronetz_gateway.adapters.hashing import KeyHasher
-    from neuronetz_gateway.adapters.postgres.migrate import apply_migrations
     from neuronetz_gateway.adapters.postgres.store import Store, open_pool
     from neuronetz_gateway.domain.keys import generate_key
     from neuronetz_gateway.domain.policy import PolicySettings
@@ -287,11 +286,21 @@ def _stack() -> Iterator[dict[str, str]]:
         name = f"nz_bench_tracing_{secrets.token_hex(4)}"
         database = admin.rsplit("/", 1)[0] + "/" + name
 
-        async def prepare() -> str:
+        async def create() -> None:
             conn = await asyncpg.connect(admin)
             await conn.execute(f'CREATE DATABASE "{name}"')
             await conn.close()
-            await apply_migrations(database)
+
+        def migrate() -> None:
+            # in a process of its own: piccolo keeps one engine per process, and `task bench`
+            # migrated its own (by now stopped) database in this one before
+            cli = Path(sys.executable).parent / "neuronetz-gateway"
+            subprocess.run(
+                [str(cli), "migrate"], env={**os.environ, "NZ_DATABASE_URL": database},
+                cwd=ROOT, capture_output=True, check=True, timeout=300,
+            )  # fmt: skip
+
+        async def prepare() -> str:
             pool = await open_pool(database, min_size=1, max_size=2)
             store = Store(pool)
             await store.create_tenant("bench", PolicySettings())
@@ -314,6 +323,8 @@ def _stack() -> Iterator[dict[str, str]]:
             await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             await conn.close()
 
+        asyncio.run(create())
+        migrate()
         key = asyncio.run(prepare())
         try:
             yield {

@@ -169,6 +169,8 @@ def test_dashboard_covers_what_operators_watch() -> None:
         "429",
         "503",
         "in flight",
+        "queue depth",
+        "queue wait",
         "first token",
         "tokens per second",
         "health",
