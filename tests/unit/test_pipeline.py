@@ -196,6 +196,36 @@ async def test_openai_stream_is_translated_to_sse_and_billed_from_the_final_line
     )
 
 
+@pytest.mark.parametrize(
+    ("fields", "headers", "session"),
+    [
+        ({"prompt_cache_key": "pck-1", "user": "u-1"}, (), "pck-1"),
+        ({"user": "u-1"}, (), "u-1"),
+        ({"user": "  "}, (), None),
+        ({"user": "u-1"}, ((b"session-id", b"codex-1"),), "codex-1"),
+    ],
+)
+async def test_an_openai_body_names_the_session_the_upstream_routes_by(
+    fields: dict[str, str], headers: tuple[tuple[bytes, bytes], ...], session: str | None
+) -> None:
+    """``prompt_cache_key``, else ``user``, is the session hint; a session header wins.
+    Neither field goes upstream (Ollama has no use for them)."""
+    proxy = Proxy()
+    reads = _lines(
+        {"message": {"role": "assistant", "content": "Hi"}, "done": True,
+         "done_reason": "stop", "prompt_eval_count": 9, "eval_count": 1},
+    )  # fmt: skip
+    proxy.upstream.streams.append(FakeStream(reads))
+    body = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], **fields}
+    await _call(proxy, "/v1/chat/completions", body, "v1.chat.completions", headers=headers)
+
+    ((call, _, sent),) = proxy.upstream.calls
+    assert call.session == session
+    assert sent is not None
+    assert b"pck-1" not in sent
+    assert b"u-1" not in sent
+
+
 async def test_a_client_that_leaves_mid_stream_stops_the_upstream_and_still_pays() -> None:
     proxy = Proxy()
     stream = FakeStream(_lines({"response": "a", "done": False}), hold=asyncio.Event())

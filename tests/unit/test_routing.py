@@ -9,7 +9,6 @@ from neuronetz_gateway.domain.routing import (
     Route,
     plan_route,
     rendezvous_order,
-    session_key,
 )
 
 M = "llama3.2:latest"
@@ -139,21 +138,3 @@ def test_failover_is_the_next_other_candidate() -> None:
     assert route.failover("a") == "b"
     assert route.failover("b") == "a"
     assert Route(M, ("a",)).failover("a") is None
-
-
-def test_session_key_sources_and_precedence() -> None:
-    headers = {"x-claude-code-session-id": "cc-1", "session-id": "codex-1"}
-    assert session_key(headers.get, user="u", prompt_cache_key="p") == "cc-1"
-    assert session_key({"session-id": "codex-1"}.get, user="u") == "codex-1"
-    assert session_key({}.get, user="u", prompt_cache_key="p") == "p"
-    assert session_key({}.get, user="u") == "u"
-    assert session_key({"session-id": "  "}.get, user=" ") is None
-    assert session_key({}.get) is None
-
-
-def test_session_key_is_scoped_by_tenant_and_bounded() -> None:
-    assert session_key({}.get, user="alice", tenant_id=1) != session_key(
-        {}.get, user="alice", tenant_id=2
-    )
-    long = session_key({"session-id": "x" * 10_000}.get)
-    assert long is not None and len(long) <= 256

@@ -341,6 +341,9 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     max_tokens: _PositiveInt | None = None
     n: int | None = None
     logit_bias: dict[str, Any] | None = None
+    # not sent upstream: read as a session hint (one session, one backend)
+    user: str | None = None
+    prompt_cache_key: str | None = None
 
 
 class _ChatRequestIn(_SamplingFields, kw_only=True):
@@ -380,6 +383,7 @@ class ChatRequestTranslation(msgspec.Struct):
 
     ollama: OllamaChatRequest
     include_usage: bool
+    session: str | None = None  # ``prompt_cache_key`` or ``user``: a session hint
 
 
 class CompletionRequestTranslation(msgspec.Struct):
@@ -387,6 +391,7 @@ class CompletionRequestTranslation(msgspec.Struct):
 
     ollama: OllamaGenerateRequest
     include_usage: bool
+    session: str | None = None  # ``prompt_cache_key`` or ``user``: a session hint
 
 
 class EmbeddingsRequestTranslation(msgspec.Struct):
@@ -396,6 +401,7 @@ class EmbeddingsRequestTranslation(msgspec.Struct):
     encoding_format: Literal["float", "base64"]
 
 
+_MAX_SESSION_HINT = 200  # it is only hashed; as the session headers are cut
 _chat_request_decoder = msgspec.json.Decoder(_ChatRequestIn)
 _completion_request_decoder = msgspec.json.Decoder(_CompletionRequestIn)
 _embeddings_request_decoder = msgspec.json.Decoder(_EmbeddingsRequestIn)
@@ -405,6 +411,14 @@ _embed_decoder = msgspec.json.Decoder(OllamaEmbedResponse)
 _tags_decoder = msgspec.json.Decoder(OllamaTags)
 _any_decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
+
+
+def _session_hint(req: _SamplingFields) -> str | None:
+    """OpenAI's ``prompt_cache_key``, else ``user``: which session a request is part of."""
+    for value in (req.prompt_cache_key, req.user):
+        if value and value.strip():
+            return value.strip()[:_MAX_SESSION_HINT]
+    return None
 
 
 def _decode_openai(decoder: msgspec.json.Decoder[_T], body: bytes) -> _T:
@@ -466,6 +480,7 @@ def translate_chat_request(body: bytes) -> ChatRequestTranslation:
             top_logprobs=(req.top_logprobs or None) if req.logprobs else None,
         ),
         include_usage=_include_usage(req),
+        session=_session_hint(req),
     )
 
 
@@ -563,6 +578,7 @@ def translate_completion_request(body: bytes) -> CompletionRequestTranslation:
             top_logprobs=req.logprobs or None,
         ),
         include_usage=_include_usage(req),
+        session=_session_hint(req),
     )
 
 

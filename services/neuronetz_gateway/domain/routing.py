@@ -24,24 +24,17 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from neuronetz_gateway.domain.models import canonical_model
 
 __all__ = [
-    "SESSION_HEADERS",
     "BackendView",
     "Route",
     "plan_route",
     "rendezvous_order",
-    "session_key",
 ]
-
-#: Request headers that name a client's session, in order of precedence (lower-case).
-SESSION_HEADERS = ("x-claude-code-session-id", "session-id")
-#: A session key longer than this is cut (it is only hashed; a client cannot make us hash MBs).
-_MAX_SESSION_KEY = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,38 +81,6 @@ class Route:
             if name != failed:
                 return name
         return None
-
-
-def session_key(
-    header: Callable[[str], str | None],
-    *,
-    user: str | None = None,
-    prompt_cache_key: str | None = None,
-    tenant_id: int | None = None,
-) -> str | None:
-    """The session a request belongs to, or ``None``.
-
-    ``header`` looks up a request header by lower-case name. Claude Code's
-    ``X-Claude-Code-Session-Id`` and Codex's ``session-id`` come first, then
-    OpenAI's ``prompt_cache_key`` and ``user`` body fields. The key is scoped
-    by tenant, so two tenants that happen to send the same id are different
-    sessions.
-    """
-    raw: str | None = None
-    for name in SESSION_HEADERS:
-        value = header(name)
-        if value and value.strip():
-            raw = value.strip()
-            break
-    if raw is None:
-        for value in (prompt_cache_key, user):
-            if isinstance(value, str) and value.strip():
-                raw = value.strip()
-                break
-    if raw is None:
-        return None
-    scope = "" if tenant_id is None else f"t{tenant_id}:"
-    return scope + raw[:_MAX_SESSION_KEY]
 
 
 def _hrw_score(key: str, backend: str, weight: int) -> float:

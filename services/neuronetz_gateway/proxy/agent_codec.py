@@ -110,6 +110,9 @@ class AgentCodec(Generic[T]):
     def stream_asked(self, request: T) -> bool:
         return bool(request.ollama.stream)
 
+    def session(self, request: T) -> None:
+        return None  # the agents name their session in a header
+
     def streams(self, request: T, content_type: str) -> bool:
         return bool(request.ollama.stream)
 

@@ -133,6 +133,9 @@ class NativeCodec:
     def stream_asked(self, request: dict[str, Any]) -> bool:
         return self.tokens == "output" and request.get("stream") is not False
 
+    def session(self, request: dict[str, Any]) -> None:
+        return None  # Ollama's API names no session
+
     def streams(self, request: dict[str, Any], content_type: str) -> bool:
         return content_type.startswith(_NDJSON)
 

@@ -117,6 +117,9 @@ class ChatCodec:
     def stream_asked(self, request: ChatRequestTranslation) -> bool:
         return request.ollama.stream
 
+    def session(self, request: ChatRequestTranslation) -> str | None:
+        return request.session
+
     def streams(self, request: ChatRequestTranslation, content_type: str) -> bool:
         return request.ollama.stream
 
@@ -171,6 +174,9 @@ class CompletionCodec:
 
     def stream_asked(self, request: CompletionRequestTranslation) -> bool:
         return request.ollama.stream
+
+    def session(self, request: CompletionRequestTranslation) -> str | None:
+        return request.session
 
     def streams(self, request: CompletionRequestTranslation, content_type: str) -> bool:
         return request.ollama.stream
@@ -228,6 +234,9 @@ class EmbeddingsCodec:
 
     def stream_asked(self, request: EmbeddingsRequestTranslation) -> bool:
         return False
+
+    def session(self, request: EmbeddingsRequestTranslation) -> None:
+        return None
 
     def streams(self, request: EmbeddingsRequestTranslation, content_type: str) -> bool:
         return False

@@ -122,6 +122,10 @@ class Codec(Protocol[R]):
         """Whether the client asked for a stream (a hint for the upstream's choice)."""
         ...
 
+    def session(self, request: R) -> str | None:
+        """A session hint in the body (OpenAI's ``prompt_cache_key`` / ``user``), if any."""
+        ...
+
     def streams(self, request: R, content_type: str) -> bool:
         """Whether the answer (with the upstream's ``content_type``) is relayed as a stream."""
         ...
@@ -194,7 +198,9 @@ async def run_model_call(
     log_prompts = ex.identity.log_prompts
     if log_prompts:
         ex.prompt_text = raw.decode("utf-8", "replace")
-    # 5. forward
+    # 5. forward (a session header wins over one named in the body)
+    if ex.session is None:
+        ex.session = codec.session(request)
     body = codec.encode(request)
     upstream = await forward(ex, codec.upstream_path, body, stream=codec.stream_asked(request))
     if upstream.status != 200:
