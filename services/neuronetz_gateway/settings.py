@@ -103,6 +103,11 @@ class Settings:
     keep_alive_max_seconds: float = 86400.0
     upstream_connect_timeout_seconds: float = 5.0
     upstream_read_timeout_seconds: float = 600.0
+    # how long a proxy's unsettled token reservation holds budget (SPEC section 5): the
+    # longest a request may wait and then hear nothing from Ollama, i.e. the queue (30),
+    # connect (5) and read (600) timeouts plus a minute. A stream running longer is still
+    # charged in full when it settles; only its reservation stops holding budget early.
+    reservation_ttl_seconds: float = 695.0
     discovery_ttl_seconds: float = 10.0
     # how often each backend's /api/tags and /api/ps are checked (once per round across
     # the replicas); a status nobody renewed for 3 rounds is gone
@@ -117,21 +122,6 @@ class Settings:
     prompt_purge_interval_seconds: float = 3600.0
     # auth: how long a verified key stays in the Redis cache shared by the replicas
     key_cache_redis_ttl_seconds: float = 300.0
-
-    def reservation_ttl_seconds(self) -> float:
-        """How long a proxy's unsettled token reservation holds budget (SPEC section 5).
-
-        The longest a request waits and then hears nothing from Ollama: a fair-queue
-        wait, a connect and one full read timeout, plus a minute's margin (695 s by
-        default). A stream that keeps sending for longer is still charged in full
-        when it settles; only its reservation stops holding budget before that.
-        """
-        return (
-            self.queue_timeout_seconds
-            + self.upstream_connect_timeout_seconds
-            + self.upstream_read_timeout_seconds
-            + 60.0
-        )
 
     def previous_secret(self) -> bytes | None:
         """``NZ_GATEWAY_SECRET_PREVIOUS`` as bytes, or ``None`` when unset."""

@@ -121,7 +121,7 @@ def create_app(
                 ledger=CompleteLedger(store, census, prefix=settings.redis_prefix),
                 lease_ttl_seconds=settings.lease_ttl_seconds,
                 timeout_seconds=settings.decision_timeout_seconds,
-                reservation_ttl_seconds=settings.reservation_ttl_seconds(),
+                reservation_ttl_seconds=settings.reservation_ttl_seconds,
             )
             stack.push_async_callback(limiter.aclose)
             single_discovery = ModelDiscovery(
