@@ -133,3 +133,34 @@ def test_invalid_caddyfile_fails(
     assert code == 1
     assert _status(report)["caddyfile"] == "fail"
     assert {n for n, s in _status(report).items() if s == "fail"} == {"caddyfile"}
+
+
+async def test_each_defined_backend_is_checked_in_place_of_nz_ollama_url(
+    empty_database: str, healthy_env: dict[str, str | None], sim: SimulatorServer
+) -> None:
+    """With backends defined (its own database: no proxy of this run routes by them),
+    doctor checks each one; NZ_OLLAMA_URL is not used (here it names nothing)."""
+    run_cli(empty_database, "migrate")
+    down = f"http://127.0.0.1:{free_port()}"
+    conn = await asyncpg.connect(empty_database)
+    try:
+        await conn.executemany(
+            "INSERT INTO backend (name, url, slots, state) VALUES ($1, $2, 2, $3)",
+            [("gpu-up", sim.url, "active"), ("gpu-down", down, "active"),
+             ("gpu-drained", down, "draining")],
+        )  # fmt: skip
+    finally:
+        await conn.close()
+    env = {**healthy_env, "NZ_OLLAMA_URL": f"http://127.0.0.1:{free_port()}"}
+    code, report = _doctor(empty_database, env)
+    assert code == 1
+    assert _status(report) == {
+        **{name: "ok" for name in NAMES if name != "ollama"},
+        "ollama": "skip",
+        "backend gpu-drained": "warn",
+        "backend gpu-down": "fail",
+        "backend gpu-up": "ok",
+    }, report
+    by_name = {c["name"]: c["detail"] for c in report["checks"]}
+    assert "llama3.2" in by_name["backend gpu-up"]
+    assert "draining" in by_name["backend gpu-drained"]

@@ -134,22 +134,57 @@ async def check_redis(url: str) -> Check:
     return Check("redis", "ok", detail)
 
 
-async def check_ollama(url: str) -> Check:
+async def check_ollama(url: str, name: str = "ollama") -> Check:
     """The backend answers: its version and installed models."""
     try:
         async with httpx.AsyncClient(base_url=url, timeout=_TIMEOUT) as client:
             version = (await client.get("/api/version")).raise_for_status().json()
             tags = (await client.get("/api/tags")).raise_for_status().json()
     except (httpx.HTTPError, ValueError) as exc:
-        return Check("ollama", "fail", f"{_where(url)}: {_error(exc)}")
+        return Check(name, "fail", f"{_where(url)}: {_error(exc)}")
     models = sorted(
         str(m.get("name") or m.get("model")) for m in tags.get("models", []) if isinstance(m, dict)
     )
     detail = f"Ollama {version.get('version', '?')} at {_where(url)}, {len(models)} models"
     if not models:
-        return Check("ollama", "warn", detail + ": no model installed, every request is refused")
+        return Check(name, "warn", detail + ": no model installed, every request is refused")
     shown = ", ".join(models[:5]) + (", ..." if len(models) > 5 else "")
-    return Check("ollama", "ok", f"{detail}: {shown}")
+    return Check(name, "ok", f"{detail}: {shown}")
+
+
+async def defined_backends(database_url: str) -> list[tuple[str, str, str]]:
+    """The backends defined with ``backend add`` (name, url, state); none if unreadable."""
+    try:
+        conn = await asyncpg.connect(database_url, timeout=_TIMEOUT)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        return []  # the postgres check says why
+    try:
+        rows = await conn.fetch("SELECT name, url, state FROM backend ORDER BY name")
+    except asyncpg.PostgresError:  # not migrated yet: the migrations check says so
+        return []
+    finally:
+        await conn.close()
+    return [(r["name"], r["url"], r["state"]) for r in rows]
+
+
+async def check_backends(settings: Settings) -> list[Check]:
+    """``NZ_OLLAMA_URL`` when no backend is defined, else each defined backend.
+
+    A draining backend that does not answer is a warning: it takes no new request.
+    """
+    backends = await defined_backends(settings.database_url)
+    if not backends:
+        return [await check_ollama(settings.ollama_url)]
+    found = await asyncio.gather(*(check_ollama(url, f"backend {n}") for n, url, _ in backends))
+    checks = [
+        Check("ollama", "skip", f"{len(backends)} backends defined: NZ_OLLAMA_URL is not used")
+    ]
+    for answered, (_, _, state) in zip(found, backends, strict=True):
+        if state != "active" and answered.status == "fail":  # takes no new request
+            checks.append(Check(answered.name, "warn", f"{answered.detail} ({state})"))
+        else:
+            checks.append(answered)
+    return checks
 
 
 def check_caddyfile(path: Path | None) -> Check:
@@ -183,9 +218,9 @@ async def _run_async(settings: Settings) -> list[Check]:
     postgres, redis_check, ollama = await asyncio.gather(
         check_postgres(settings.database_url),
         check_redis(settings.redis_url),
-        check_ollama(settings.ollama_url),
+        check_backends(settings),
     )
-    return [*postgres, redis_check, ollama]
+    return [*postgres, redis_check, *ollama]
 
 
 def run_checks(caddyfile: Path | None = None) -> list[Check]:
@@ -215,7 +250,7 @@ def doctor(
         ),
     ] = None,
 ) -> None:
-    """Check settings, secret, Postgres, migrations, Redis, Ollama and the Caddyfile."""
+    """Check settings, secret, Postgres, migrations, Redis, each Ollama backend, the Caddyfile."""
     checks = run_checks(caddyfile)
     ok = all(c.status != "fail" for c in checks)
     if as_json:
