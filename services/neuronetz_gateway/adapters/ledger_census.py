@@ -77,19 +77,29 @@ class LedgerBeacon:
         self._clock = clock
         self.writer_id = secrets.token_hex(6)
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         """Report once (best effort) and keep reporting in the background."""
+        self._stopping = False
         await self.report()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="ledger-beacon")
 
     async def stop(self) -> None:
-        """Stop reporting; the last entry expires by itself (the spool may outlive us)."""
+        """Stop reporting; the last entry expires by itself (the spool may outlive us).
+
+        The loop also ends by the flag, and the wait is bounded: redis-py's Cluster
+        and Sentinel clients can swallow a cancellation that lands mid-command, and
+        a stop that waited for the task then hung for good.
+        """
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if task is None:
+            return
+        self._stopping = True
+        task.cancel()
+        await asyncio.wait({task}, timeout=self._beat + 2.0)
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: a report that failed as it stopped is not news
 
     async def report(self) -> bool:
         """Write this writer's entry now; ``False`` when Redis cannot take it."""
@@ -107,7 +117,7 @@ class LedgerBeacon:
 
     async def _run(self) -> None:
         progress = self._writer.progress
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(progress.wait(), self._beat)
             progress.clear()
