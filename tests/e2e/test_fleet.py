@@ -99,9 +99,8 @@ def fleet_database(pg_admin_url: str) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def fleet(fleet_database: str, redis_test_url: str, redis_prefix: str) -> Iterator[Fleet]:
     versions = sorted(caddy_binaries())
-    if not versions:
-        pytest.skip("no caddy on this machine")
-    caddy = require_caddy(versions[-1])  # the fleet is not about Caddy's version
+    # the fleet is not about Caddy's version; without any Caddy this fails, as every e2e does
+    caddy = require_caddy(versions[-1] if versions else "none")
     common = {"NZ_SIM_SLOTS": "8", "NZ_SIM_CHUNK_DELAY_MS": "10", "NZ_SIM_LOAD_SECONDS": "0.3"}
     with contextlib.ExitStack() as sims_up:
         sims = {
