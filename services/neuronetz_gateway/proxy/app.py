@@ -52,6 +52,7 @@ from neuronetz_gateway.proxy.pool import (
 )
 from neuronetz_gateway.proxy.revocation import RevocationWatch
 from neuronetz_gateway.proxy.routes import proxied_fast_paths, proxied_route_handlers
+from neuronetz_gateway.proxy.settle_retry import SettleRetries
 from neuronetz_gateway.settings import Settings, load_settings
 from neuronetz_gateway.tracing import Tracing, tracing_from_env
 
@@ -124,6 +125,7 @@ def create_app(
                 reservation_ttl_seconds=settings.reservation_ttl_seconds,
             )
             stack.push_async_callback(limiter.aclose)
+            settle_retries = _settle_retries(limiter, settings, metrics, stack)
             single_discovery = ModelDiscovery(
                 upstream,
                 client,
@@ -143,6 +145,7 @@ def create_app(
                 audit=audit,
                 metrics=metrics,
                 tracing=tracing,
+                settle_retries=settle_retries,
             )
             app.state.store = store
             # a revoked key's running requests end within a second, on every replica
@@ -195,6 +198,19 @@ def create_app(
     )
     app.fast_paths = proxied_fast_paths()
     return app
+
+
+def _settle_retries(
+    limiter: Limiter, settings: Settings, metrics: ProxyMetrics, stack: contextlib.AsyncExitStack
+) -> SettleRetries:
+    """Failed settlements retried in the background, stopped before the limiter closes."""
+    retries = SettleRetries(
+        limiter,
+        reservation_ttl_seconds=settings.reservation_ttl_seconds,
+        on_outcome=lambda outcome: metrics.settle_retries.labels(outcome).inc(),
+    )
+    stack.push_async_callback(retries.aclose)
+    return retries
 
 
 async def _probe(request: Request[Any, Any, Any]) -> dict[str, bool]:
