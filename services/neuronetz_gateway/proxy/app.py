@@ -54,6 +54,7 @@ from neuronetz_gateway.proxy.revocation import RevocationWatch
 from neuronetz_gateway.proxy.routes import proxied_fast_paths, proxied_route_handlers
 from neuronetz_gateway.proxy.settle_retry import SettleRetries
 from neuronetz_gateway.settings import Settings, load_settings
+from neuronetz_gateway.stopping import stop_task, wait_set
 from neuronetz_gateway.tracing import Tracing, tracing_from_env
 
 __all__ = ["create_app", "create_app_from_env"]
@@ -63,16 +64,16 @@ log = get_logger(__name__)
 _PROBE_TIMEOUT = 2.0
 
 
-async def _purge_prompts(store: Store, interval: float) -> None:
+async def _purge_prompts(store: Store, interval: float, stopping: asyncio.Event) -> None:
     """Delete expired prompt logs every ``interval`` seconds (errors: try next time)."""
-    while True:
+    while not stopping.is_set():
         try:
             deleted = await store.purge_prompts(datetime.now(UTC))
             if deleted:
                 log.info("prompt_logs_purged", deleted=deleted)
         except Exception as exc:  # noqa: BLE001 - Postgres may be away; the next round retries
             log.warning("prompt_purge_failed", reason=type(exc).__name__)
-        await asyncio.sleep(interval)
+        await wait_set(stopping, interval)
 
 
 def create_app(
@@ -154,15 +155,16 @@ def create_app(
             )
             await watch.start()
             stack.push_async_callback(watch.stop)
+            purging = asyncio.Event()  # set: stop (the loop checks it; see ``stopping``)
             purge = asyncio.create_task(
-                _purge_prompts(store, settings.prompt_purge_interval_seconds), name="prompt-purge"
+                _purge_prompts(store, settings.prompt_purge_interval_seconds, purging),
+                name="prompt-purge",
             )
             try:
                 yield
             finally:
-                purge.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await purge
+                purging.set()
+                await stop_task(purge, within=5.0)
 
     @get("/healthz", media_type=MediaType.JSON, sync_to_thread=False)
     def healthz() -> dict[str, str]:
