@@ -224,7 +224,10 @@ class SimulatorStats(msgspec.Struct):
     """Counters for tests: model requests in flight, finished, and cut off by the client.
 
     ``peak_active``: the most that ran at once; ``waiting``: queued now for
-    a slot or a load; ``loads``: cold loads; ``busy``: 503s for a full queue.
+    a slot or a load; ``loads``: cold loads; ``busy``: 503s for a full queue;
+    ``busy_slot_seconds``: slots held, integrated over time (a request holds
+    one from its admission, after any cold load, to its end), so that a
+    benchmark reads a GPU's utilisation from the GPU's side.
     """
 
     active: int = 0
@@ -235,6 +238,7 @@ class SimulatorStats(msgspec.Struct):
     waiting: int = 0
     loads: int = 0
     busy: int = 0
+    busy_slot_seconds: float = 0.0
 
 
 class RecordedRequest(msgspec.Struct):
@@ -444,6 +448,7 @@ class SimulatorApp:
         self.config = config if config is not None else SimulatorConfig.from_env()
         self._initial = msgspec.structs.replace(self.config)
         self.stats = SimulatorStats()
+        self._active_since = time.monotonic()
         self._recorded: deque[_Raw] = deque(maxlen=_RECORD_LIMIT)
         self._models: dict[str, SimulatedModel] = {}
         self._tags_body = b""
@@ -485,6 +490,7 @@ class SimulatorApp:
         """Back to the start-up configuration, with no recordings and zeroed stats."""
         self.config = msgspec.structs.replace(self._initial)
         self.stats = SimulatorStats()
+        self._active_since = time.monotonic()
         self._recorded.clear()
         self.gpu.reset()
         self._rebuild_catalogue()
@@ -677,16 +683,24 @@ class SimulatorApp:
             except _ClientGone:
                 self.stats.cancelled += 1
                 return
+            self._count_busy()
             self.stats.active += 1
             self.stats.peak_active = max(self.stats.peak_active, self.stats.active)
             try:
                 await work(departure, cold)
             finally:
+                self._count_busy()
                 self.stats.active -= 1
                 self.gpu.release(model.canonical, keep_alive)
         finally:
             if departure is not None:
                 departure.close()
+
+    def _count_busy(self) -> None:
+        """Add the slots held since the last change to ``busy_slot_seconds``."""
+        now = time.monotonic()
+        self.stats.busy_slot_seconds += self.stats.active * (now - self._active_since)
+        self._active_since = now
 
     async def _chat(self, body: bytes, receive: Receive, send: Send) -> None:
         found = await self._model_request(_chat_decoder, body, send, "chat")
@@ -1078,6 +1092,7 @@ class SimulatorApp:
     async def _sim_stats(self, body: bytes, receive: Receive, send: Send) -> None:
         self.stats.waiting = self.gpu.waiting
         self.stats.loads = self.gpu.loads
+        self._count_busy()
         await _respond(send, 200, _encode(self.stats))
 
     async def _sim_reset(self, body: bytes, receive: Receive, send: Send) -> None:
