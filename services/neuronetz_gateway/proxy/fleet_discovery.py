@@ -107,6 +107,11 @@ class BackendHealth:
             and self.breaker.state(now) is not CircuitState.OPEN
         )
 
+    def available(self, now: float) -> bool:
+        """Reached by its last check, and its breaker lets a request through now: closed,
+        or half-open with a trial free (routing; the pool then takes the trial)."""
+        return self.status is not None and self.status.reachable and self.breaker.available(now)
+
     def usable(self, now: float) -> bool:
         """Healthy and active: may take a new request."""
         return self.spec.accepts_new and self.healthy(now)
@@ -178,6 +183,12 @@ class FleetDiscovery:
         """The usable backends that have ``model`` installed (canonical or not)."""
         canonical = canonical_model(model)
         return [h for h in self.usable() if canonical in h.installed]
+
+    def allow(self, backend: str) -> bool:
+        """Whether a request may go to ``backend`` now; half-open, it takes one of the
+        breaker's ``trial_requests`` (this replica's), so only that many go at a time."""
+        health = self._health.get(backend)
+        return health is not None and health.breaker.allow(self._now())
 
     def record(self, backend: str, outcome: Outcome) -> None:
         """A real request's outcome on ``backend`` (the passive health check)."""
