@@ -43,6 +43,7 @@ from neuronetz_gateway.domain.circuit_breaker import (
 from neuronetz_gateway.domain.models import canonical_model
 from neuronetz_gateway.logging import get_logger
 from neuronetz_gateway.proxy.discovery import Catalogue, DiscoveryFailed
+from neuronetz_gateway.stopping import stop_task, wait_set
 
 __all__ = ["BackendChecker", "BackendHealth", "Directory", "FleetDiscovery", "StatusBoard"]
 
@@ -149,6 +150,7 @@ class FleetDiscovery:
         self._catalogue: Catalogue | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._round_lock = asyncio.Lock()
         self.rounds = 0
         self._sync(directory.backends)
@@ -203,14 +205,16 @@ class FleetDiscovery:
 
     async def start(self) -> None:
         """Run rounds in the background (the first one at once)."""
+        self._stopping = False
         self._task = asyncio.get_running_loop().create_task(self._run(), name="nz-fleet-discovery")
 
     async def stop(self) -> None:
+        """Stop the rounds: by the flag and the wake too, waiting a bounded time only."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+            task, self._task = self._task, None
+            self._stopping = True
+            self._wake.set()
+            await stop_task(task, within=self._interval + 5.0)
 
     async def refresh(self) -> None:
         """One round now (rounds do not overlap)."""
@@ -230,14 +234,14 @@ class FleetDiscovery:
             self._rebuild()
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             self._wake.clear()
             try:
                 await self.refresh()
             except Exception as exc:  # noqa: BLE001 - a round must never end the loop
                 log.warning("fleet_discovery_round_failed", error=type(exc).__name__)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._interval)
+            if not self._stopping:
+                await wait_set(self._wake, self._interval)
 
     # -- internals ------------------------------------------------------------
 
