@@ -113,6 +113,10 @@ class Fleet(Protocol):
         """Passive health: how a call to ``name`` went (one of :data:`OUTCOMES`)."""
         ...
 
+    def take(self, name: str) -> bool:
+        """Whether a call may be sent to ``name`` now (half-open: takes one of its trials)."""
+        ...
+
 
 class SlotPort(Protocol):
     """The slot admission the pool needs (``adapters/redis_slots.SlotAdmission``)."""
@@ -184,6 +188,9 @@ class StaticFleet:
             self._open_until[name] = self._clock() + self._open_seconds
             self._failures[name] = self._threshold - 1  # after the pause, one more failure reopens
 
+    def take(self, name: str) -> bool:
+        return True  # its pause ends by itself (see the class)
+
 
 class _BackendSpecView(Protocol):
     @property
@@ -206,6 +213,7 @@ class _HealthView(Protocol):
     @property
     def loaded(self) -> frozenset[str]: ...
     def healthy(self, now: float) -> bool: ...
+    def available(self, now: float) -> bool: ...
 
 
 class HealthSource(Protocol):
@@ -215,12 +223,18 @@ class HealthSource(Protocol):
 
     def record(self, backend: str, outcome: Any) -> None: ...
 
+    def allow(self, backend: str) -> bool: ...
+
 
 class DiscoveredFleet:
     """The :class:`Fleet` of the operator's backends, as per-backend discovery sees them.
 
-    ``outcome`` turns the pool's outcome names into what ``source.record``
-    takes (the circuit breaker's ``Outcome``).
+    A member is healthy while its breaker lets a request through (closed, or
+    half-open with a trial free); :meth:`take`, just before a call is sent,
+    takes the trial, so a half-open backend gets ``trial_requests`` at a time
+    from this replica and the rest go elsewhere (or get 503). ``outcome``
+    turns the pool's outcome names into what ``source.record`` takes (the
+    circuit breaker's ``Outcome``).
     """
 
     def __init__(
@@ -243,7 +257,7 @@ class DiscoveredFleet:
                 h.spec.slots,
                 h.spec.weight,
                 h.spec.accepts_new,
-                h.healthy(now),
+                h.available(now),
                 frozenset(canonical_model(m) for m in h.installed),
                 frozenset(canonical_model(m) for m in h.loaded),
             )
@@ -252,6 +266,9 @@ class DiscoveredFleet:
 
     def report(self, name: str, outcome: str) -> None:
         self._source.record(name, self._outcome(outcome))
+
+    def take(self, name: str) -> bool:
+        return self._source.allow(name)
 
 
 def _with_health(member: PoolMember, *, healthy: bool) -> PoolMember:
@@ -511,7 +528,12 @@ class BackendPool:
         body: bytes | None,
         lease: SlotLease | None,
     ) -> PooledStream | None:
-        """One try on ``member``: its answer (5xx included), or ``None`` if it was unreachable."""
+        """One try on ``member``: its answer (5xx included), or ``None`` if it was unreachable
+        (or half-open with its trials out)."""
+        if not self._fleet.take(member.name):
+            if lease is not None:
+                self._give_back(lease)
+            return None
         try:
             stream = await self._send(call, member, path, body, lease)
         except UpstreamUnavailable:
@@ -632,6 +654,7 @@ class BackendPool:
     async def _admit(self, call: ModelCall, member: PoolMember, started: float) -> SlotLease:
         remaining = self._queue_timeout - (time.monotonic() - started)
         weight = self._tenant_weight(call.tenant_id) if self._tenant_weight is not None else 1
+        queued = call.on_queued
         try:
             lease = await self._slots.acquire(
                 member.name,
@@ -639,6 +662,7 @@ class BackendPool:
                 tenant=str(call.tenant_id),
                 weight=weight,
                 queue_timeout=max(remaining, 0.001),
+                on_queued=None if queued is None else lambda _position: queued(),
             )
         except QueueTimeout:
             self._metrics.errors.labels(member.name, "queue_timeout").inc()
