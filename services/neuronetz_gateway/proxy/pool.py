@@ -634,7 +634,7 @@ class BackendPool:
         self, call: ModelCall, route: Route, members: Mapping[str, PoolMember]
     ) -> tuple[str, SlotLease] | None:
         """The first ranked backend that grants a slot at once (``None``: all are full)."""
-        weight = self._tenant_weight(call.tenant_id) if self._tenant_weight is not None else 1
+        weight = self._weight(call)
         for name in route.candidates:
             member = members[name]
             try:
@@ -642,25 +642,21 @@ class BackendPool:
                     name, capacity=member.slots, tenant=str(call.tenant_id), weight=weight
                 )
             except SlotsUnavailable:
-                self._metrics.errors.labels(name, "slots_unavailable").inc()
-                raise _slots_unavailable() from None
+                raise self._capacity_unknown(name) from None
             if lease is not None:
-                self._metrics.queue_wait.labels(name).observe(0.0)
-                self._leases[lease] = member.slots
-                self._ensure_renewer()
-                return name, lease
+                return name, self._hold(member, lease)
         return None
 
     async def _admit(self, call: ModelCall, member: PoolMember, started: float) -> SlotLease:
+        """A slot on ``member``, waiting in its fair queue for what is left of the timeout."""
         remaining = self._queue_timeout - (time.monotonic() - started)
-        weight = self._tenant_weight(call.tenant_id) if self._tenant_weight is not None else 1
         queued = call.on_queued
         try:
             lease = await self._slots.acquire(
                 member.name,
                 capacity=member.slots,
                 tenant=str(call.tenant_id),
-                weight=weight,
+                weight=self._weight(call),
                 queue_timeout=max(remaining, 0.001),
                 on_queued=None if queued is None else lambda _position: queued(),
             )
@@ -669,12 +665,23 @@ class BackendPool:
             self._metrics.queue_wait.labels(member.name).observe(time.monotonic() - started)
             raise _queue_timed_out(self._queue_timeout) from None
         except SlotsUnavailable:
-            self._metrics.errors.labels(member.name, "slots_unavailable").inc()
-            raise _slots_unavailable() from None
+            raise self._capacity_unknown(member.name) from None
+        return self._hold(member, lease)
+
+    def _weight(self, call: ModelCall) -> int:
+        return self._tenant_weight(call.tenant_id) if self._tenant_weight is not None else 1
+
+    def _hold(self, member: PoolMember, lease: SlotLease) -> SlotLease:
+        """A slot granted (at once or from the queue): its wait counted, renewed from now on."""
         self._metrics.queue_wait.labels(member.name).observe(lease.waited)
         self._leases[lease] = member.slots
         self._ensure_renewer()
         return lease
+
+    def _capacity_unknown(self, name: str) -> Refusal:
+        """Redis could not say whether ``name`` has a slot: fail closed (503)."""
+        self._metrics.errors.labels(name, "slots_unavailable").inc()
+        return _slots_unavailable()
 
     async def _send(
         self,
