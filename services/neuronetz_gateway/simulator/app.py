@@ -63,6 +63,7 @@ from neuronetz_gateway.simulator.gpu import (
 __all__ = [
     "BUSY_MESSAGE",
     "DEFAULT_MODELS",
+    "ENVIRONMENT",
     "MIDSTREAM_ERROR_MESSAGE",
     "THINKING",
     "RecordedRequest",
@@ -163,39 +164,44 @@ class SimulatorConfig(msgspec.Struct, kw_only=True):
     def from_env(cls, env: Mapping[str, str] | None = None) -> SimulatorConfig:
         """The defaults, overridden by the ``NZ_SIM_*`` environment variables."""
         env = os.environ if env is None else env
-        config = cls()
-        if value := env.get("NZ_SIM_CHUNKS"):
-            config.chunks = int(value)
-        if value := env.get("NZ_SIM_CHUNK_DELAY_MS"):
-            config.chunk_delay_ms = float(value)
-        if value := env.get("NZ_SIM_MODELS"):
-            config.models = tuple(m.strip() for m in value.split(",") if m.strip())
-        if value := env.get("NZ_SIM_RECORD"):
-            config.record = value.strip().lower() not in {"0", "false", "no", "off"}
-        if value := env.get("NZ_SIM_SLOTS"):
-            config.slots = int(value)
-        if value := env.get("NZ_SIM_MAX_QUEUE"):
-            config.max_queue = int(value)
-        if value := env.get("NZ_SIM_LOAD_SECONDS"):
-            config.load_seconds = float(value)
-        if value := env.get("NZ_SIM_MAX_LOADED"):
-            config.max_loaded = int(value)
-        if value := env.get("NZ_SIM_LOADED"):
-            config.loaded = tuple(m.strip() for m in value.split(",") if m.strip())
-        if value := env.get("NZ_SIM_TOKENS_PER_SECOND"):
-            config.tokens_per_second = float(value)
+        values = {
+            field: parse(raw)
+            for field, (variable, parse) in ENVIRONMENT.items()
+            if (raw := env.get(variable))
+        }
         # the same bounds as a run-time change (a zero slot count would hang everything)
-        msgspec.convert({f: getattr(config, f) for f in _GPU_FIELDS}, _ConfigUpdate)
-        return config
+        msgspec.convert(values, _ConfigUpdate)
+        return msgspec.structs.replace(cls(), **values)
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in value.split(",") if m.strip())
+
+
+def _switch(value: str) -> bool:
+    return value.strip().lower() not in {"0", "false", "no", "off"}
+
+
+#: The knobs read at start-up: field -> its environment variable and how to read it
+#: (``python -m neuronetz_gateway.simulator`` sets them from its flags of the field's name).
+ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "chunks": ("NZ_SIM_CHUNKS", int),
+    "chunk_delay_ms": ("NZ_SIM_CHUNK_DELAY_MS", float),
+    "models": ("NZ_SIM_MODELS", _names),
+    "record": ("NZ_SIM_RECORD", _switch),
+    "slots": ("NZ_SIM_SLOTS", int),
+    "max_queue": ("NZ_SIM_MAX_QUEUE", int),
+    "load_seconds": ("NZ_SIM_LOAD_SECONDS", float),
+    "max_loaded": ("NZ_SIM_MAX_LOADED", int),
+    "loaded": ("NZ_SIM_LOADED", _names),
+    "tokens_per_second": ("NZ_SIM_TOKENS_PER_SECOND", float),
+}
 
 
 _Positive = Annotated[int, msgspec.Meta(ge=1)]
 _NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 _NonNegativeSeconds = Annotated[float, msgspec.Meta(ge=0)]
 _PositiveRate = Annotated[float, msgspec.Meta(gt=0)]
-
-
-_GPU_FIELDS = ("slots", "max_queue", "load_seconds", "max_loaded", "tokens_per_second")
 
 
 class _ConfigUpdate(msgspec.Struct, forbid_unknown_fields=True):
