@@ -18,6 +18,17 @@ def _spooled(spool: Path) -> list[Path]:
     return list(spool.rglob("*.jsonl"))  # one subdirectory per deployment
 
 
+def _left_in(spool: Path) -> list[str]:
+    """Every file left in the spool: waiting (.jsonl), being written (.tmp), set aside (.bad)."""
+    return sorted(p.name for p in spool.rglob("*") if p.is_file())
+
+
+def _audit_log_lines(log: Path) -> list[str]:
+    """The proxy's log lines about audit rows (spooled, rejected, replayed) for a failure."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return [line for line in text.splitlines() if "audit_" in line]
+
+
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}
 
 pytest_plugins = ["tests.support.proxy_fixtures"]
@@ -54,14 +65,28 @@ async def test_postgres_outage_loses_no_audit_row_and_writes_each_once(
                 pg.start()
                 conn = await asyncpg.connect(url)
                 try:
+                    expected = {"req-warm", *request_ids}
 
                     async def caught_up() -> bool:
+                        # every row the test expects (req-warm too: its batch may have
+                        # failed as Postgres stopped), and nothing left in the spool
                         count = await conn.fetchval(
-                            "SELECT count(*) FROM usage_log WHERE request_id LIKE 'req-out-%'"
+                            "SELECT count(DISTINCT request_id) FROM usage_log"
+                            " WHERE request_id = ANY($1::text[])",
+                            sorted(expected),
                         )
-                        return bool(count >= 20 and not _spooled(proxy.spool))
+                        return bool(count == len(expected) and not _left_in(proxy.spool))
 
-                    assert await eventually(caught_up, 20)
+                    if not await eventually(caught_up, 30):
+                        present = {
+                            r["request_id"]
+                            for r in await conn.fetch("SELECT request_id FROM usage_log")
+                        }
+                        raise AssertionError(
+                            f"missing rows {sorted(expected - present)}; "
+                            f"spool {_left_in(proxy.spool)}; "
+                            f"audit log {_audit_log_lines(proxy.log)}"
+                        )
                     rows = await conn.fetch(
                         "SELECT request_id, count(*) AS n FROM usage_log GROUP BY request_id"
                     )
@@ -70,4 +95,4 @@ async def test_postgres_outage_loses_no_audit_row_and_writes_each_once(
         written = {r["request_id"]: r["n"] for r in rows}
         assert set(written) == {"req-warm", *request_ids}
         assert set(written.values()) == {1}  # each exactly once
-        assert not _spooled(proxy.spool)
+        assert not _left_in(proxy.spool)  # nothing waiting, nothing set aside (.bad)

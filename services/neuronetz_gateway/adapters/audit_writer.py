@@ -123,13 +123,19 @@ def _prompt_args(row: PromptRow) -> tuple[Any, ...]:
 
 
 def _transient(exc: BaseException) -> bool:
-    """Whether a write failure means "Postgres is away" (retry) rather than "never"."""
+    """Whether a write failure means "Postgres is away" (retry) rather than "never".
+
+    ``InternalClientError`` is asyncpg's own state going wrong, seen when a
+    connection dies under a write as Postgres stops: the row was never
+    refused, so it is retried (set aside, it would be missing from the ledger).
+    """
     return isinstance(
         exc,
         OSError
         | TimeoutError
         | asyncpg.PostgresConnectionError
         | asyncpg.InterfaceError
+        | asyncpg.exceptions.InternalClientError
         | asyncpg.exceptions.OperatorInterventionError
         | asyncpg.exceptions.InsufficientResourcesError,
     )
