@@ -95,6 +95,38 @@ class FakeUpstream:
 
 
 @dataclass
+class QueueingUpstream(FakeUpstream):
+    """An upstream whose every call waits for a slot, as the pool does when all are held.
+
+    ``open`` reports the call queued (``ModelCall.on_queued``), then waits for
+    ``grant``: then it answers the next scripted stream, or raises ``refusal``
+    (a queue timeout). ``waiting`` counts the calls waiting now, ``cancelled``
+    those whose wait was cancelled (a client that left frees its place).
+    """
+
+    grant: asyncio.Event = field(default_factory=asyncio.Event)
+    refusal: Exception | None = None
+    waiting: int = 0
+    cancelled: int = 0
+
+    async def open(self, call: ModelCall, path: str, body: bytes | None) -> FakeStream:
+        self.calls.append((call, path, body))
+        if call.on_queued is not None:
+            call.on_queued()
+        self.waiting += 1
+        try:
+            await self.grant.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.waiting -= 1
+        if self.refusal is not None:
+            raise self.refusal
+        return self.streams.pop(0)
+
+
+@dataclass
 class FakeLimiter:
     """Records reservations and settlements; refuses what ``refuse`` names."""
 
@@ -234,10 +266,13 @@ class Proxy:
 class Client:
     """The ASGI client side: one request body, then (optionally) a disconnect."""
 
-    def __init__(self, body: bytes, *, leave_after_start: bool = False) -> None:
+    def __init__(
+        self, body: bytes, *, leave_after_start: bool = False, leave: asyncio.Event | None = None
+    ) -> None:
         self._body = body
         self._sent_body = False
         self._leave = leave_after_start
+        self._leave_now = leave  # the client leaves once this is set
         self._started = asyncio.Event()
         self.status: int | None = None
         self.headers: dict[bytes, bytes] = {}
@@ -248,6 +283,9 @@ class Client:
         if not self._sent_body:
             self._sent_body = True
             return {"type": "http.request", "body": self._body, "more_body": False}
+        if self._leave_now is not None:
+            await self._leave_now.wait()
+            return {"type": "http.disconnect"}
         if self._leave:
             await self._started.wait()
             return {"type": "http.disconnect"}

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
+import msgspec
 import ollama
 import pytest
 
@@ -27,6 +28,8 @@ from neuronetz_gateway.simulator import (
     simulated_pieces,
     simulated_text,
 )
+from neuronetz_gateway.simulator import __main__ as simulator_main
+from neuronetz_gateway.simulator.app import ENVIRONMENT
 
 FINAL_FIELDS = {
     "total_duration",
@@ -426,6 +429,31 @@ def test_config_from_env() -> None:
     default = SimulatorConfig.from_env({})
     assert (default.chunks, default.chunk_delay_ms) == (20, 0.0)
     assert default.models == ("llama3.2:latest", "qwen2.5:0.5b", "nomic-embed-text:latest")
+
+
+def test_every_flag_reaches_the_config_through_the_environment() -> None:
+    argv = [
+        "--chunks", "3", "--chunk-delay-ms", "1.5", "--models", "a, b", "--no-record",
+        "--slots", "2", "--max-queue", "0", "--tokens-per-second", "40",
+        "--load-seconds", "0.5", "--max-loaded", "1", "--loaded", "a",
+    ]  # fmt: skip
+    env = simulator_main._environment(simulator_main._parser().parse_args(argv))
+    assert set(env) == {variable for variable, _ in ENVIRONMENT.values()}
+    config = SimulatorConfig.from_env(env)
+    assert msgspec.structs.asdict(config) == {
+        **msgspec.structs.asdict(SimulatorConfig()),
+        "chunks": 3,
+        "chunk_delay_ms": 1.5,
+        "models": ("a", "b"),
+        "record": False,
+        "slots": 2,
+        "max_queue": 0,
+        "tokens_per_second": 40.0,
+        "load_seconds": 0.5,
+        "max_loaded": 1,
+        "loaded": ("a",),
+    }
+    assert simulator_main._environment(simulator_main._parser().parse_args([])) == {}
 
 
 def test_deterministic_helpers() -> None:

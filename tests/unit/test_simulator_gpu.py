@@ -287,3 +287,19 @@ async def test_flags_reach_the_worker_and_a_client_leaving_the_queue_frees_it(
             await _until(lambda s: s["waiting"] == 1, client)  # its place was free again
             await client.post("/_sim/config", json={"failure": None})
         assert (await again).status_code == 200
+
+
+async def test_busy_slot_seconds_add_up_the_slots_held(client: httpx.AsyncClient) -> None:
+    assert (await _stats(client))["busy_slot_seconds"] == 0
+    await client.post("/_sim/config", json={"slots": 2})
+    started = time.monotonic()
+    answers = await asyncio.gather(*(client.post("/api/chat", json=_chat()) for _ in range(4)))
+    elapsed = time.monotonic() - started
+    assert {a.status_code for a in answers} == {200}
+    busy = (await _stats(client))["busy_slot_seconds"]
+    # each of the 4 held a slot at least its 3 tokens at 100/s (a little slack for the
+    # clock); together never more than the 2 slots for the whole time
+    assert busy >= 4 * 0.03 * 0.9
+    assert busy <= 2 * elapsed
+    await client.post("/_sim/reset")
+    assert (await _stats(client))["busy_slot_seconds"] == 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -181,7 +182,9 @@ class Exchange:
         self.span = tracing.start(f"proxy {self.route}", self.identity.traceparent)
         self.traceparent = tracing.traceparent(self.span)
 
-    def model_call(self, *, stream: bool = False) -> ModelCall:
+    def model_call(
+        self, *, stream: bool = False, on_queued: Callable[[], None] | None = None
+    ) -> ModelCall:
         """What the upstream is told about this call (to choose a backend)."""
         identity = self.identity
         return ModelCall(
@@ -194,6 +197,7 @@ class Exchange:
             session=self.session,
             stream=stream,
             traceparent=self.traceparent,
+            on_queued=on_queued,
         )
 
     # -- headers ----------------------------------------------------------------

@@ -632,6 +632,7 @@ class BackendPool:
     async def _admit(self, call: ModelCall, member: PoolMember, started: float) -> SlotLease:
         remaining = self._queue_timeout - (time.monotonic() - started)
         weight = self._tenant_weight(call.tenant_id) if self._tenant_weight is not None else 1
+        queued = call.on_queued
         try:
             lease = await self._slots.acquire(
                 member.name,
@@ -639,6 +640,7 @@ class BackendPool:
                 tenant=str(call.tenant_id),
                 weight=weight,
                 queue_timeout=max(remaining, 0.001),
+                on_queued=None if queued is None else lambda _position: queued(),
             )
         except QueueTimeout:
             self._metrics.errors.labels(member.name, "queue_timeout").inc()
