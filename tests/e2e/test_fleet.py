@@ -631,7 +631,7 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _streaming_on(sim: SimulatorServer, live: list[_Outcome]) -> list[_Outcome]:
-    """Streams under way whose client has a first line (of 20) from ``sim``, few more."""
+    """Streams under way whose client has a first line (of 40) from ``sim``, few more."""
     started = [o for o in live if 1 <= o.body.count(b"\n") <= 5 and not o.complete]
     return [o for o in started if o.prompt in _prompts(sim)] if started else []
 
@@ -659,10 +659,12 @@ async def test_a_backend_killed_mid_traffic_fails_over_all_not_yet_streaming(
     ledger = Ledger(fleet_store)
     key = await ledger.issue()
     headers = {"authorization": f"Bearer {key.key}"}
-    common = {"NZ_SIM_SLOTS": "8", "NZ_SIM_CHUNKS": "20", "NZ_SIM_CHUNK_DELAY_MS": "30"}
+    common = {"NZ_SIM_SLOTS": "8", "NZ_SIM_MODELS": MISTRAL, "NZ_SIM_LOADED": MISTRAL}
+    # the doomed one streams slowly (2 s), so a stream its client has seen start is
+    # still under way when the kill comes, however late a loaded machine runs the test
     with (
-        running_simulator(**common, NZ_SIM_MODELS=MISTRAL, NZ_SIM_LOADED=MISTRAL) as keep,
-        running_simulator(**common, NZ_SIM_MODELS=MISTRAL, NZ_SIM_LOADED=MISTRAL) as doomed,
+        running_simulator(**common, NZ_SIM_CHUNKS="10", NZ_SIM_CHUNK_DELAY_MS="30") as keep,
+        running_simulator(**common, NZ_SIM_CHUNKS="40", NZ_SIM_CHUNK_DELAY_MS="50") as doomed,
     ):
         async with _own_backends(fleet_store, {"gpu-k1": keep, "gpu-k2": doomed}, slots=2):
             await _known_everywhere(client, fleet, MISTRAL, ["gpu-k1", "gpu-k2"])
@@ -804,7 +806,7 @@ async def test_a_backend_added_and_removed_while_traffic_runs(
     await _wait_ready(client, fleet)
     for sim in fleet.sims.values():
         sim.configure(chunks=5)
-    stop = asyncio.Event()
+    stop, committed = asyncio.Event(), asyncio.Event()
     with running_simulator(
         NZ_SIM_SLOTS="8",
         NZ_SIM_MODELS=f"{LLAMA},{GEMMA}",
@@ -820,7 +822,7 @@ async def test_a_backend_added_and_removed_while_traffic_runs(
             before = [_admissions(t).get("gpu-d", (0, 0))[0] for t in _replica_metrics(fleet)]
             cli = asyncio.ensure_future(
                 asyncio.to_thread(
-                    fleet.backend, "add", "--name", "gpu-d", "--url", added.url, "--slots", "2"
+                    fleet.backend, "add", "--name", "gpu-d", "--url", added.url, "--slots", "4"
                 )
             )
             added_at = await _committed(fleet_store, "gpu-d", present=True)
@@ -848,25 +850,33 @@ async def test_a_backend_added_and_removed_while_traffic_runs(
                 )
             ):
                 assert reply.status_code == 200, reply.text
-            # llama traffic reaches it too (loaded there), slowly: some run while it goes
-            # (4 s each: longer than the CLI takes, so some still run once it has removed it)
-            added.configure(chunks=80, chunk_delay_ms=50)
+            # streams of its own model (1 s each, a new one every 0.3 s) run on it while it
+            # goes: those it received finish
+            added.configure(chunks=20, chunk_delay_ms=50)
+            own = asyncio.ensure_future(_overlapping(client, fleet.headers(), GEMMA, committed))
             await _until(lambda: added.stats()["active"] >= 2)
             cli = asyncio.ensure_future(
                 asyncio.to_thread(fleet.backend, "remove", "--name", "gpu-d")
             )
             removed_at = await _committed(fleet_store, "gpu-d", present=False)
             running = added.stats()["active"]
+            committed.set()
             await cli
             await asyncio.sleep(max(0.0, removed_at + 1.0 - time.monotonic()))
             reached = len(_prompts(added))
             served = sum(fleet.served_by().values())
             await _until(lambda: sum(fleet.served_by().values()) >= served + 12, within=20)
             assert len(_prompts(added)) == reached  # nothing new after the first second
+            on_it = _prompts(added)
+            own_outcomes = await own
+            assert all(o.complete for o in own_outcomes if o.prompt in on_it), [
+                (o.prompt, o.status, o.body[-200:]) for o in own_outcomes if o.prompt in on_it
+            ]
             await _until(lambda: added.stats()["active"] == 0, within=10)
             assert added.stats()["cancelled"] == 0  # its running requests finished
         finally:
             stop.set()
+            committed.set()  # no more streams of its own (the test may have failed before)
             outcomes = await traffic
             with contextlib.suppress(NotFound):  # the test failed before its remove
                 await fleet_store.remove_backend("gpu-d")
@@ -883,3 +893,16 @@ async def _committed(store: Store, name: str, *, present: bool) -> float:
         assert time.monotonic() < deadline, f"backend {name} not {'added' if present else 'gone'}"
         await asyncio.sleep(0.02)
     return time.monotonic()
+
+
+async def _overlapping(
+    client: httpx.AsyncClient, headers: dict[str, str], model: str, until: asyncio.Event
+) -> list[_Outcome]:
+    """A new stream of ``model`` every 0.3 s until ``until``; all their outcomes."""
+    started: list[asyncio.Future[_Outcome]] = []
+    while not until.is_set():
+        prompt = f"own-{len(started)}"
+        started.append(asyncio.ensure_future(_stream(client, headers, model, prompt, "native")))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(until.wait(), 0.3)
+    return list(await asyncio.gather(*started))
