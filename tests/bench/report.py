@@ -564,12 +564,41 @@ def _profile_lines(results: Mapping[str, Any]) -> list[str]:
 REDIS_CLIENTS_MD = Path(__file__).resolve().parents[2] / "docs" / "benchmarks-redis-clients.md"
 
 
+#: Why the gateway keeps the clients it keeps (scope-docs/SPEC.md section 5), from the
+#: figures of the run recorded when it was written; kept under the table on every rewrite.
+REDIS_CLIENT_CHOICE = (
+    "**The choice: two clients.** Ours (the pipelined client) for one server and TLS, "
+    "the fastest there (2026-12-02 run: 10,585 decisions/s single, 6,371 TLS); "
+    "redis-py for Cluster (3,603) and Sentinel, and for everything off the decision "
+    "path. valkey-glide is 1.6x faster than redis-py on a Cluster (5,783) but has no "
+    "Sentinel support, so choosing it would make three clients against issue 13's "
+    '"two at most". Checked for valkey-glide 2.6.0, the version `task bench:redis` '
+    "installs (unpinned; 2.6.0 in the 2026-12-02 run and when checked on 2026-12-03): "
+    "its Python API takes node addresses only (`GlideClientConfiguration`: no "
+    "sentinel addresses, no master name); no name in the `glide` package refers to "
+    "Sentinel except `InfoSection.SENTINEL` (an `INFO` section); standalone "
+    "`NodeDiscoveryMode` (STANDARD, STATIC, DISCOVER_ALL) finds the primary among the "
+    "given nodes by `INFO REPLICATION`, never by asking a sentinel. The Rust core "
+    "carries redis-rs's Sentinel error kinds (`MasterNameNotFoundBySentinel`, ...), "
+    "but no Python setting reaches them. Sentinel support is the open request "
+    "valkey-io/valkey-glide#2761. coredis is slower than redis-py on a Cluster "
+    "(2,033) and is not used."
+)
+
+
 def _redis_client_lines() -> list[str]:
     """The separate Redis client comparison (``task bench:redis``), when it was run."""
     if not REDIS_CLIENTS_MD.is_file():
         return []
     body = REDIS_CLIENTS_MD.read_text().split("\n", 1)[1].strip()  # without its title
-    return ["", "### Redis clients on the decision path (`task bench:redis`)", "", body]
+    return [
+        "",
+        "### Redis clients on the decision path (`task bench:redis`)",
+        "",
+        body,
+        "",
+        REDIS_CLIENT_CHOICE,
+    ]
 
 
 def write_markdown(results: Mapping[str, Any], path: Path, chart_name: str) -> None:

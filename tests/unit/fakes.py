@@ -21,7 +21,7 @@ from neuronetz_gateway.domain.model_call import ModelCall
 from neuronetz_gateway.proxy.context import ProxyContext
 from neuronetz_gateway.proxy.discovery import Catalogue
 from neuronetz_gateway.proxy.metrics import ProxyMetrics
-from neuronetz_gateway.proxy.ports import IdentityReplayed, UpstreamError
+from neuronetz_gateway.proxy.ports import IdentityReplayed, LimiterUnavailable, UpstreamError
 from neuronetz_gateway.settings import Secret, Settings
 
 SECRET = b"unit-test-secret-" + b"x" * 32
@@ -80,9 +80,12 @@ class FakeUpstream:
     streams: list[FakeStream] = field(default_factory=list)
     calls: list[tuple[ModelCall, str, bytes | None]] = field(default_factory=list)
     unavailable: bool = False
+    backend: str = "default"  # the name it gives the call's ``on_sent``
 
     async def open(self, call: ModelCall, path: str, body: bytes | None) -> FakeStream:
         self.calls.append((call, path, body))
+        if call.on_sent is not None:
+            call.on_sent(self.backend)
         if self.unavailable:
             raise UpstreamError("connection refused")
         return self.streams.pop(0)
@@ -123,6 +126,8 @@ class QueueingUpstream(FakeUpstream):
             self.waiting -= 1
         if self.refusal is not None:
             raise self.refusal
+        if call.on_sent is not None:
+            call.on_sent(self.backend)
         return self.streams.pop(0)
 
 
@@ -135,6 +140,8 @@ class FakeLimiter:
     reserved: list[int] = field(default_factory=list)
     settled: list[tuple[int, int]] = field(default_factory=list)  # (reserved, actual)
     released: list[str] = field(default_factory=list)
+    settle_failures: int = 0  # the next this many settles raise LimiterUnavailable
+    settle_attempts: list[str | None] = field(default_factory=list)  # reservation ids
 
     def _claim(self, request_id: str) -> None:
         if request_id in self.claimed:
@@ -175,6 +182,10 @@ class FakeLimiter:
         release_lease_id: str | None = None,
         reservation_id: str | None = None,
     ) -> Allowance:
+        self.settle_attempts.append(reservation_id)
+        if self.settle_failures > 0:
+            self.settle_failures -= 1
+            raise LimiterUnavailable("redis failed: ConnectionError")
         self.settled.append((reserved, actual))
         if release_lease_id is not None:
             self.released.append(release_lease_id)

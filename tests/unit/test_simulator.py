@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -634,13 +635,13 @@ def _free_port() -> int:
         return port
 
 
-@pytest.fixture
-def served() -> Iterator[str]:
+@contextlib.contextmanager
+def served_simulator(*flags: str, **env: str) -> Iterator[str]:
+    """``python -m neuronetz_gateway.simulator`` (Granian) on a free port; yields its URL."""
     port = _free_port()
-    env = {**os.environ, "NZ_SIM_CHUNKS": "4"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "neuronetz_gateway.simulator", "--port", str(port)],
-        env=env,
+        [sys.executable, "-m", "neuronetz_gateway.simulator", "--port", str(port), *flags],
+        env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -659,6 +660,12 @@ def served() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture
+def served() -> Iterator[str]:
+    with served_simulator(NZ_SIM_CHUNKS="4") as base:
+        yield base
 
 
 def test_served_by_granian_notices_disconnects(served: str) -> None:

@@ -41,6 +41,7 @@ from neuronetz_gateway.proxy.discovery import Catalogue, DiscoveryFailed
 from neuronetz_gateway.proxy.metrics import DEFAULT_BACKEND
 from neuronetz_gateway.proxy.ports import IdentityReplayed, LimiterUnavailable, UpstreamStream
 from neuronetz_gateway.proxy.refusals import Refusal, model_unavailable
+from neuronetz_gateway.proxy.settle_retry import PendingSettle
 from neuronetz_gateway.proxy.spans import backend_address, span_attributes, span_name
 from neuronetz_gateway.tracing import Tracing
 
@@ -185,7 +186,8 @@ class Exchange:
     def model_call(
         self, *, stream: bool = False, on_queued: Callable[[], None] | None = None
     ) -> ModelCall:
-        """What the upstream is told about this call (to choose a backend)."""
+        """What the upstream is told about this call (to choose a backend); it names the
+        backend it sends to through ``on_sent`` (:meth:`to_backend`)."""
         identity = self.identity
         return ModelCall(
             route=self.route,
@@ -198,6 +200,7 @@ class Exchange:
             stream=stream,
             traceparent=self.traceparent,
             on_queued=on_queued,
+            on_sent=self.to_backend,
         )
 
     # -- headers ----------------------------------------------------------------
@@ -229,10 +232,15 @@ class Exchange:
                 self.ctx.metrics.backend_ttft.labels(self.backend).observe(elapsed)
 
     def to_backend(self, backend: str = DEFAULT_BACKEND) -> None:
-        """The request goes to ``backend`` now: it is in flight there until :meth:`finish`."""
-        if self.backend is None:
-            self.backend = backend
-            self.ctx.metrics.backend_in_flight.labels(backend).inc()
+        """The request goes to ``backend`` now: it is in flight there until :meth:`finish`
+        (the upstream's ``ModelCall.on_sent``; a failover moves it to the next one)."""
+        if self.backend == backend:
+            return
+        in_flight = self.ctx.metrics.backend_in_flight
+        if self.backend is not None:
+            in_flight.labels(self.backend).dec()
+        self.backend = backend
+        in_flight.labels(backend).inc()
 
     # -- models -------------------------------------------------------------------
 
@@ -397,10 +405,23 @@ class Exchange:
                 reservation_id=self.reservation_id,
             )
         except LimiterUnavailable as exc:
-            # The reservation stays charged (an over-count, never an under-count);
-            # the ledger row below has the truth for the next rebuild. The lease
-            # expires by itself after its TTL.
+            # Left alone, the reservation would expire and be given back: the real
+            # charge lost. Sent again in the background (the response does not wait),
+            # until it lands or the reservation expired; the lease goes with it.
             log.warning("settle_failed", request_id=identity.request_id, reason=str(exc))
+            if self.ctx.settle_retries is not None:
+                self.ctx.settle_retries.retry(
+                    PendingSettle(
+                        request_id=identity.request_id,
+                        tenant_id=identity.tenant_id,
+                        key_id=identity.key_id,
+                        reserved=self.reserved,
+                        actual=self.prompt_tokens + self.completion_tokens,
+                        reserved_at=self.reserved_at,
+                        release_lease_id=lease_id,
+                        reservation_id=self.reservation_id,
+                    )
+                )
             return
         if headers_pending:
             self.allowance = _merge_tokens(self.allowance, allowance)

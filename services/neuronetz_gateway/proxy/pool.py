@@ -19,8 +19,10 @@ Calls for no model (``/api/ps``, ``/api/version``) go to any healthy active
 backend without a slot; model calls that generate nothing (``/api/show``) to
 one that has the model, without a slot. When no backend can serve the call,
 or every attempt failed to connect, the answer is 503 (``Retry-After: 1``), at
-once. Metrics per backend: in flight, queue depth and wait, time to first
-token, tokens/s, cold loads (``load_duration``), errors, health.
+once. Metrics per backend here: slots held, queue depth and wait, tokens/s,
+cold loads (``load_duration``), errors, failovers, health; in flight and time
+to first token are the exchange's ``nz_proxy_backend_*``, labelled with the
+backend's name through ``ModelCall.on_sent``.
 """
 
 from __future__ import annotations
@@ -113,6 +115,10 @@ class Fleet(Protocol):
         """Passive health: how a call to ``name`` went (one of :data:`OUTCOMES`)."""
         ...
 
+    def take(self, name: str) -> bool:
+        """Whether a call may be sent to ``name`` now (half-open: takes one of its trials)."""
+        ...
+
 
 class SlotPort(Protocol):
     """The slot admission the pool needs (``adapters/redis_slots.SlotAdmission``)."""
@@ -184,6 +190,9 @@ class StaticFleet:
             self._open_until[name] = self._clock() + self._open_seconds
             self._failures[name] = self._threshold - 1  # after the pause, one more failure reopens
 
+    def take(self, name: str) -> bool:
+        return True  # its pause ends by itself (see the class)
+
 
 class _BackendSpecView(Protocol):
     @property
@@ -206,6 +215,7 @@ class _HealthView(Protocol):
     @property
     def loaded(self) -> frozenset[str]: ...
     def healthy(self, now: float) -> bool: ...
+    def available(self, now: float) -> bool: ...
 
 
 class HealthSource(Protocol):
@@ -215,12 +225,18 @@ class HealthSource(Protocol):
 
     def record(self, backend: str, outcome: Any) -> None: ...
 
+    def allow(self, backend: str) -> bool: ...
+
 
 class DiscoveredFleet:
     """The :class:`Fleet` of the operator's backends, as per-backend discovery sees them.
 
-    ``outcome`` turns the pool's outcome names into what ``source.record``
-    takes (the circuit breaker's ``Outcome``).
+    A member is healthy while its breaker lets a request through (closed, or
+    half-open with a trial free); :meth:`take`, just before a call is sent,
+    takes the trial, so a half-open backend gets ``trial_requests`` at a time
+    from this replica and the rest go elsewhere (or get 503). ``outcome``
+    turns the pool's outcome names into what ``source.record`` takes (the
+    circuit breaker's ``Outcome``).
     """
 
     def __init__(
@@ -243,7 +259,7 @@ class DiscoveredFleet:
                 h.spec.slots,
                 h.spec.weight,
                 h.spec.accepts_new,
-                h.healthy(now),
+                h.available(now),
                 frozenset(canonical_model(m) for m in h.installed),
                 frozenset(canonical_model(m) for m in h.loaded),
             )
@@ -252,6 +268,9 @@ class DiscoveredFleet:
 
     def report(self, name: str, outcome: str) -> None:
         self._source.record(name, self._outcome(outcome))
+
+    def take(self, name: str) -> bool:
+        return self._source.allow(name)
 
 
 def _with_health(member: PoolMember, *, healthy: bool) -> PoolMember:
@@ -268,20 +287,19 @@ def _with_health(member: PoolMember, *, healthy: bool) -> PoolMember:
 
 
 _WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _RATE_BUCKETS = (1, 5, 10, 20, 40, 80, 160, 320, 640, 1280, 5000)
 
 
 class PoolMetrics:
-    """Per-backend figures of the pool, on the proxy's registry."""
+    """Per-backend figures of the pool, on the proxy's registry.
+
+    What the exchange already counts per backend is not here: in flight and
+    time to first token are ``nz_proxy_backend_in_flight`` and
+    ``nz_proxy_backend_ttft_seconds`` (``proxy/metrics.py``), labelled with the
+    backend the pool names through ``ModelCall.on_sent``.
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.in_flight = Gauge(
-            "nz_proxy_pool_in_flight",
-            "Requests holding a slot on a backend (this replica).",
-            ("backend",),
-            registry=registry,
-        )
         self.queue_depth = Gauge(
             "nz_proxy_pool_queue_depth",
             "Requests waiting for a slot on a backend, all replicas (at the last routing).",
@@ -299,13 +317,6 @@ class PoolMetrics:
             "Time a request waited for a slot on a backend (0 when one was free).",
             ("backend",),
             buckets=_WAIT_BUCKETS,
-            registry=registry,
-        )
-        self.ttft = Histogram(
-            "nz_proxy_pool_ttft_seconds",
-            "Time from sending to a backend to its first body bytes (load and queue included).",
-            ("backend",),
-            buckets=_TTFT_BUCKETS,
             registry=registry,
         )
         self.tokens_per_second = Histogram(
@@ -371,21 +382,18 @@ def _final_figures(tail: bytes) -> _Final | None:
 class PooledStream:
     """A backend's answer that holds a slot until :meth:`release` / :meth:`abort`."""
 
-    __slots__ = ("_done", "_first", "_on_done", "_response", "_sent", "_tail", "member")
+    __slots__ = ("_done", "_on_done", "_response", "_tail", "member")
 
     def __init__(
         self,
         response: UpstreamResponse,
         member: PoolMember,
-        sent: float,
-        on_done: Callable[[PooledStream, bytes | None, float | None], None],
+        on_done: Callable[[PooledStream, bytes | None], None],
     ) -> None:
         self._response = response
         self.member = member
-        self._sent = sent
         self._on_done = on_done
         self._tail = b""
-        self._first: float | None = None
         self._done = False
 
     @property
@@ -402,14 +410,11 @@ class PooledStream:
 
     async def read(self) -> bytes:
         data = await self._response.read()
-        self._first = self._first or time.monotonic()
         self._tail = data[-_TAIL_BYTES:]
         return data
 
     async def chunks(self) -> AsyncIterator[bytes]:
         async for data in self._response.chunks():
-            if self._first is None:
-                self._first = time.monotonic()
             self._tail = (self._tail + data)[-_TAIL_BYTES:]
             yield data
 
@@ -425,8 +430,7 @@ class PooledStream:
         if self._done:
             return
         self._done = True
-        ttft = None if self._first is None else self._first - self._sent
-        self._on_done(self, self._tail if self.status == 200 else None, ttft)
+        self._on_done(self, self._tail if self.status == 200 else None)
 
 
 class BackendPool:
@@ -511,7 +515,12 @@ class BackendPool:
         body: bytes | None,
         lease: SlotLease | None,
     ) -> PooledStream | None:
-        """One try on ``member``: its answer (5xx included), or ``None`` if it was unreachable."""
+        """One try on ``member``: its answer (5xx included), or ``None`` if it was unreachable
+        (or half-open with its trials out)."""
+        if not self._fleet.take(member.name):
+            if lease is not None:
+                self._give_back(lease)
+            return None
         try:
             stream = await self._send(call, member, path, body, lease)
         except UpstreamUnavailable:
@@ -612,7 +621,7 @@ class BackendPool:
         self, call: ModelCall, route: Route, members: Mapping[str, PoolMember]
     ) -> tuple[str, SlotLease] | None:
         """The first ranked backend that grants a slot at once (``None``: all are full)."""
-        weight = self._tenant_weight(call.tenant_id) if self._tenant_weight is not None else 1
+        weight = self._weight(call)
         for name in route.candidates:
             member = members[name]
             try:
@@ -620,25 +629,21 @@ class BackendPool:
                     name, capacity=member.slots, tenant=str(call.tenant_id), weight=weight
                 )
             except SlotsUnavailable:
-                self._metrics.errors.labels(name, "slots_unavailable").inc()
-                raise _slots_unavailable() from None
+                raise self._capacity_unknown(name) from None
             if lease is not None:
-                self._metrics.queue_wait.labels(name).observe(0.0)
-                self._leases[lease] = member.slots
-                self._ensure_renewer()
-                return name, lease
+                return name, self._hold(member, lease)
         return None
 
     async def _admit(self, call: ModelCall, member: PoolMember, started: float) -> SlotLease:
+        """A slot on ``member``, waiting in its fair queue for what is left of the timeout."""
         remaining = self._queue_timeout - (time.monotonic() - started)
-        weight = self._tenant_weight(call.tenant_id) if self._tenant_weight is not None else 1
         queued = call.on_queued
         try:
             lease = await self._slots.acquire(
                 member.name,
                 capacity=member.slots,
                 tenant=str(call.tenant_id),
-                weight=weight,
+                weight=self._weight(call),
                 queue_timeout=max(remaining, 0.001),
                 on_queued=None if queued is None else lambda _position: queued(),
             )
@@ -647,12 +652,23 @@ class BackendPool:
             self._metrics.queue_wait.labels(member.name).observe(time.monotonic() - started)
             raise _queue_timed_out(self._queue_timeout) from None
         except SlotsUnavailable:
-            self._metrics.errors.labels(member.name, "slots_unavailable").inc()
-            raise _slots_unavailable() from None
+            raise self._capacity_unknown(member.name) from None
+        return self._hold(member, lease)
+
+    def _weight(self, call: ModelCall) -> int:
+        return self._tenant_weight(call.tenant_id) if self._tenant_weight is not None else 1
+
+    def _hold(self, member: PoolMember, lease: SlotLease) -> SlotLease:
+        """A slot granted (at once or from the queue): its wait counted, renewed from now on."""
         self._metrics.queue_wait.labels(member.name).observe(lease.waited)
         self._leases[lease] = member.slots
         self._ensure_renewer()
         return lease
+
+    def _capacity_unknown(self, name: str) -> Refusal:
+        """Redis could not say whether ``name`` has a slot: fail closed (503)."""
+        self._metrics.errors.labels(name, "slots_unavailable").inc()
+        return _slots_unavailable()
 
     async def _send(
         self,
@@ -663,7 +679,8 @@ class BackendPool:
         lease: SlotLease | None,
     ) -> PooledStream:
         client = await self._client(member)
-        sent = time.monotonic()
+        if call.on_sent is not None:
+            call.on_sent(member.name)  # in flight there (nz_proxy_backend_in_flight)
         response = await client.send(
             "GET" if body is None else "POST",
             path,
@@ -671,23 +688,18 @@ class BackendPool:
             request_id=call.request_id,
             traceparent=call.traceparent,
         )
-        if lease is not None:
-            self._metrics.in_flight.labels(member.name).inc()
 
-        def done(stream: PooledStream, tail: bytes | None, ttft: float | None) -> None:
-            self._stream_done(stream, lease, tail, ttft)
+        def done(stream: PooledStream, tail: bytes | None) -> None:
+            self._stream_done(stream, lease, tail)
 
-        return PooledStream(response, member, sent, done)
+        return PooledStream(response, member, done)
 
     def _stream_done(
-        self, stream: PooledStream, lease: SlotLease | None, tail: bytes | None, ttft: float | None
+        self, stream: PooledStream, lease: SlotLease | None, tail: bytes | None
     ) -> None:
         name = stream.member.name
         if lease is not None:
-            self._metrics.in_flight.labels(name).dec()
             self._give_back(lease)
-        if ttft is not None and stream.status == 200:
-            self._metrics.ttft.labels(name).observe(ttft)
         figures = _final_figures(tail) if tail else None
         if figures is None:
             return
@@ -774,7 +786,8 @@ class FleetUpstream:
     ``from_database``), so a ``backend add`` switches a running proxy over
     within the directory's second, and removing the last backend switches it
     back, without a restart. With no backend defined the single upstream
-    is today's path exactly: no slot admission.
+    is today's path exactly (no slot admission), unless ``NZ_OLLAMA_SLOTS``
+    is set: then ``use_pool()`` is true and the pool serves ``NZ_OLLAMA_URL``.
     """
 
     def __init__(self, single: _Single, pool: _Single, use_pool: Callable[[], bool]) -> None:
