@@ -786,7 +786,8 @@ class FleetUpstream:
     ``from_database``), so a ``backend add`` switches a running proxy over
     within the directory's second, and removing the last backend switches it
     back, without a restart. With no backend defined the single upstream
-    is today's path exactly: no slot admission.
+    is today's path exactly (no slot admission), unless ``NZ_OLLAMA_SLOTS``
+    is set: then ``use_pool()`` is true and the pool serves ``NZ_OLLAMA_URL``.
     """
 
     def __init__(self, single: _Single, pool: _Single, use_pool: Callable[[], bool]) -> None:
