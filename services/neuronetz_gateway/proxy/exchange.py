@@ -33,7 +33,7 @@ from neuronetz_gateway.domain.identity import Allowance, Identity, Limits
 from neuronetz_gateway.domain.limits import ratelimit_headers
 from neuronetz_gateway.domain.model_call import ModelCall
 from neuronetz_gateway.domain.models import canonical_model
-from neuronetz_gateway.logging import get_logger
+from neuronetz_gateway.logging import get_logger, info_line
 from neuronetz_gateway.proxy.asgi import Headers, Send, send_response
 from neuronetz_gateway.proxy.context import ProxyContext
 from neuronetz_gateway.proxy.discovery import Catalogue, DiscoveryFailed
@@ -478,9 +478,7 @@ class Exchange:
         if self.disconnected:
             metrics.client_disconnects.inc()
         # the canonical line: the audit row (no prompt text in it) and what only the log has
-        log.info(
-            "proxy_request",
-            **msgspec.structs.asdict(row),
-            tenant=identity.tenant_name,
-            upstream_error=self.upstream_error,
-        )
+        fields = msgspec.structs.asdict(row)
+        fields["tenant"] = identity.tenant_name
+        fields["upstream_error"] = self.upstream_error
+        info_line(log, "proxy_request", fields)
