@@ -220,15 +220,15 @@ class Exchange:
         if self.ttfb_ms is None:
             elapsed = time.perf_counter() - self.started
             self.ttfb_ms = int(elapsed * 1000)
-            self.ctx.metrics.ttfb.labels(self.route).observe(elapsed)
+            self.ctx.metrics.child(self.ctx.metrics.ttfb, self.route).observe(elapsed)
             if self.backend is not None:
-                self.ctx.metrics.backend_ttft.labels(self.backend).observe(elapsed)
+                self.ctx.metrics.child(self.ctx.metrics.backend_ttft, self.backend).observe(elapsed)
 
     def to_backend(self, backend: str = DEFAULT_BACKEND) -> None:
         """The request goes to ``backend`` now: it is in flight there until :meth:`finish`."""
         if self.backend is None:
             self.backend = backend
-            self.ctx.metrics.backend_in_flight.labels(backend).inc()
+            self.ctx.metrics.child(self.ctx.metrics.backend_in_flight, backend).inc()
 
     # -- models -------------------------------------------------------------------
 
@@ -237,7 +237,7 @@ class Exchange:
         try:
             return await self.ctx.discovery.catalogue()
         except DiscoveryFailed:
-            self.ctx.metrics.upstream_errors.labels("discovery").inc()
+            self.ctx.metrics.child(self.ctx.metrics.upstream_errors, "discovery").inc()
             raise Refusal(
                 503,
                 "service_unavailable",
@@ -465,16 +465,18 @@ class Exchange:
             )
             Tracing.finish(self.span, attributes, status_code=self.status)
         metrics = ctx.metrics
-        metrics.requests.labels(self.route, str(self.status)).inc()
-        metrics.request_seconds.labels(self.route).observe(duration_ms / 1000)
+        metrics.child(metrics.requests, self.route, str(self.status)).inc()
+        metrics.child(metrics.request_seconds, self.route).observe(duration_ms / 1000)
         if self.backend is not None:
-            metrics.backend_in_flight.labels(self.backend).dec()
+            metrics.child(metrics.backend_in_flight, self.backend).dec()
         for kind, count in (("prompt", self.prompt_tokens), ("completion", self.completion_tokens)):
             if count:
-                metrics.tokens.labels(kind).inc(count)
-                metrics.tenant_tokens.labels(identity.tenant_name, model or "-", kind).inc(count)
+                metrics.child(metrics.tokens, kind).inc(count)
+                metrics.child(metrics.tenant_tokens, identity.tenant_name, model or "-", kind).inc(
+                    count
+                )
                 if self.backend is not None:
-                    metrics.backend_tokens.labels(self.backend, kind).inc(count)
+                    metrics.child(metrics.backend_tokens, self.backend, kind).inc(count)
         if self.disconnected:
             metrics.client_disconnects.inc()
         # the canonical line: the audit row (no prompt text in it) and what only the log has

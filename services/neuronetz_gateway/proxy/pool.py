@@ -54,6 +54,7 @@ from neuronetz_gateway.domain.models import canonical_model
 from neuronetz_gateway.domain.routing import BackendView, Route, plan_route
 from neuronetz_gateway.logging import get_logger
 from neuronetz_gateway.proxy.discovery import Catalogue
+from neuronetz_gateway.proxy.metrics import LabelCache
 from neuronetz_gateway.proxy.ports import ModelCatalogue, UpstreamStream
 from neuronetz_gateway.proxy.refusals import Refusal
 
@@ -276,6 +277,8 @@ class PoolMetrics:
     """Per-backend figures of the pool, on the proxy's registry."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        #: ``child(metric, *labels)``: the labelled child, cached
+        self.child = LabelCache()
         self.in_flight = Gauge(
             "nz_proxy_pool_in_flight",
             "Requests holding a slot on a backend (this replica).",
@@ -496,7 +499,7 @@ class BackendPool:
                 await self._discard(stream)
             if last:
                 break
-            self._metrics.failovers.labels(member.name).inc()
+            self._metrics.child(self._metrics.failovers, member.name).inc()
             log.info("backend_failover", backend=member.name, request_id=call.request_id)
             target = route.failover(target)
         if connect_failed:
@@ -515,7 +518,7 @@ class BackendPool:
         try:
             stream = await self._send(call, member, path, body, lease)
         except UpstreamUnavailable:
-            self._metrics.errors.labels(member.name, "connect").inc()
+            self._metrics.child(self._metrics.errors, member.name, "connect").inc()
             self._fleet.report(member.name, CONNECT_ERROR)
             if lease is not None:
                 self._give_back(lease)
@@ -523,7 +526,7 @@ class BackendPool:
         except UpstreamTimeout:
             # no failover: a slow answer's headers (a long load, a long non-streamed
             # answer) would run the whole request a second time elsewhere
-            self._metrics.errors.labels(member.name, "timeout").inc()
+            self._metrics.child(self._metrics.errors, member.name, "timeout").inc()
             self._fleet.report(member.name, TIMEOUT)
             if lease is not None:
                 self._give_back(lease)
@@ -535,7 +538,7 @@ class BackendPool:
         if stream.status < 500:
             self._fleet.report(member.name, SUCCESS)
         else:
-            self._metrics.errors.labels(member.name, "status").inc()
+            self._metrics.child(self._metrics.errors, member.name, "status").inc()
             self._fleet.report(member.name, SERVER_ERROR)
         return stream
 
@@ -592,8 +595,8 @@ class BackendPool:
             held = state.held if state is not None else 0
             queued = state.queued if state is not None else 0
             if state is not None:
-                self._metrics.slots_held.labels(member.name).set(held)
-                self._metrics.queue_depth.labels(member.name).set(queued)
+                self._metrics.child(self._metrics.slots_held, member.name).set(held)
+                self._metrics.child(self._metrics.queue_depth, member.name).set(queued)
             views.append(
                 BackendView(
                     member.name,
@@ -620,10 +623,10 @@ class BackendPool:
                     name, capacity=member.slots, tenant=str(call.tenant_id), weight=weight
                 )
             except SlotsUnavailable:
-                self._metrics.errors.labels(name, "slots_unavailable").inc()
+                self._metrics.child(self._metrics.errors, name, "slots_unavailable").inc()
                 raise _slots_unavailable() from None
             if lease is not None:
-                self._metrics.queue_wait.labels(name).observe(0.0)
+                self._metrics.child(self._metrics.queue_wait, name).observe(0.0)
                 self._leases[lease] = member.slots
                 self._ensure_renewer()
                 return name, lease
@@ -641,13 +644,15 @@ class BackendPool:
                 queue_timeout=max(remaining, 0.001),
             )
         except QueueTimeout:
-            self._metrics.errors.labels(member.name, "queue_timeout").inc()
-            self._metrics.queue_wait.labels(member.name).observe(time.monotonic() - started)
+            self._metrics.child(self._metrics.errors, member.name, "queue_timeout").inc()
+            self._metrics.child(self._metrics.queue_wait, member.name).observe(
+                time.monotonic() - started
+            )
             raise _queue_timed_out(self._queue_timeout) from None
         except SlotsUnavailable:
-            self._metrics.errors.labels(member.name, "slots_unavailable").inc()
+            self._metrics.child(self._metrics.errors, member.name, "slots_unavailable").inc()
             raise _slots_unavailable() from None
-        self._metrics.queue_wait.labels(member.name).observe(lease.waited)
+        self._metrics.child(self._metrics.queue_wait, member.name).observe(lease.waited)
         self._leases[lease] = member.slots
         self._ensure_renewer()
         return lease
@@ -670,7 +675,7 @@ class BackendPool:
             traceparent=call.traceparent,
         )
         if lease is not None:
-            self._metrics.in_flight.labels(member.name).inc()
+            self._metrics.child(self._metrics.in_flight, member.name).inc()
 
         def done(stream: PooledStream, tail: bytes | None, ttft: float | None) -> None:
             self._stream_done(stream, lease, tail, ttft)
@@ -682,18 +687,18 @@ class BackendPool:
     ) -> None:
         name = stream.member.name
         if lease is not None:
-            self._metrics.in_flight.labels(name).dec()
+            self._metrics.child(self._metrics.in_flight, name).dec()
             self._give_back(lease)
         if ttft is not None and stream.status == 200:
-            self._metrics.ttft.labels(name).observe(ttft)
+            self._metrics.child(self._metrics.ttft, name).observe(ttft)
         figures = _final_figures(tail) if tail else None
         if figures is None:
             return
         if figures.load_duration is not None and figures.load_duration > COLD_LOAD_NS:
-            self._metrics.cold_loads.labels(name).inc()
+            self._metrics.child(self._metrics.cold_loads, name).inc()
         if figures.eval_count and figures.eval_duration:
             rate = figures.eval_count / (figures.eval_duration / 1e9)
-            self._metrics.tokens_per_second.labels(name).observe(rate)
+            self._metrics.child(self._metrics.tokens_per_second, name).observe(rate)
 
     async def _discard(self, stream: PooledStream) -> None:
         """Read a failed attempt's (small) body so its connection can be reused, then end it."""
@@ -755,8 +760,8 @@ class BackendPool:
 
     def _show_health(self, members: Iterable[PoolMember]) -> None:
         for member in members:
-            self._metrics.healthy.labels(member.name).set(1 if member.healthy else 0)
-            self._metrics.active.labels(member.name).set(1 if member.active else 0)
+            self._metrics.child(self._metrics.healthy, member.name).set(1 if member.healthy else 0)
+            self._metrics.child(self._metrics.active, member.name).set(1 if member.active else 0)
 
 
 class _Single(Protocol):
