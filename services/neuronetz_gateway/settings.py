@@ -115,6 +115,9 @@ class Settings:
     # a fleet (SPEC section 12): how long a request waits in a backend's fair queue for a
     # slot before it gets 503 with Retry-After (long before Ollama's own queue would)
     queue_timeout_seconds: float = 30.0
+    # a streamed request still queued after this long gets its response started (200,
+    # SSE headers) and a keep-alive frame this often until its slot comes (not native)
+    queue_ping_seconds: float = 3.0
     audit_spool_dir: str = field(default_factory=default_spool_dir)
     audit_batch_size: int = 200
     audit_flush_interval_seconds: float = 0.5

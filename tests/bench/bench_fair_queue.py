@@ -97,8 +97,9 @@ def _row(name: str, waits: list[float], service: float) -> dict[str, Any]:
     }
 
 
-async def run(light: int, service_ms: float) -> dict[str, Any]:
-    url = os.environ.get("NZ_REDIS_URL", "redis://127.0.0.1:6379/0")
+async def run(light: int, service_ms: float, url: str | None = None) -> dict[str, Any]:
+    """Fair then FIFO on ``url`` (default ``NZ_REDIS_URL`` or the local Redis)."""
+    url = url or os.environ.get("NZ_REDIS_URL", "redis://127.0.0.1:6379/0")
     service = service_ms / 1000
     fair = await light_waits(url, fair=True, light=light, service=service)
     fifo = await light_waits(url, fair=False, light=max(light // 4, 5), service=service)

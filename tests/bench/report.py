@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.bench.bench_fleet import figures as fleet_figures
+from tests.bench.bench_fleet import markdown_lines as fleet_lines
 from tests.bench.bench_tracing import markdown_lines as tracing_lines
 from tests.bench.stats import Spread, ratio_spread, spread
 
@@ -244,7 +246,57 @@ def headlines(results: Mapping[str, Any]) -> list[Headline]:
                 _check(value, ">=", 0.85),
             )
         )
+    out += _fleet_headlines(results.get("fleet"))
     return out
+
+
+def _one(value: float | None) -> Spread:
+    """A figure measured once (the fleet's): a spread of one round."""
+    if value is None or math.isnan(value):
+        return Spread(math.nan, math.nan, math.nan, 0)
+    return Spread(value, value, value, 1)
+
+
+def _fleet_headlines(fleet: Mapping[str, Any] | None) -> list[Headline]:
+    """The fleet's three targets (issue 15 item 3), when the fleet phase ran."""
+    if not fleet:
+        return []
+    f = fleet_figures(fleet)
+    config = fleet.get("config", {})
+    fifo = f["light_p99_fifo"]
+    light = _one(f["light_p99_fair"])
+    refused = _one(f["backend_503_gateway"])
+    used = _one(f["utilisation_ratio"])
+    return [
+        Headline(
+            "fleet: light tenant's queue wait p99 ÷ one service time",
+            "one 4-slot backend, a heavy tenant keeping 32 in flight, a light one sending one "
+            "at a time, the real SlotAdmission on Redis; FIFO (arrival order) p99 "
+            f"{_fmt(fifo)} in the same run",
+            light,
+            "<= 1.5",
+            _check(light, "<=", 1.5),
+        ),
+        Headline(
+            "fleet: requests refused by a backend (503) through the gateway",
+            "three simulated 4-slot GPUs with --max-queue "
+            f"{config.get('max_queue', '?')}, {config.get('clients', '?')} clients (1.5 x the "
+            "slots), below the queue timeout, counted by the simulators; the round-robin "
+            f"baseline's: {_fmt(f['backend_503_round_robin'], 0)}",
+            refused,
+            "= 0",
+            None if refused.n == 0 else refused.median == 0,
+        ),
+        Headline(
+            "fleet: slot utilisation, gateway ÷ round-robin",
+            "busy slot-seconds ÷ available, from the simulators, a mix of models over "
+            f"backends with different model sets: gateway {_fmt(f['utilisation_gateway'])}, "
+            f"round-robin {_fmt(f['utilisation_round_robin'])}",
+            used,
+            ">= 1",
+            _check(used, ">=", 1.0),
+        ),
+    ]
 
 
 # ---------------------------------------------------------------------- formatting
@@ -512,28 +564,26 @@ def _profile_lines(results: Mapping[str, Any]) -> list[str]:
 REDIS_CLIENTS_MD = Path(__file__).resolve().parents[2] / "docs" / "benchmarks-redis-clients.md"
 
 
-FAIRNESS_MD = REDIS_CLIENTS_MD.with_name("benchmarks-fairness.md")
-
-
-def _fleet_lines() -> list[str]:
-    """The fleet scenario so far: fair slot admission (``task bench:fairness``), when run."""
-    lines = ["", "## Fleet", ""]
-    if FAIRNESS_MD.is_file():
-        text = FAIRNESS_MD.read_text().strip()
-        body = text.split("\n", 1)[1].strip() if text.startswith("#") else text
-        lines += [
-            "### Fair slot admission (`task bench:fairness`, the real `SlotAdmission` on Redis, "
-            "not yet through the gateway)",
-            "",
-            body,
-            "",
-        ]
-    lines.append(
-        "Not measured yet: slot utilisation against round-robin and backend 503s with and "
-        "without admission through the gateway (three simulated backends): the proxy does "
-        "not route over a backend pool with slot admission yet."
-    )
-    return lines
+#: Why the gateway keeps the clients it keeps (scope-docs/SPEC.md section 5), from the
+#: figures of the run recorded when it was written; kept under the table on every rewrite.
+REDIS_CLIENT_CHOICE = (
+    "**The choice: two clients.** Ours (the pipelined client) for one server and TLS, "
+    "the fastest there (2026-12-02 run: 10,585 decisions/s single, 6,371 TLS); "
+    "redis-py for Cluster (3,603) and Sentinel, and for everything off the decision "
+    "path. valkey-glide is 1.6x faster than redis-py on a Cluster (5,783) but has no "
+    "Sentinel support, so choosing it would make three clients against issue 13's "
+    '"two at most". Checked for valkey-glide 2.6.0, the version `task bench:redis` '
+    "installs (unpinned; 2.6.0 in the 2026-12-02 run and when checked on 2026-12-03): "
+    "its Python API takes node addresses only (`GlideClientConfiguration`: no "
+    "sentinel addresses, no master name); no name in the `glide` package refers to "
+    "Sentinel except `InfoSection.SENTINEL` (an `INFO` section); standalone "
+    "`NodeDiscoveryMode` (STANDARD, STATIC, DISCOVER_ALL) finds the primary among the "
+    "given nodes by `INFO REPLICATION`, never by asking a sentinel. The Rust core "
+    "carries redis-rs's Sentinel error kinds (`MasterNameNotFoundBySentinel`, ...), "
+    "but no Python setting reaches them. Sentinel support is the open request "
+    "valkey-io/valkey-glide#2761. coredis is slower than redis-py on a Cluster "
+    "(2,033) and is not used."
+)
 
 
 def _redis_client_lines() -> list[str]:
@@ -541,7 +591,14 @@ def _redis_client_lines() -> list[str]:
     if not REDIS_CLIENTS_MD.is_file():
         return []
     body = REDIS_CLIENTS_MD.read_text().split("\n", 1)[1].strip()  # without its title
-    return ["", "### Redis clients on the decision path (`task bench:redis`)", "", body]
+    return [
+        "",
+        "### Redis clients on the decision path (`task bench:redis`)",
+        "",
+        body,
+        "",
+        REDIS_CLIENT_CHOICE,
+    ]
 
 
 def write_markdown(results: Mapping[str, Any], path: Path, chart_name: str) -> None:
@@ -675,7 +732,7 @@ def write_markdown(results: Mapping[str, Any], path: Path, chart_name: str) -> N
         "",
         *_granian_rows(results),
         "",
-        *_fleet_lines(),
+        *fleet_lines(results.get("fleet")),
         "",
         "## Memory",
         "",

@@ -29,7 +29,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.bench import bench_tracing, profile, report
+from tests.bench import bench_fleet, bench_tracing, profile, report
 from tests.bench.granian_variants import GRANIAN_VARIANTS
 from tests.bench.litellm_peer import LiteLLMInstall
 from tests.bench.loadgen import HttpTarget, LoadgenError, WrkRun, ensure_wrk
@@ -44,8 +44,24 @@ BENCH_DIR = REPO_ROOT / ".bench"
 DOCS = REPO_ROOT / "docs"
 
 
+_STARTED = time.monotonic()
+#: (phase, seconds since the start when it began), in order: the report's phase timings
+PHASES: list[tuple[str, float]] = []
+
+
 def _say(message: str) -> None:
-    print(message, flush=True)
+    print(f"[{time.monotonic() - _STARTED:6.1f} s] {message}", flush=True)
+
+
+def _phase(name: str) -> None:
+    """Mark the start of a phase (logged, and timed in ``meta.phases``)."""
+    PHASES.append((name, time.monotonic() - _STARTED))
+    _say(name)
+
+
+def _phase_seconds(total: float) -> dict[str, float]:
+    ends = [start for _, start in PHASES[1:]] + [total]
+    return {name: end - start for (name, start), end in zip(PHASES, ends, strict=True)}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,8 +78,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tracing-reps",
         type=int,
-        default=30,
-        help="repetitions of the tracing off/on comparison, after the stack (30; 0 = skip)",
+        default=12,
+        help="repetitions of the tracing off/on comparison, after the stack (12; 0 = skip)",
+    )
+    parser.add_argument(
+        "--fleet-seconds",
+        type=float,
+        default=10.0,
+        help="window per side of the fleet scenario, after the stack (10; 0 = skip)",
     )
     parser.add_argument(
         "--out", type=Path, default=DOCS, help="where benchmarks.{md,json,png} go (docs/)"
@@ -198,9 +220,9 @@ def _auth_phases(
 ) -> None:
     """``/authorize`` alone, under other Granian settings, and on a Redis Cluster."""
     urls = stack.urls
-    _say("/authorize vs the trivial handler")
+    _phase("/authorize vs the trivial handler")
     results["authorize"] = scenarios.authorize(include_trivial="trivial" in urls)
-    _say("Granian settings: the auth service under each variant, the bare auth on RSGI")
+    _phase("Granian settings: the auth service under each variant, the bare auth on RSGI")
     for name in GRANIAN_VARIANTS:
         stack.start_granian_variant(name)
     stack.start_bare_rsgi()
@@ -208,7 +230,7 @@ def _auth_phases(
     sides += [("bare_asgi", "bare_auth"), ("bare_rsgi", "bare_auth_rsgi")]
     results["granian"] = scenarios.authorize_sides(sides, (32,))
     stack.stop_services([f"granian_{n}" for n in GRANIAN_VARIANTS] + ["bare_auth_rsgi"])
-    _say("Redis deployments: /authorize on single Redis and on a local Cluster")
+    _phase("Redis deployments: /authorize on single Redis and on a local Cluster")
     stack.start_cluster_auth()
     results["redis_deployments"] = scenarios.authorize_sides(
         [("single", "auth"), ("cluster", "auth_cluster")], config.concurrencies
@@ -223,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     load_start = os.getloadavg()
     os.chdir(REPO_ROOT)
+    _phase("setup: wrk, LiteLLM's install started")
     wrk = ensure_wrk()
     install = LiteLLMInstall(BENCH_DIR / "litellm-venv")
     if not args.no_litellm:
@@ -235,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     stack = BenchStack(state, say=_say)
     results: dict[str, Any] = {}
     try:
-        _say("starting the simulator, Caddy (direct), the trivial handler and the gateway")
+        _phase("starting the simulator, Caddy (direct), the trivial handler and the gateway")
         stack.start_simulator(config.chunks)
         stack.start_caddy_direct()
         stack.start_trivial()
@@ -258,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         if "auth" in urls:
             _auth_phases(stack, scenarios, results, config)
         if not args.no_litellm:
+            _phase("waiting for LiteLLM's install")
             problem = install.wait()
             if problem is None:
                 _say("starting LiteLLM")
@@ -276,14 +300,14 @@ def main(argv: list[str] | None = None) -> int:
         for vid, problem in stack.unavailable.items():
             _say(f"!! unavailable: {vid}: {problem.splitlines()[0] if problem else ''}")
 
-        _say("warm-up")
+        _phase("warm-up")
         scenarios.warm_up(variants)
-        _say("chat matrix")
+        _phase("chat matrix")
         results["matrix"] = scenarios.matrix(variants)
-        _say("streaming fidelity")
+        _phase("streaming fidelity")
         results["fidelity"] = run_fidelity(scenarios, variants)
         if "gateway" in urls and not {"gateway_native"} & set(failures):
-            _say("invalid-key flood")
+            _phase("invalid-key flood")
             results["flood"] = scenarios.flood()
         results["memory"] = {
             "peak_rss_bytes": scenarios.peak_rss,
@@ -292,19 +316,33 @@ def main(argv: list[str] | None = None) -> int:
         missed = [h.name for h in report.headlines(results) if h.passed is False]
         wanted = args.profile == "always" or (args.profile == "auto" and missed)
         if wanted and "gateway" in urls:
-            _say("profiling auth and proxy (py-spy)" + (f": missed {missed}" if missed else ""))
+            _phase("profiling auth and proxy (py-spy)")
+            if missed:
+                _say(f"missed: {missed}")
             results["profiles"] = _profile(stack, scenarios, seconds=max(5, round(args.seconds)))
     finally:
-        _say("stopping the stack")
+        _phase("stopping the stack")
         stack.stop()
+    if args.fleet_seconds > 0:  # its own stack: three GPU simulators, a gateway on them
+        _phase("fleet: three simulated GPUs, the gateway vs round-robin, fair admission")
+        try:
+            results["fleet"] = bench_fleet.measure(
+                bench_fleet.FleetConfig(seconds=args.fleet_seconds),
+                state_dir=state / "fleet",
+                say=_say,
+            )
+        except Exception as exc:  # the rest of the report must still be written
+            stack.unavailable["fleet"] = f"{type(exc).__name__}: {exc}"
+            _say(f"!! fleet not measured: {type(exc).__name__}: {exc}")
     if args.tracing_reps > 0:  # alone on the machine: its own workers, Postgres db, simulator
-        _say("tracing: off against no tracing code, and on")
+        _phase("tracing: off against no tracing code, and on")
         try:
             results["tracing"] = bench_tracing.measure(reps=args.tracing_reps, say=_say)
         except Exception as exc:  # the rest of the report must still be written
             stack.unavailable["tracing"] = f"{type(exc).__name__}: {exc}"
             _say(f"!! tracing not measured: {type(exc).__name__}: {exc}")
 
+    _phase("writing the report")
     version_script = "import importlib.metadata as m; print(m.version('litellm'))"
     litellm_python = str(install.venv / "bin" / "python")
     litellm_version = (
@@ -327,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         "flood_connections": config.flood_connections,
         "flood_delay_ms": config.flood_delay_ms,
         "elapsed_seconds": time.monotonic() - started,
+        "phases_seconds": _phase_seconds(time.monotonic() - _STARTED),
         "loadavg_start": load_start,
         "loadavg_end": os.getloadavg(),
     }

@@ -46,6 +46,7 @@ from neuronetz_gateway.devstack.processes import (
     wait_until,
 )
 from neuronetz_gateway.devstack.servers import ThrowawayPostgres, ThrowawayRedis, free_port
+from neuronetz_gateway.domain.backends import BackendSpec
 from neuronetz_gateway.domain.keys import generate_key
 from neuronetz_gateway.domain.policy import PolicySettings
 from tests.bench.bare_chain import IDENTITY_KEY
@@ -160,6 +161,17 @@ class BenchStack:
         self.urls["simulator"] = url
         return url
 
+    def start_gpu_simulator(self, name: str, args: Sequence[str]) -> str:
+        """A simulator modelling a GPU (``args``: ``--models``, ``--slots``...); returns its URL."""
+        port = free_port()
+        env = {**self._base_env(), "NZ_SIM_RECORD": "0"}
+        argv = [self.python, "-m", "neuronetz_gateway.simulator", "--port", str(port)]
+        child = self._spawn(name, [*argv, "--no-record", *args], env)
+        url = f"http://127.0.0.1:{port}"
+        self._wait(child, lambda: http_status(f"{url}/api/version") == 200, name)
+        self.urls[name] = url
+        return url
+
     def start_caddy_direct(self) -> None:
         """Caddy alone in front of the simulator (a generated minimal Caddyfile)."""
         try:
@@ -189,20 +201,29 @@ class BenchStack:
         except StartFailed as exc:
             self.unavailable["trivial"] = str(exc)
 
-    def start_gateway(self) -> None:
-        """Postgres, Redis, a key with high limits, auth, proxy and the repository's Caddy."""
+    def start_gateway(
+        self,
+        backends: Sequence[BackendSpec] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """Postgres, Redis, a key with high limits, auth, proxy and the repository's Caddy.
+
+        Without ``backends`` the proxy's one backend is the simulator (``NZ_OLLAMA_URL``);
+        with them, they are defined in the database (``backend add``) before it starts.
+        ``env`` adds gateway settings (``NZ_QUEUE_TIMEOUT_SECONDS``...).
+        """
         try:
-            self._start_gateway()
+            self._start_gateway(backends, env or {})
         except (StartFailed, OSError, asyncpg.PostgresError, RuntimeError) as exc:
             self.unavailable["gateway"] = f"{type(exc).__name__}: {exc}"
 
-    def _start_gateway(self) -> None:
+    def _start_gateway(self, backends: Sequence[BackendSpec], extra: Mapping[str, str]) -> None:
         self._say("gateway: throwaway Postgres and Redis")
         self._postgres = ThrowawayPostgres(detach=True)
         self._redis = ThrowawayRedis(detach=True)
         admin = self._postgres.admin_url
         database_url = admin.rsplit("/", 1)[0] + "/neuronetz"
-        asyncio.run(self._prepare_database(admin, database_url))
+        asyncio.run(self._prepare_database(admin, database_url, backends))
         self.services["postgres"] = ServiceProcess("postgres", self._postmaster_pid())
         info = redis.Redis.from_url(self._redis.url).info("server")
         self.services["redis"] = ServiceProcess("redis", int(info["process_id"]))
@@ -212,11 +233,12 @@ class BenchStack:
             **self._base_env(),
             "NZ_DATABASE_URL": database_url,
             "NZ_REDIS_URL": self._redis.url,
-            "NZ_OLLAMA_URL": self.urls["simulator"],
+            "NZ_OLLAMA_URL": self.urls.get("simulator", "http://127.0.0.1:11434"),
             "NZ_GATEWAY_SECRET": secrets.token_urlsafe(48),
             "NZ_AUDIT_SPOOL_DIR": str(self.state_dir / "spool"),
             "NZ_REDIS_PREFIX": "nzbench",
             "NZ_LOG_FORMAT": "json",
+            **extra,
         }
         self._gateway_env = env
         ports = {}
@@ -332,7 +354,9 @@ class BenchStack:
         except (StartFailed, OSError, RuntimeError, subprocess.SubprocessError) as exc:
             self.unavailable["auth_cluster"] = f"{type(exc).__name__}: {exc}"
 
-    async def _prepare_database(self, admin_url: str, database_url: str) -> None:
+    async def _prepare_database(
+        self, admin_url: str, database_url: str, backends: Sequence[BackendSpec] = ()
+    ) -> None:
         conn = await asyncpg.connect(admin_url)
         try:
             await conn.execute('CREATE DATABASE "neuronetz"')
@@ -342,6 +366,8 @@ class BenchStack:
         pool = await open_pool(database_url, min_size=1, max_size=2)
         try:
             store = Store(pool)
+            for backend in backends:
+                await store.add_backend(backend)
             await store.create_tenant(BENCH_TENANT, HIGH_LIMITS)
             key = generate_key()
             await store.create_key(

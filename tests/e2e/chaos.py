@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import httpx
@@ -96,6 +97,10 @@ class Figures:
     broken: int  # connections cut (a SIGKILLed proxy's streams)
     audit_rows_lost: int
     leases_leaked: int
+    server_errors: int = 0  # every 5xx (503s included)
+    server_error_seconds: float = 0.0  # from the first 5xx's start to the last one's end
+    budget_minus_ledger_tokens: int = 0  # the tenant's daily counter minus its ledger
+    statuses: str = ""  # every status seen and how often (0: the connection broke)
 
     def line(self, name: str) -> str:
         return (
@@ -103,7 +108,10 @@ class Figures:
             f"unchecked_200={self.unchecked_200} 503s={self.unavailable_503} "
             f"over {self.unavailable_seconds:.2f}s refused_after_recovery="
             f"{self.refused_after_recovery} broken={self.broken} "
-            f"audit_rows_lost={self.audit_rows_lost} leases_leaked={self.leases_leaked}"
+            f"audit_rows_lost={self.audit_rows_lost} leases_leaked={self.leases_leaked} "
+            f"5xx={self.server_errors} over {self.server_error_seconds:.2f}s "
+            f"budget_minus_ledger_tokens={self.budget_minus_ledger_tokens} "
+            f"statuses={self.statuses}"
         )
 
 
@@ -114,6 +122,7 @@ def figures(
     recovered: float,
     audited: set[str],
     leases_leaked: int,
+    budget_minus_ledger_tokens: int = 0,
 ) -> Figures:
     """The record's figures.
 
@@ -123,24 +132,33 @@ def figures(
     succeed); ``audited``: the request ids in the ledger.
     """
     unavailable = [a for a in answers if a.status == 503]
+    server_errors = [a for a in answers if a.status >= 500]
     ok = [a for a in answers if a.status == 200]
     unchecked = 0
     if down is not None:
         unchecked = sum(1 for a in ok if a.started >= down[0] and a.ended <= down[1])
     after = [a for a in answers if a.started >= recovered]
-    span = (
-        max(a.ended for a in unavailable) - min(a.started for a in unavailable)
-        if unavailable
-        else 0.0
-    )
     return Figures(
         requests=len(answers),
         ok=len(ok),
         unchecked_200=unchecked,
         unavailable_503=len(unavailable),
-        unavailable_seconds=span,
+        unavailable_seconds=_span(unavailable),
         refused_after_recovery=sum(1 for a in after if not a.complete),
         broken=sum(1 for a in answers if a.status == 0 or (a.status == 200 and not a.complete)),
         audit_rows_lost=sum(1 for a in ok if a.complete and a.request_id not in audited),
         leases_leaked=leases_leaked,
+        server_errors=len(server_errors),
+        server_error_seconds=_span(server_errors),
+        budget_minus_ledger_tokens=budget_minus_ledger_tokens,
+        statuses=",".join(
+            f"{s}:{n}" for s, n in sorted(Counter(a.status for a in answers).items())
+        ),
     )
+
+
+def _span(answers: list[Answer]) -> float:
+    """From the first answer's start to the last one's end (0 when there is none)."""
+    if not answers:
+        return 0.0
+    return max(a.ended for a in answers) - min(a.started for a in answers)

@@ -124,18 +124,18 @@ def start_stack(
         log_dir=log_dir,
     )
     try:
-        spawn(
-            "simulator",
-            [
-                python,
-                "-m",
-                "neuronetz_gateway.simulator",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(sim_port),
-            ],
-        )
+        sim_argv = [
+            python,
+            "-m",
+            "neuronetz_gateway.simulator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(sim_port),
+        ]
+        spawn("simulator", sim_argv)
+        # restartable on its port too (chaos: the Ollama backend killed and started again)
+        stack.specs["simulator"] = (sim_argv, dict(env), simulator_url + "/api/version")
         service_env = {"NZ_OLLAMA_URL": simulator_url}
         for kind, ports in (("auth", auth_ports), ("proxy", proxy_ports)):
             for i, port in enumerate(ports):

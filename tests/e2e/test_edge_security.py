@@ -64,9 +64,15 @@ def raw_request(
 
 @contextlib.contextmanager
 def extra_caddy(
-    stack: E2EStack, tmp_path: Path, *, auth: list[str], proxy: list[str]
+    stack: E2EStack,
+    tmp_path: Path,
+    *,
+    auth: list[str],
+    proxy: list[str],
+    env: dict[str, str] | None = None,
 ) -> Iterator[str]:
-    """A second Caddy (same version) on the repository's Caddyfile with these upstreams."""
+    """A second Caddy (same version) on the repository's Caddyfile with these upstreams
+    (``env``: more of its settings, such as ``NZ_MAX_BODY``)."""
     port = free_port()
     caddy = ManagedProcess(
         f"caddy-{port}",
@@ -79,6 +85,7 @@ def extra_caddy(
             "NZ_PROXY_UPSTREAM": " ".join(proxy),
             "XDG_CONFIG_HOME": str(tmp_path),
             "XDG_DATA_HOME": str(tmp_path),
+            **(env or {}),
         },
         log_path=tmp_path / f"caddy-{port}.log",
         cwd=tmp_path,

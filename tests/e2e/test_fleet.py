@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import asyncpg
 import httpx
+import openai
 import pytest
 
 from neuronetz_gateway.adapters.postgres.store import Store, open_pool
@@ -43,7 +45,8 @@ pytestmark = pytest.mark.e2e
 
 LLAMA = "llama3.2:latest"
 QWEN = "qwen2.5:0.5b"
-QUEUE_TIMEOUT = 4.0
+QUEUE_TIMEOUT = 6.0
+QUEUE_PING = 0.3
 
 
 def _chat(model: str = "llama3.2", prompt: str = "hi", stream: bool = True) -> dict[str, Any]:
@@ -126,6 +129,7 @@ def fleet(fleet_database: str, redis_test_url: str, redis_prefix: str) -> Iterat
             "NZ_AUDIT_FLUSH_INTERVAL_SECONDS": "0.1",
             "NZ_LOG_FORMAT": "json",
             "NZ_QUEUE_TIMEOUT_SECONDS": str(QUEUE_TIMEOUT),
+            "NZ_QUEUE_PING_SECONDS": str(QUEUE_PING),
             "NZ_BACKEND_CHECK_INTERVAL_SECONDS": "0.5",
         }
         stack = start_stack(env=env, log_dir=state, caddy=caddy)
@@ -263,6 +267,79 @@ async def test_queue_timeout_is_503_with_retry_after_in_the_dialect(
         for holder in holders:
             holder.cancel()
         await asyncio.gather(*holders, return_exceptions=True)
+
+
+async def _raw_stream(
+    client: httpx.AsyncClient, path: str, body: dict[str, Any], fleet: Fleet
+) -> bytes:
+    async with client.stream("POST", path, json=body, headers=fleet.headers()) as reply:
+        assert reply.status_code == 200
+        return b"".join([part async for part in reply.aiter_bytes()])
+
+
+async def test_streams_waiting_for_a_slot_get_keepalives_and_the_sdks_parse_them(
+    client: httpx.AsyncClient, fleet: Fleet
+) -> None:
+    """Every llama slot held: queued OpenAI and Anthropic streams get their keep-alive frames
+    (an SSE comment, ``event: ping``) until a slot frees, then their answer; the official
+    SDKs read the same streams as usual."""
+    await _wait_ready(client, fleet)
+    for sim in fleet.sims.values():
+        sim.configure(chunks=15, chunk_delay_ms=200)  # 3 s a request, well within the timeout
+    streaming: set[int] = set()  # the holders whose answer is flowing (each holds a slot)
+
+    async def hold(i: int) -> None:
+        body = _chat(prompt=f"h{i}")
+        async with client.stream("POST", "/api/chat", json=body, headers=fleet.headers()) as r:
+            async for _ in r.aiter_bytes():
+                streaming.add(i)
+
+    holders = [asyncio.ensure_future(hold(i)) for i in range(4)]  # every llama slot
+    chat = {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    message = {**chat, "max_tokens": 32}
+    try:
+        await _until(lambda: len(streaming) == 4)
+        sdk_openai = openai.AsyncOpenAI(
+            base_url=f"{fleet.stack.url}/v1", api_key=fleet.key.key, max_retries=0
+        )
+        sdk_anthropic = anthropic.AsyncAnthropic(
+            base_url=fleet.stack.url, api_key=fleet.key.key, max_retries=0
+        )
+
+        async def openai_text() -> str:
+            stream = await sdk_openai.chat.completions.create(**chat)  # type: ignore[call-overload]
+            parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+            return "".join(parts)
+
+        async def anthropic_text() -> str:
+            asked = {k: v for k, v in message.items() if k != "stream"}  # .stream() streams
+            async with sdk_anthropic.messages.stream(**asked) as stream:  # type: ignore[arg-type]
+                final = await stream.get_final_message()
+            return "".join(b.text for b in final.content if b.type == "text")
+
+        raw_openai, raw_anthropic, text_openai, text_anthropic = await asyncio.gather(
+            _raw_stream(client, "/v1/chat/completions", chat, fleet),
+            _raw_stream(client, "/v1/messages", message, fleet),
+            openai_text(),
+            anthropic_text(),
+        )
+        await sdk_openai.close()
+        await sdk_anthropic.close()
+    finally:
+        for holder in holders:
+            holder.cancel()
+        await asyncio.gather(*holders, return_exceptions=True)
+    before, _, answer = raw_openai.partition(b"data: ")
+    assert b": ping\n\n" in before  # while it waited
+    assert before.replace(b": ping\n\n", b"") == b""
+    assert answer.rstrip().endswith(b"data: [DONE]")
+    events = [e.split(b"\n")[0] for e in raw_anthropic.split(b"\n\n") if e.strip()]
+    start = events.index(b"event: message_start")
+    assert start >= 1
+    assert set(events[:start]) == {b"event: ping"}
+    assert events[-1] == b"event: message_stop"
+    assert text_openai  # the SDKs skipped the keep-alives and read the answers
+    assert text_anthropic
 
 
 async def test_a_drained_backend_finishes_its_running_requests_and_takes_no_new_one(

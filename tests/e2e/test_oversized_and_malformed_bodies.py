@@ -2,16 +2,20 @@
 
 Never a 503 with ``Retry-After``: a client would retry what can never succeed.
 The stack's own Caddy runs with a 1 MB limit; these tests start a second one
-on the repository's Caddyfile with its default (16 MB), so a 9 MB body passes
-Caddy and is refused by the proxy (8 MB), and a 17 MB body is refused by Caddy.
+on the repository's Caddyfile with its default (a 64 MiB hard cap), so 9 MB and
+17 MB bodies pass Caddy and are refused by the proxy (8 MiB), which reads the
+rest before its 413, and a 66 MiB body is refused by Caddy itself.
 The oversized bodies go from a raw socket that reads while it sends (see
 ``_post_while_reading``): every one must get its 413, and past Caddy's limit
-the connection must end after it (scope-docs 6b).
+the connection must end after it (scope-docs 6b). Clients that send the whole
+body before they read get the 413 too as long as the proxy answers
+(``test_a_client_that_sends_before_it_reads_gets_the_413``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import socket
 import threading
@@ -29,6 +33,7 @@ from tests.e2e.test_edge_security import extra_caddy
 pytestmark = pytest.mark.e2e
 
 MB = 1024 * 1024
+CADDY_CAP = 64 * MB  # the Caddyfile's default NZ_MAX_BODY (64MiB)
 
 
 def _body(size: int) -> bytes:
@@ -119,7 +124,7 @@ async def test_oversized_bodies_are_413_in_the_dialect_never_503(
     sim_clear(e2e_stack)
     with extra_caddy(e2e_stack, tmp_path, auth=auths, proxy=proxies) as url:
         port = urlsplit(url).port
-        for size in (9 * MB, 17 * MB):
+        for size in (9 * MB, 17 * MB, 66 * MB):
             data = _body(size)
             for path in ("/api/chat", "/v1/chat/completions"):
                 for framing in ("length", "chunked"):
@@ -134,8 +139,8 @@ async def test_oversized_bodies_are_413_in_the_dialect_never_503(
                         f"Authorization: Bearer {caller.key}\r\n"
                         f"Content-Type: application/json\r\n{length}\r\n\r\n"
                     )
-                    past_caddy = size > 16 * MB
-                    for _ in range(3):
+                    past_caddy = size > CADDY_CAP
+                    for _ in range(1 if past_caddy else 3):
                         raw = _post_while_reading(
                             url, head, _framed(data, framing), until_closed=past_caddy
                         )
@@ -157,13 +162,67 @@ async def test_oversized_bodies_are_413_in_the_dialect_never_503(
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
             auth = {"Authorization": f"Bearer {caller.key}", "Content-Type": "application/json"}
             after = await client.post("/api/chat", content=_body(1000), headers=auth)
-    # Past the proxy's limit (9 MB) and past Caddy's own (17 MB): always the 413, read
-    # by a client that reads while it sends. (One that reads only after sending may see
-    # a reset instead past Caddy's limit: a known gap of Caddy 2.11, scope-docs 6b.)
+    # Past the proxy's limit (9, 17 MB) and past Caddy's own (66 MiB): always the 413,
+    # read by a client that reads while it sends. (One that reads only after sending may
+    # see a reset instead past Caddy's limit: a known gap of Caddy 2.11, scope-docs 6b.)
     assert {k: v for k, v in outcomes.items() if set(v) != {413}} == {}
     assert after.status_code == 200
     chats = [r for r in sim_requests(e2e_stack) if r["path"] == "/api/chat"]
     assert len(chats) == 1
+
+
+def _post_then_read(url: str, path: str, data: bytes, headers: dict[str, str]) -> str:
+    """POST with http.client, which sends the whole body before it reads the answer."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=60)
+    try:
+        conn.request("POST", path, body=data, headers=headers)
+        reply = conn.getresponse()
+        return f"{reply.status} {reply.read().decode()}"
+    except OSError as exc:
+        return type(exc).__name__
+    finally:
+        conn.close()
+
+
+async def test_a_client_that_sends_before_it_reads_gets_the_413(
+    e2e_stack: E2EStack, ledger: Ledger, tmp_path: Path
+) -> None:
+    """17 MB, sent whole before reading (httpx, http.client): the 413, never a reset.
+
+    Past Caddy's own limit Caddy 2.11 answers and closes at once with the body's
+    rest unread, and the kernel's reset loses the answer for such a client (at the
+    former 16 MB cap, 13 and 7 of 60 on 2.11.7). Under the 64 MiB cap the proxy
+    refuses the body and reads it to its end first, so the answer arrives.
+    """
+    caller = await ledger.issue()
+    proxies = [u.removeprefix("http://") for u in e2e_stack.proxy_urls]
+    auths = [u.removeprefix("http://") for u in e2e_stack.auth_urls]
+    headers = {"Authorization": f"Bearer {caller.key}", "Content-Type": "application/json"}
+    data = _body(17 * MB)
+    outcomes: dict[str, list[str]] = {}
+    with extra_caddy(e2e_stack, tmp_path, auth=auths, proxy=proxies) as url:
+        for path in ("/api/chat", "/v1/chat/completions"):
+            for _ in range(6):
+                async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                    try:
+                        reply = await client.post(path, content=data, headers=headers)
+                        answer = f"{reply.status_code} {reply.text}"
+                    except httpx.HTTPError as exc:
+                        answer = type(exc).__name__
+                outcomes.setdefault(f"httpx {path}", []).append(answer)
+                outcomes.setdefault(f"http.client {path}", []).append(
+                    _post_then_read(url, path, data, headers)
+                )
+    statuses = {k: sorted({a.split(" ", 1)[0] for a in v}) for k, v in outcomes.items()}
+    assert {k: v for k, v in statuses.items() if v != ["413"]} == {}
+    for name, answers in outcomes.items():
+        for answer in answers:
+            error = json.loads(answer.split(" ", 1)[1])["error"]
+            if "/v1/" in name:
+                assert error["code"] == "request_too_large", (name, answer)
+            else:
+                assert isinstance(error, str), (name, answer)
 
 
 MALFORMED_CHUNKED = {

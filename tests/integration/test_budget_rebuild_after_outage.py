@@ -12,10 +12,6 @@ throwaway server, restarted here), the real audit writer, beacon and limiter.
 
 from __future__ import annotations
 
-import asyncio
-import os
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +29,7 @@ from neuronetz_gateway.domain.accounting import AuditRow
 from neuronetz_gateway.domain.identity import Limits
 from neuronetz_gateway.domain.policy import PolicySettings
 from tests.integration.auth_helpers import make_key
+from tests.support.private_postgres import private_database
 from tests.support.proxy_checks import eventually
 from tests.support.servers import ThrowawayPostgres, ThrowawayRedis
 
@@ -43,25 +40,10 @@ NONE = Limits()
 
 
 @pytest.fixture
-async def private_database() -> AsyncIterator[tuple[ThrowawayPostgres, str]]:
+async def private_db() -> AsyncIterator[tuple[ThrowawayPostgres, str]]:
     """A migrated database in a Postgres of our own (this test stops and starts it)."""
-    pg = ThrowawayPostgres()
-    try:
-        conn = await asyncpg.connect(pg.admin_url)
-        await conn.execute("CREATE DATABASE nz_rebuild")
-        await conn.close()
-        url = pg.admin_url.rsplit("/", 1)[0] + "/nz_rebuild"
-        # a subprocess: piccolo keeps the first engine it configured for the whole process
-        await asyncio.to_thread(
-            subprocess.run,
-            [str(Path(sys.executable).parent / "neuronetz-gateway"), "migrate"],
-            env={**os.environ, "NZ_DATABASE_URL": url},
-            check=True,
-            capture_output=True,
-        )
-        yield pg, url
-    finally:
-        pg.destroy()
+    async with private_database("nz_rebuild") as db:
+        yield db
 
 
 def _row(request_id: str, tenant_id: int, key_id: int, tokens: int) -> AuditRow:
@@ -85,9 +67,9 @@ def _row(request_id: str, tenant_id: int, key_id: int, tokens: int) -> AuditRow:
 
 
 async def test_a_redis_restart_during_a_postgres_outage_keeps_the_spent_budget(
-    private_database: tuple[ThrowawayPostgres, str], tmp_path: Path
+    private_db: tuple[ThrowawayPostgres, str], tmp_path: Path
 ) -> None:
-    pg, url = private_database
+    pg, url = private_db
     redis_server = ThrowawayRedis()
     pool = await open_pool(url, min_size=0, max_size=4)
     redis = await open_redis(redis_server.url)

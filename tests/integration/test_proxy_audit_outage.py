@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import asyncpg
@@ -13,9 +9,9 @@ import httpx
 
 from neuronetz_gateway.domain.identity import Limits
 from tests.support.identity import IDENTITY_HEADER, signed
+from tests.support.private_postgres import private_database
 from tests.support.proxy_checks import eventually, new_ids
 from tests.support.proxy_stack import SimulatorServer, running_proxy
-from tests.support.servers import ThrowawayPostgres
 
 
 def _spooled(spool: Path) -> list[Path]:
@@ -30,21 +26,7 @@ pytest_plugins = ["tests.support.proxy_fixtures"]
 async def test_postgres_outage_loses_no_audit_row_and_writes_each_once(
     sim: SimulatorServer, redis_test_url: str, redis_prefix: str
 ) -> None:
-    pg = ThrowawayPostgres()
-    try:
-        conn = await asyncpg.connect(pg.admin_url)
-        await conn.execute("CREATE DATABASE nz_outage")
-        await conn.close()
-        url = pg.admin_url.rsplit("/", 1)[0] + "/nz_outage"
-        # In a subprocess: piccolo keeps the first engine it configured for the whole
-        # process, so migrating a second database here would break the session's.
-        await asyncio.to_thread(
-            subprocess.run,
-            [str(Path(sys.executable).parent / "neuronetz-gateway"), "migrate"],
-            env={**os.environ, "NZ_DATABASE_URL": url},
-            check=True,
-            capture_output=True,
-        )
+    async with private_database("nz_outage") as (pg, url):
         ids = new_ids()
         limits = Limits(daily_tokens=1_000_000)
         with running_proxy(
@@ -89,5 +71,3 @@ async def test_postgres_outage_loses_no_audit_row_and_writes_each_once(
         assert set(written) == {"req-warm", *request_ids}
         assert set(written.values()) == {1}  # each exactly once
         assert not _spooled(proxy.spool)
-    finally:
-        pg.destroy()

@@ -62,10 +62,14 @@ async def test_thirty_concurrent_requests_against_a_budget_for_ten(
     assert charged <= budget  # + the bound, which is 0 here (no estimate undershoots)
     assert charged == len(ok) * actual
     assert sorted(r["status"] for r in rows.values()) == sorted(r.status_code for r in replies)
-    # every settle named its reservation: no record is left for the expiry sweep
+    # every settle named its reservation: each record is now only the "settled" mark
+    # (kept so a repeated settle charges nothing twice), none is left for the sweep to
+    # give back
     redis = aioredis.from_url(redis_test_url)
     try:
-        assert await redis.zcard(f"{redis_prefix}:{{t{ids['tenant_id']}}}:resv") == 0
+        records = await redis.hvals(f"{redis_prefix}:{{t{ids['tenant_id']}}}:resv:rec")
+        assert len(records) == len(ok)
+        assert set(records) == {b"settled"}
     finally:
         await redis.aclose()
 

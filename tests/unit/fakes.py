@@ -21,7 +21,7 @@ from neuronetz_gateway.domain.model_call import ModelCall
 from neuronetz_gateway.proxy.context import ProxyContext
 from neuronetz_gateway.proxy.discovery import Catalogue
 from neuronetz_gateway.proxy.metrics import ProxyMetrics
-from neuronetz_gateway.proxy.ports import IdentityReplayed, UpstreamError
+from neuronetz_gateway.proxy.ports import IdentityReplayed, LimiterUnavailable, UpstreamError
 from neuronetz_gateway.settings import Secret, Settings
 
 SECRET = b"unit-test-secret-" + b"x" * 32
@@ -95,6 +95,38 @@ class FakeUpstream:
 
 
 @dataclass
+class QueueingUpstream(FakeUpstream):
+    """An upstream whose every call waits for a slot, as the pool does when all are held.
+
+    ``open`` reports the call queued (``ModelCall.on_queued``), then waits for
+    ``grant``: then it answers the next scripted stream, or raises ``refusal``
+    (a queue timeout). ``waiting`` counts the calls waiting now, ``cancelled``
+    those whose wait was cancelled (a client that left frees its place).
+    """
+
+    grant: asyncio.Event = field(default_factory=asyncio.Event)
+    refusal: Exception | None = None
+    waiting: int = 0
+    cancelled: int = 0
+
+    async def open(self, call: ModelCall, path: str, body: bytes | None) -> FakeStream:
+        self.calls.append((call, path, body))
+        if call.on_queued is not None:
+            call.on_queued()
+        self.waiting += 1
+        try:
+            await self.grant.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.waiting -= 1
+        if self.refusal is not None:
+            raise self.refusal
+        return self.streams.pop(0)
+
+
+@dataclass
 class FakeLimiter:
     """Records reservations and settlements; refuses what ``refuse`` names."""
 
@@ -103,6 +135,8 @@ class FakeLimiter:
     reserved: list[int] = field(default_factory=list)
     settled: list[tuple[int, int]] = field(default_factory=list)  # (reserved, actual)
     released: list[str] = field(default_factory=list)
+    settle_failures: int = 0  # the next this many settles raise LimiterUnavailable
+    settle_attempts: list[str | None] = field(default_factory=list)  # reservation ids
 
     def _claim(self, request_id: str) -> None:
         if request_id in self.claimed:
@@ -143,6 +177,10 @@ class FakeLimiter:
         release_lease_id: str | None = None,
         reservation_id: str | None = None,
     ) -> Allowance:
+        self.settle_attempts.append(reservation_id)
+        if self.settle_failures > 0:
+            self.settle_failures -= 1
+            raise LimiterUnavailable("redis failed: ConnectionError")
         self.settled.append((reserved, actual))
         if release_lease_id is not None:
             self.released.append(release_lease_id)
@@ -234,10 +272,13 @@ class Proxy:
 class Client:
     """The ASGI client side: one request body, then (optionally) a disconnect."""
 
-    def __init__(self, body: bytes, *, leave_after_start: bool = False) -> None:
+    def __init__(
+        self, body: bytes, *, leave_after_start: bool = False, leave: asyncio.Event | None = None
+    ) -> None:
         self._body = body
         self._sent_body = False
         self._leave = leave_after_start
+        self._leave_now = leave  # the client leaves once this is set
         self._started = asyncio.Event()
         self.status: int | None = None
         self.headers: dict[bytes, bytes] = {}
@@ -248,6 +289,9 @@ class Client:
         if not self._sent_body:
             self._sent_body = True
             return {"type": "http.request", "body": self._body, "more_body": False}
+        if self._leave_now is not None:
+            await self._leave_now.wait()
+            return {"type": "http.disconnect"}
         if self._leave:
             await self._started.wait()
             return {"type": "http.disconnect"}

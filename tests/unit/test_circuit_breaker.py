@@ -113,3 +113,36 @@ def test_outcome_of_a_status(status: int, outcome: Outcome) -> None:
 def test_policy_bounds(policy: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="failure_threshold"):
         BreakerPolicy(**policy)  # type: ignore[arg-type]
+
+
+def _opened_with(trials: int) -> CircuitBreaker:
+    breaker = CircuitBreaker(
+        BreakerPolicy(failure_threshold=1, open_seconds=5.0, trial_requests=trials)
+    )
+    breaker.record(Outcome.CONNECT_ERROR, 0.0)
+    return breaker
+
+
+def test_half_open_lets_exactly_trial_requests_through_at_a_time() -> None:
+    breaker = _opened_with(3)
+    assert [breaker.allow(5.0 + i / 10) for i in range(5)] == [True, True, True, False, False]
+    assert breaker.state(5.5) is CircuitState.HALF_OPEN
+    assert not breaker.available(5.5)  # routing sees it full, not closed
+
+
+def test_one_successful_trial_of_several_closes_and_lets_everything_through() -> None:
+    breaker = _opened_with(2)
+    assert breaker.allow(5.0) and breaker.allow(5.1)
+    assert breaker.record(Outcome.SUCCESS, 5.2) is CircuitState.CLOSED
+    assert all(breaker.allow(5.3) for _ in range(10))
+
+
+def test_one_failed_trial_of_several_reopens_and_drops_the_others() -> None:
+    breaker = _opened_with(2)
+    assert breaker.allow(5.0) and breaker.allow(5.1)
+    assert breaker.record(Outcome.SERVER_ERROR, 5.2) is CircuitState.OPEN
+    assert not breaker.allow(5.3)
+    # the other trial's late success proves nothing while open
+    assert breaker.record(Outcome.SUCCESS, 5.4) is CircuitState.OPEN
+    # after the new pause, a fresh set of trials
+    assert [breaker.allow(10.5), breaker.allow(10.5), breaker.allow(10.5)] == [True, True, False]

@@ -8,6 +8,7 @@ Dockerfile's commands are the ones the end-to-end tests run; and Caddy 2.6
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -20,6 +21,8 @@ import pytest
 import yaml
 
 from neuronetz_gateway.devstack.caddyfile import PACKAGED_CADDYFILE, REPOSITORY_CADDYFILE
+from neuronetz_gateway.proxy.asgi import DRAIN_BYTES
+from neuronetz_gateway.settings import Settings
 from tests.e2e.processes import service_argv
 from tests.support.caddy import caddy_binaries
 
@@ -269,7 +272,11 @@ def test_adapted_config_limits_bodies_and_keeps_keys_out_of_the_access_log() -> 
     assert server["listen"] == [":8080"]
     assert "write_timeout" not in server, "a model stream may outlast any write timeout"
     body = next(h for h in _walk(server) if h["handler"] == "request_body")
-    assert body["max_size"] == 16_000_000
+    assert body["max_size"] == 64 * 1024 * 1024  # 64MiB: a hard cap above the proxy's limit
+    # the proxy refuses first and reads a refused body to Caddy's cap before its 413
+    limit = next(f.default for f in dataclasses.fields(Settings) if f.name == "max_body_bytes")
+    assert isinstance(limit, int)
+    assert limit < body["max_size"] <= limit + DRAIN_BYTES
     logs = config["logging"]["logs"]
     fields = next(log["encoder"]["fields"] for log in logs.values() if "encoder" in log)
     assert fields["request>headers>Authorization"] == {"filter": "delete"}

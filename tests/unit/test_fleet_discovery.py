@@ -203,3 +203,32 @@ async def test_a_directory_change_is_followed() -> None:
     assert fleet.health()["gpu2"].status is not None
     directory.change(GPU1)
     assert set(fleet.health()) == {"gpu1"}
+
+
+async def test_half_open_admits_only_the_trial_requests_then_closes_or_reopens() -> None:
+    clock, board = Clock(), FakeBoard()
+    checker = FakeChecker({"gpu1": ("llama3.2",)})
+    fleet = FleetDiscovery(
+        FakeDirectory(GPU1),
+        checker,
+        board,
+        interval_seconds=3.0,
+        breaker_policy=BreakerPolicy(failure_threshold=1, open_seconds=5.0, trial_requests=2),
+        monotonic=clock,
+    )
+    await fleet.refresh()
+    gpu1 = fleet.health()["gpu1"]
+    fleet.record("gpu1", Outcome.CONNECT_ERROR)
+    assert not fleet.allow("gpu1") and not gpu1.available(clock.now)  # open
+    clock.now += 5.0  # half-open: two trials, then nothing until one reports
+    assert gpu1.available(clock.now)
+    assert [fleet.allow("gpu1") for _ in range(3)] == [True, True, False]
+    assert not gpu1.available(clock.now)  # the pool routes elsewhere meanwhile
+    assert gpu1.healthy(clock.now)  # still listed (its models stay in the catalogue)
+    fleet.record("gpu1", Outcome.SERVER_ERROR)  # a trial failed: open again
+    assert gpu1.breaker.state(clock.now) is CircuitState.OPEN
+    clock.now += 5.0
+    assert fleet.allow("gpu1")
+    fleet.record("gpu1", Outcome.SUCCESS)  # a trial succeeded: closed, all traffic again
+    assert all(fleet.allow("gpu1") for _ in range(10))
+    assert not fleet.allow("unknown-backend")

@@ -34,6 +34,9 @@ class Health:
     def healthy(self, now: float) -> bool:
         return self.up
 
+    def available(self, now: float) -> bool:
+        return self.up
+
 
 @dataclass
 class Source:
@@ -45,6 +48,9 @@ class Source:
 
     def record(self, backend: str, outcome: Any) -> None:
         self.recorded.append((backend, outcome))
+
+    def allow(self, backend: str) -> bool:
+        return self.backends[backend].up
 
 
 def test_members_come_from_discovery_with_canonical_model_names() -> None:
@@ -113,3 +119,15 @@ async def test_fleet_upstream_follows_the_directory_on_every_call() -> None:
     assert await upstream.open(None, "/api/chat", b"{}") == "pool"
     assert await upstream.ping()
     assert (single.calls, pool.calls) == (["/api/chat"], ["/api/chat"])
+
+
+def test_a_member_is_healthy_while_its_breaker_lets_a_call_through_and_take_asks_it() -> None:
+    source = Source({"a": Health(Spec("a", "http://a:1", 4), up=False)})
+    fleet = DiscoveredFleet(source, outcome=str.upper)
+    (a,) = fleet.members()
+    assert not a.healthy
+    assert not fleet.take("a")
+    source.backends["a"].up = True
+    assert fleet.members()[0].healthy
+    assert fleet.take("a")
+    assert StaticFleet([a]).take("a")

@@ -26,6 +26,8 @@ def test_defaults_and_types() -> None:
     assert settings.key_cache_ttl_seconds == 2.5
     assert settings.queue_timeout_seconds == 30.0
     assert load_settings({**GOOD, "NZ_QUEUE_TIMEOUT_SECONDS": "2.5"}).queue_timeout_seconds == 2.5
+    assert settings.queue_ping_seconds == 3.0
+    assert load_settings({**GOOD, "NZ_QUEUE_PING_SECONDS": "0.5"}).queue_ping_seconds == 0.5
     assert settings.ollama_url == "http://127.0.0.1:11434"
     assert (settings.keep_alive_min_seconds, settings.keep_alive_max_seconds) == (60, 86400)
     assert settings.ollama_slots == 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -14,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
+import msgspec
 import ollama
 import pytest
 
@@ -27,6 +29,8 @@ from neuronetz_gateway.simulator import (
     simulated_pieces,
     simulated_text,
 )
+from neuronetz_gateway.simulator import __main__ as simulator_main
+from neuronetz_gateway.simulator.app import ENVIRONMENT
 
 FINAL_FIELDS = {
     "total_duration",
@@ -428,6 +432,31 @@ def test_config_from_env() -> None:
     assert default.models == ("llama3.2:latest", "qwen2.5:0.5b", "nomic-embed-text:latest")
 
 
+def test_every_flag_reaches_the_config_through_the_environment() -> None:
+    argv = [
+        "--chunks", "3", "--chunk-delay-ms", "1.5", "--models", "a, b", "--no-record",
+        "--slots", "2", "--max-queue", "0", "--tokens-per-second", "40",
+        "--load-seconds", "0.5", "--max-loaded", "1", "--loaded", "a",
+    ]  # fmt: skip
+    env = simulator_main._environment(simulator_main._parser().parse_args(argv))
+    assert set(env) == {variable for variable, _ in ENVIRONMENT.values()}
+    config = SimulatorConfig.from_env(env)
+    assert msgspec.structs.asdict(config) == {
+        **msgspec.structs.asdict(SimulatorConfig()),
+        "chunks": 3,
+        "chunk_delay_ms": 1.5,
+        "models": ("a", "b"),
+        "record": False,
+        "slots": 2,
+        "max_queue": 0,
+        "tokens_per_second": 40.0,
+        "load_seconds": 0.5,
+        "max_loaded": 1,
+        "loaded": ("a",),
+    }
+    assert simulator_main._environment(simulator_main._parser().parse_args([])) == {}
+
+
 def test_deterministic_helpers() -> None:
     assert simulated_pieces(12) == [*WORDS, WORDS[0], WORDS[1]]
     assert simulated_text(3) == "The quick brown"
@@ -606,13 +635,13 @@ def _free_port() -> int:
         return port
 
 
-@pytest.fixture
-def served() -> Iterator[str]:
+@contextlib.contextmanager
+def served_simulator(*flags: str, **env: str) -> Iterator[str]:
+    """``python -m neuronetz_gateway.simulator`` (Granian) on a free port; yields its URL."""
     port = _free_port()
-    env = {**os.environ, "NZ_SIM_CHUNKS": "4"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "neuronetz_gateway.simulator", "--port", str(port)],
-        env=env,
+        [sys.executable, "-m", "neuronetz_gateway.simulator", "--port", str(port), *flags],
+        env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -631,6 +660,12 @@ def served() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture
+def served() -> Iterator[str]:
+    with served_simulator(NZ_SIM_CHUNKS="4") as base:
+        yield base
 
 
 def test_served_by_granian_notices_disconnects(served: str) -> None:

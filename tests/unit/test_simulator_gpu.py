@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -16,7 +13,7 @@ import pytest
 
 from neuronetz_gateway.simulator import SimulatorApp, SimulatorConfig, create_simulator_app
 from neuronetz_gateway.simulator.gpu import BUSY_MESSAGE, GpuModel, keep_alive_seconds
-from tests.unit.test_simulator import _free_port
+from tests.unit.test_simulator import served_simulator
 
 # Ollama's ProcessModelResponse (api/types.go) and its ModelDetails
 PS_FIELDS = {"name", "model", "size", "digest", "details", "expires_at", "size_vram"}
@@ -233,29 +230,9 @@ async def test_eviction_waits_while_every_loaded_model_is_busy() -> None:
 
 @pytest.fixture
 def served_gpu() -> Iterator[str]:
-    port = _free_port()
     flags = ["--slots", "1", "--max-queue", "1", "--loaded", "llama3.2", "--chunks", "2"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "neuronetz_gateway.simulator", "--port", str(port), *flags],
-        env=dict(os.environ),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                httpx.get(f"{base}/api/version", timeout=0.5)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.05)
+    with served_simulator(*flags) as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 async def _until(check: Any, client: httpx.AsyncClient) -> dict[str, Any]:
@@ -287,3 +264,19 @@ async def test_flags_reach_the_worker_and_a_client_leaving_the_queue_frees_it(
             await _until(lambda s: s["waiting"] == 1, client)  # its place was free again
             await client.post("/_sim/config", json={"failure": None})
         assert (await again).status_code == 200
+
+
+async def test_busy_slot_seconds_add_up_the_slots_held(client: httpx.AsyncClient) -> None:
+    assert (await _stats(client))["busy_slot_seconds"] == 0
+    await client.post("/_sim/config", json={"slots": 2})
+    started = time.monotonic()
+    answers = await asyncio.gather(*(client.post("/api/chat", json=_chat()) for _ in range(4)))
+    elapsed = time.monotonic() - started
+    assert {a.status_code for a in answers} == {200}
+    busy = (await _stats(client))["busy_slot_seconds"]
+    # each of the 4 held a slot at least its 3 tokens at 100/s (a little slack for the
+    # clock); together never more than the 2 slots for the whole time
+    assert busy >= 4 * 0.03 * 0.9
+    assert busy <= 2 * elapsed
+    await client.post("/_sim/reset")
+    assert (await _stats(client))["busy_slot_seconds"] == 0

@@ -45,6 +45,7 @@ import msgspec
 
 from neuronetz_gateway.domain.accounting import AuditRow, PromptRow
 from neuronetz_gateway.logging import get_logger
+from neuronetz_gateway.stopping import stop_task, wait_set
 
 __all__ = ["AuditWriter", "clean_text"]
 
@@ -65,6 +66,8 @@ ON CONFLICT (request_id) DO NOTHING
 """
 
 _STOP = object()
+#: How long a stop waits for the replay task (it ends by its flag if a cancel is lost).
+_STOP_WITHIN_SECONDS = 5.0
 _encoder = msgspec.json.Encoder()
 _audit_decoder = msgspec.json.Decoder(AuditRow)
 _prompt_decoder = msgspec.json.Decoder(PromptRow)
@@ -196,6 +199,7 @@ class AuditWriter:
         """Start the batch and replay tasks (replay begins with what a previous run left)."""
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self.spooled_files = len(self._spool_files())
+        self._stopping.clear()
         self._replay_now.set()
         self._tasks = [
             asyncio.create_task(self._batch_loop(), name="audit-batches"),
@@ -212,9 +216,9 @@ class AuditWriter:
         self._queue.put_nowait(_STOP)
         with contextlib.suppress(asyncio.CancelledError):
             await batch_task
-        replay_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await replay_task
+        # the replay loop ends by the flag too (a cancellation swallowed mid-replay)
+        self._replay_now.set()
+        await stop_task(replay_task, within=_STOP_WITHIN_SECONDS)
 
     # -- batching -----------------------------------------------------------------
 
@@ -227,8 +231,7 @@ class AuditWriter:
             batch: list[object] = [first]
             if self._queue.qsize() < self._batch_size - 1 and not self._stopping.is_set():
                 # gather a batch, but a shutdown does not wait for the interval
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), self._flush_interval)
+                await wait_set(self._stopping, self._flush_interval)
             while len(batch) < self._batch_size and not self._queue.empty():
                 item = self._queue.get_nowait()
                 if item is _STOP:
@@ -332,9 +335,10 @@ class AuditWriter:
             os.close(dir_fd)
 
     async def _replay_loop(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._replay_now.wait(), self._retry_interval)
+        while not self._stopping.is_set():
+            await wait_set(self._replay_now, self._retry_interval)
+            if self._stopping.is_set():
+                return
             self._replay_now.clear()
             if self.spooled_files or self._spool_files():
                 await self.replay_spool()

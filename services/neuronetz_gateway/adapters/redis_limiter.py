@@ -13,8 +13,9 @@ each script touches one Redis Cluster slot::
                                               (until the identity expires, + 1 s)
     <prefix>:{t<tenant>}:resv                 ZSET reservation id -> expiry ms
     <prefix>:{t<tenant>}:resv:rec             HASH reservation id -> amount and the
-                                              counters it was added to (until settled
-                                              or swept after its expiry)
+                                              counters it was added to (until swept
+                                              after its expiry); once settled, the mark
+                                              "settled" (swept a reservation TTL later)
 
 Each decision is one Lua script (``lua/*.lua``, EVALSHA with a reload on
 NOSCRIPT) that checks key and tenant together and records only when
@@ -392,6 +393,11 @@ class Limiter:
         reservation's record; if it had been swept already (it outlived the
         reservation TTL and its tokens were given back), the budgets are charged
         the whole ``actual`` instead of the difference.
+
+        Idempotent per ``reservation_id``: the record is replaced by a "settled"
+        mark kept for the reservation TTL, so a settle sent again (a retry of
+        one whose answer was lost) charges nothing twice and only releases the
+        lease (again). Without a reservation id nothing tells a repeat apart.
         """
         want_stats = key_limits is not None or tenant_limits is not None
         delta = actual - reserved
@@ -411,6 +417,8 @@ class Limiter:
             "1" if want_stats else "0",
             reservation_id or "",
             actual,
+            # the "settled" mark outlives every retry of this settle (they stop at the TTL)
+            now_ms + self._reservation_ttl_ms,
         )
         reply = await self._call(self._commands.evalsha(_SETTLE.sha, _SETTLE.text, keys, args))
         if not want_stats:

@@ -50,6 +50,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from neuronetz_gateway.adapters.redis_client import RedisClient
 from neuronetz_gateway.adapters.redis_pipeline import PipelinedRedis, RedisArg
+from neuronetz_gateway.stopping import stop_task
 
 __all__ = ["QueueTimeout", "SlotAdmission", "SlotLease", "SlotState", "SlotsUnavailable"]
 
@@ -235,13 +236,10 @@ class SlotAdmission:
 
     async def aclose(self) -> None:
         """Stop the wakers and close the pipelined connection (the redis-py client stays)."""
-        self._closed = True
+        self._closed = True  # the wake loops end by this flag too (a swallowed cancel)
         wakers, self._wakers = list(self._wakers.values()), {}
         for task in wakers:
-            task.cancel()
-        for task in wakers:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await stop_task(task, within=self._block_ms / 1000 + self._poll + 2.0)
         if self._pipelined is not None:
             await self._pipelined.aclose()
 
@@ -273,8 +271,8 @@ class SlotAdmission:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise QueueTimeout(backend, time.monotonic() - started, position)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(woken), min(self._poll, remaining))
+                # asyncio.wait leaves ``woken`` alone and never swallows a cancellation
+                await asyncio.wait({woken}, timeout=min(self._poll, remaining))
                 reply = await self._script(backend, "poll", capacity, ticket)
                 status = _text(reply[0])
                 if status == "granted":

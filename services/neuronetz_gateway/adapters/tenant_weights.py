@@ -11,10 +11,10 @@ succeeded every tenant weighs 1.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 from neuronetz_gateway.logging import get_logger
+from neuronetz_gateway.stopping import stop_task
 
 __all__ = ["TenantWeights"]
 
@@ -31,6 +31,7 @@ class TenantWeights:
         self._refresh = refresh_seconds
         self._weights: dict[int, int] = {}
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._warned = False
 
     def __call__(self, tenant_id: int) -> int:
@@ -51,15 +52,18 @@ class TenantWeights:
 
     async def start(self) -> None:
         await self.load()
+        self._stopping = False
         self._task = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
+        """Stop refreshing: by the flag too, waiting a bounded time (see ``stopping``)."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            task, self._task = self._task, None
+            self._stopping = True
+            await stop_task(task, within=5.0)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self._refresh)
-            await self.load()
+            if not self._stopping:
+                await self.load()

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from neuronetz_gateway.logging import get_logger
+from neuronetz_gateway.stopping import stop_task, wait_set
 
 __all__ = ["CHANNEL", "KeyEventListener", "ListenerMetrics"]
 
@@ -89,6 +90,7 @@ class KeyEventListener:
         self._max_backoff = max_backoff
         self._token = secrets.token_hex(6)  # tells our pings from other replicas'
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._pending: set[asyncio.Task[None]] = set()
         self._lost = asyncio.Event()
         self._up = asyncio.Event()
@@ -96,6 +98,7 @@ class KeyEventListener:
 
     async def start(self) -> None:
         """Start listening in the background (returns at once; see :attr:`listening`)."""
+        self._stopping = False
         self._task = asyncio.get_running_loop().create_task(self._run(), name="nz-key-listener")
 
     async def wait_listening(self, within: float) -> bool:
@@ -106,12 +109,16 @@ class KeyEventListener:
         return self.listening
 
     async def stop(self) -> None:
-        """Stop listening and wait for pending evictions."""
+        """Stop listening and wait for pending evictions.
+
+        The loops end by the flag too, and the wait is bounded (a cancellation
+        swallowed mid-command or by ``wait_for`` must not hang a shutdown).
+        """
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+            task, self._task = self._task, None
+            self._stopping = True
+            self._lost.set()  # the ping loop returns at once
+            await stop_task(task, within=self._ping_timeout * 2 + 2.0)
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
 
@@ -126,7 +133,7 @@ class KeyEventListener:
 
     async def _run(self) -> None:
         backoff = 0.05
-        while True:
+        while not self._stopping:
             conn: asyncpg.Connection | None = None
             try:
                 conn = connected = await asyncio.wait_for(
@@ -142,6 +149,8 @@ class KeyEventListener:
                 self._set_state(True)
                 log.info("key_listener_up")
                 backoff = 0.05
+                if self._stopping:
+                    return
                 await self._watch(connected)
             except asyncio.CancelledError:
                 raise
@@ -158,10 +167,8 @@ class KeyEventListener:
 
     async def _watch(self, conn: asyncpg.Connection) -> None:
         """Ping until the connection is lost (returns or raises then)."""
-        while not self._lost.is_set() and not conn.is_closed():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lost.wait(), timeout=self._ping_interval)
-            if self._lost.is_set():
+        while not self._stopping and not self._lost.is_set() and not conn.is_closed():
+            if await wait_set(self._lost, self._ping_interval) or self._stopping:
                 return
             payload = f"{_PING}{self._token}:{time.monotonic():.6f}"
             await asyncio.wait_for(

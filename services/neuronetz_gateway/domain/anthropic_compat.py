@@ -538,6 +538,14 @@ class MessageStreamTranslator:
         self.finished = self.failed = True
         return error_event(message)
 
+    def refused(self, status: int, code: str, message: str) -> bytes:
+        """A request refused after its stream started (it waited for a slot, then none came):
+        the ``error`` event of ``status`` (503: ``overloaded_error``)."""
+        if self.finished:
+            return b""
+        self.finished = self.failed = True
+        return error_event(message, status)
+
     def _block(self, kind: Literal["text", "thinking"]) -> bytes:
         """Close a different open block and open ``kind`` (if not open already)."""
         if self._open == kind:

@@ -8,7 +8,7 @@ no prompt text: what goes to Ollama is the body the surface's codec encoded.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from neuronetz_gateway.domain.dialect import Surface
@@ -37,6 +37,9 @@ class ModelCall:
     calls that are not for one model (``/api/ps``, ``/api/version``).
     ``session`` is a client's session hint (a header from
     :data:`SESSION_HEADERS`, cut to 200 characters), ``None`` without one.
+    ``on_queued`` is called by an upstream that has to make the call wait for
+    a backend's slot (again if a failover waits once more); never when a slot
+    is free at once.
     """
 
     route: str
@@ -48,3 +51,4 @@ class ModelCall:
     session: str | None = None
     stream: bool = False
     traceparent: str | None = None  # W3C trace context sent on to Ollama when tracing is on
+    on_queued: Callable[[], None] | None = None

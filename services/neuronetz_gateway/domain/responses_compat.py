@@ -519,6 +519,20 @@ class ResponseStreamTranslator:
         error = {"code": "server_error", "message": message}
         return self._event("response.failed", response=self._response("failed", None, error=error))
 
+    def refused(self, status: int, code: str, message: str) -> bytes:
+        """A request refused after its stream started (it waited for a slot, then none came).
+
+        ``response.created`` first (the SDK's stream helper expects it), then
+        ``response.failed`` with ``code`` (``server_error`` for a 5xx).
+        """
+        if self.finished:
+            return b""
+        opening = self.opening()
+        self.finished = self.failed = True
+        error = {"code": "server_error" if status >= 500 else code, "message": message}
+        failed = self._response("failed", None, error=error)
+        return opening + self._event("response.failed", response=failed)
+
     # -- items --------------------------------------------------------------------
 
     def _index(self) -> int:

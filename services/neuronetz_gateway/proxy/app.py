@@ -52,7 +52,9 @@ from neuronetz_gateway.proxy.pool import (
 )
 from neuronetz_gateway.proxy.revocation import RevocationWatch
 from neuronetz_gateway.proxy.routes import proxied_fast_paths, proxied_route_handlers
+from neuronetz_gateway.proxy.settle_retry import SettleRetries
 from neuronetz_gateway.settings import Settings, load_settings
+from neuronetz_gateway.stopping import stop_task, wait_set
 from neuronetz_gateway.tracing import Tracing, tracing_from_env
 
 __all__ = ["create_app", "create_app_from_env"]
@@ -62,16 +64,16 @@ log = get_logger(__name__)
 _PROBE_TIMEOUT = 2.0
 
 
-async def _purge_prompts(store: Store, interval: float) -> None:
+async def _purge_prompts(store: Store, interval: float, stopping: asyncio.Event) -> None:
     """Delete expired prompt logs every ``interval`` seconds (errors: try next time)."""
-    while True:
+    while not stopping.is_set():
         try:
             deleted = await store.purge_prompts(datetime.now(UTC))
             if deleted:
                 log.info("prompt_logs_purged", deleted=deleted)
         except Exception as exc:  # noqa: BLE001 - Postgres may be away; the next round retries
             log.warning("prompt_purge_failed", reason=type(exc).__name__)
-        await asyncio.sleep(interval)
+        await wait_set(stopping, interval)
 
 
 def create_app(
@@ -124,6 +126,7 @@ def create_app(
                 reservation_ttl_seconds=settings.reservation_ttl_seconds,
             )
             stack.push_async_callback(limiter.aclose)
+            settle_retries = _settle_retries(limiter, settings, metrics, stack)
             single_discovery = ModelDiscovery(
                 upstream,
                 client,
@@ -143,6 +146,7 @@ def create_app(
                 audit=audit,
                 metrics=metrics,
                 tracing=tracing,
+                settle_retries=settle_retries,
             )
             app.state.store = store
             # a revoked key's running requests end within a second, on every replica
@@ -151,15 +155,16 @@ def create_app(
             )
             await watch.start()
             stack.push_async_callback(watch.stop)
+            purging = asyncio.Event()  # set: stop (the loop checks it; see ``stopping``)
             purge = asyncio.create_task(
-                _purge_prompts(store, settings.prompt_purge_interval_seconds), name="prompt-purge"
+                _purge_prompts(store, settings.prompt_purge_interval_seconds, purging),
+                name="prompt-purge",
             )
             try:
                 yield
             finally:
-                purge.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await purge
+                purging.set()
+                await stop_task(purge, within=5.0)
 
     @get("/healthz", media_type=MediaType.JSON, sync_to_thread=False)
     def healthz() -> dict[str, str]:
@@ -195,6 +200,19 @@ def create_app(
     )
     app.fast_paths = proxied_fast_paths()
     return app
+
+
+def _settle_retries(
+    limiter: Limiter, settings: Settings, metrics: ProxyMetrics, stack: contextlib.AsyncExitStack
+) -> SettleRetries:
+    """Failed settlements retried in the background, stopped before the limiter closes."""
+    retries = SettleRetries(
+        limiter,
+        reservation_ttl_seconds=settings.reservation_ttl_seconds,
+        on_outcome=lambda outcome: metrics.settle_retries.labels(outcome).inc(),
+    )
+    stack.push_async_callback(retries.aclose)
+    return retries
 
 
 async def _probe(request: Request[Any, Any, Any]) -> dict[str, bool]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from neuronetz_gateway.proxy.metrics import ProxyMetrics
 from neuronetz_gateway.proxy.ports import AuditSink, Clock, ModelCatalogue, TokenLimiter, Upstream
 from neuronetz_gateway.proxy.running import RunningRequests
+from neuronetz_gateway.proxy.settle_retry import SettleRetries
 from neuronetz_gateway.settings import Settings
 from neuronetz_gateway.tracing import Tracing
 
@@ -30,3 +31,4 @@ class ProxyContext:
     tracing: Tracing | None = None  # None: tracing is off
     previous_secret: bytes | None = None  # NZ_GATEWAY_SECRET_PREVIOUS, still accepted
     clock: Clock = time.time
+    settle_retries: SettleRetries | None = None  # None: a failed settle is only logged

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,7 @@ from neuronetz_gateway.proxy.discovery import Catalogue, DiscoveryFailed
 from neuronetz_gateway.proxy.metrics import DEFAULT_BACKEND
 from neuronetz_gateway.proxy.ports import IdentityReplayed, LimiterUnavailable, UpstreamStream
 from neuronetz_gateway.proxy.refusals import Refusal, model_unavailable
+from neuronetz_gateway.proxy.settle_retry import PendingSettle
 from neuronetz_gateway.proxy.spans import backend_address, span_attributes, span_name
 from neuronetz_gateway.tracing import Tracing
 
@@ -181,7 +183,9 @@ class Exchange:
         self.span = tracing.start(f"proxy {self.route}", self.identity.traceparent)
         self.traceparent = tracing.traceparent(self.span)
 
-    def model_call(self, *, stream: bool = False) -> ModelCall:
+    def model_call(
+        self, *, stream: bool = False, on_queued: Callable[[], None] | None = None
+    ) -> ModelCall:
         """What the upstream is told about this call (to choose a backend)."""
         identity = self.identity
         return ModelCall(
@@ -194,6 +198,7 @@ class Exchange:
             session=self.session,
             stream=stream,
             traceparent=self.traceparent,
+            on_queued=on_queued,
         )
 
     # -- headers ----------------------------------------------------------------
@@ -393,10 +398,23 @@ class Exchange:
                 reservation_id=self.reservation_id,
             )
         except LimiterUnavailable as exc:
-            # The reservation stays charged (an over-count, never an under-count);
-            # the ledger row below has the truth for the next rebuild. The lease
-            # expires by itself after its TTL.
+            # Left alone, the reservation would expire and be given back: the real
+            # charge lost. Sent again in the background (the response does not wait),
+            # until it lands or the reservation expired; the lease goes with it.
             log.warning("settle_failed", request_id=identity.request_id, reason=str(exc))
+            if self.ctx.settle_retries is not None:
+                self.ctx.settle_retries.retry(
+                    PendingSettle(
+                        request_id=identity.request_id,
+                        tenant_id=identity.tenant_id,
+                        key_id=identity.key_id,
+                        reserved=self.reserved,
+                        actual=self.prompt_tokens + self.completion_tokens,
+                        reserved_at=self.reserved_at,
+                        release_lease_id=lease_id,
+                        reservation_id=self.reservation_id,
+                    )
+                )
             return
         if headers_pending:
             self.allowance = _merge_tokens(self.allowance, allowance)

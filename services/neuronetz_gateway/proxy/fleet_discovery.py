@@ -43,6 +43,7 @@ from neuronetz_gateway.domain.circuit_breaker import (
 from neuronetz_gateway.domain.models import canonical_model
 from neuronetz_gateway.logging import get_logger
 from neuronetz_gateway.proxy.discovery import Catalogue, DiscoveryFailed
+from neuronetz_gateway.stopping import stop_task, wait_set
 
 __all__ = ["BackendChecker", "BackendHealth", "Directory", "FleetDiscovery", "StatusBoard"]
 
@@ -106,6 +107,11 @@ class BackendHealth:
             and self.breaker.state(now) is not CircuitState.OPEN
         )
 
+    def available(self, now: float) -> bool:
+        """Reached by its last check, and its breaker lets a request through now: closed,
+        or half-open with a trial free (routing; the pool then takes the trial)."""
+        return self.status is not None and self.status.reachable and self.breaker.available(now)
+
     def usable(self, now: float) -> bool:
         """Healthy and active: may take a new request."""
         return self.spec.accepts_new and self.healthy(now)
@@ -144,6 +150,7 @@ class FleetDiscovery:
         self._catalogue: Catalogue | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._round_lock = asyncio.Lock()
         self.rounds = 0
         self._sync(directory.backends)
@@ -177,6 +184,12 @@ class FleetDiscovery:
         canonical = canonical_model(model)
         return [h for h in self.usable() if canonical in h.installed]
 
+    def allow(self, backend: str) -> bool:
+        """Whether a request may go to ``backend`` now; half-open, it takes one of the
+        breaker's ``trial_requests`` (this replica's), so only that many go at a time."""
+        health = self._health.get(backend)
+        return health is not None and health.breaker.allow(self._now())
+
     def record(self, backend: str, outcome: Outcome) -> None:
         """A real request's outcome on ``backend`` (the passive health check)."""
         health = self._health.get(backend)
@@ -192,14 +205,16 @@ class FleetDiscovery:
 
     async def start(self) -> None:
         """Run rounds in the background (the first one at once)."""
+        self._stopping = False
         self._task = asyncio.get_running_loop().create_task(self._run(), name="nz-fleet-discovery")
 
     async def stop(self) -> None:
+        """Stop the rounds: by the flag and the wake too, waiting a bounded time only."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+            task, self._task = self._task, None
+            self._stopping = True
+            self._wake.set()
+            await stop_task(task, within=self._interval + 5.0)
 
     async def refresh(self) -> None:
         """One round now (rounds do not overlap)."""
@@ -219,14 +234,14 @@ class FleetDiscovery:
             self._rebuild()
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             self._wake.clear()
             try:
                 await self.refresh()
             except Exception as exc:  # noqa: BLE001 - a round must never end the loop
                 log.warning("fleet_discovery_round_failed", error=type(exc).__name__)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._interval)
+            if not self._stopping:
+                await wait_set(self._wake, self._interval)
 
     # -- internals ------------------------------------------------------------
 

@@ -153,6 +153,13 @@ class ProxyMetrics:
             ("dependency",),
             registry=self.registry,
         )
+        self.settle_retries = Counter(
+            "nz_proxy_settle_retries_total",
+            "Background retries of settlements Redis did not take, by outcome (failed: one "
+            "attempt failed; landed; gave_up: the reservation expired first, or shutdown).",
+            ("outcome",),
+            registry=self.registry,
+        )
         self.backend_in_flight.labels(DEFAULT_BACKEND).set(0)
         self.audit_queue = Gauge(
             "nz_proxy_audit_queue_depth", "Audit rows waiting for a batch.", registry=self.registry

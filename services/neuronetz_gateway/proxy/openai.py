@@ -9,7 +9,7 @@ into OpenAI's (SSE chunks when streaming).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import msgspec
 
@@ -83,22 +83,57 @@ def _cap(request: OllamaChatRequest | OllamaGenerateRequest, caps: OptionCaps) -
     return capped
 
 
-class ChatCodec:
+class _Translated(Protocol):
+    """A translation holding the Ollama request (chat or generate) and its session hint."""
+
+    @property
+    def ollama(self) -> OllamaChatRequest | OllamaGenerateRequest: ...
+
+    @property
+    def session(self) -> str | None: ...
+
+
+_R = TypeVar("_R", bound=_Translated)
+
+
+class _OllamaRequestCodec(Generic[_R]):
+    """What chat and completions share: the thin methods over the Ollama request.
+
+    ``_R`` is the translation; a subclass says how to decode, estimate, stream
+    and answer.
+    """
+
+    tokens: TokenPlan = "output"
+
+    def model(self, request: _R) -> str:
+        return request.ollama.model
+
+    def cap(self, request: _R, caps: OptionCaps, window: KeepAliveWindow) -> int | None:
+        return _cap(request.ollama, caps)
+
+    def set_output(self, request: _R, tokens: int) -> None:
+        _set_num_predict(request.ollama, tokens)
+
+    def encode(self, request: _R) -> bytes:
+        return encode_ollama_request(request.ollama)
+
+    def stream_asked(self, request: _R) -> bool:
+        return request.ollama.stream
+
+    def session(self, request: _R) -> str | None:
+        return request.session
+
+    def streams(self, request: _R, content_type: str) -> bool:
+        return request.ollama.stream
+
+
+class ChatCodec(_OllamaRequestCodec[ChatRequestTranslation]):
     """``POST /v1/chat/completions`` -> ``/api/chat``; SSE chunks when streaming."""
 
     upstream_path = "/api/chat"
-    tokens: TokenPlan = "output"
 
     def decode(self, raw: bytes) -> ChatRequestTranslation:
         return _translate(translate_chat_request, raw)
-
-    def model(self, request: ChatRequestTranslation) -> str:
-        return request.ollama.model
-
-    def cap(
-        self, request: ChatRequestTranslation, caps: OptionCaps, window: KeepAliveWindow
-    ) -> int | None:
-        return _cap(request.ollama, caps)
 
     def estimate(self, request: ChatRequestTranslation) -> int:
         messages = request.ollama.messages
@@ -107,21 +142,6 @@ class ChatCodec:
             texts.append(_encoder.encode(request.ollama.tools).decode())
         images = sum(len(m.images or ()) for m in messages)
         return estimate_prompt_tokens(texts, messages=len(messages), images=images)
-
-    def set_output(self, request: ChatRequestTranslation, tokens: int) -> None:
-        _set_num_predict(request.ollama, tokens)
-
-    def encode(self, request: ChatRequestTranslation) -> bytes:
-        return encode_ollama_request(request.ollama)
-
-    def stream_asked(self, request: ChatRequestTranslation) -> bool:
-        return request.ollama.stream
-
-    def session(self, request: ChatRequestTranslation) -> str | None:
-        return request.session
-
-    def streams(self, request: ChatRequestTranslation, content_type: str) -> bool:
-        return request.ollama.stream
 
     def frames(
         self, request: ChatRequestTranslation, request_id: str, estimate: int
@@ -146,40 +166,16 @@ class ChatCodec:
         return Answer(body, _JSON, (chunk.prompt_eval_count or 0, chunk.eval_count or 0), text)
 
 
-class CompletionCodec:
+class CompletionCodec(_OllamaRequestCodec[CompletionRequestTranslation]):
     """``POST /v1/completions`` -> ``/api/generate``."""
 
     upstream_path = "/api/generate"
-    tokens: TokenPlan = "output"
 
     def decode(self, raw: bytes) -> CompletionRequestTranslation:
         return _translate(translate_completion_request, raw)
 
-    def model(self, request: CompletionRequestTranslation) -> str:
-        return request.ollama.model
-
-    def cap(
-        self, request: CompletionRequestTranslation, caps: OptionCaps, window: KeepAliveWindow
-    ) -> int | None:
-        return _cap(request.ollama, caps)
-
     def estimate(self, request: CompletionRequestTranslation) -> int:
         return estimate_prompt_tokens([request.ollama.prompt, request.ollama.suffix or ""])
-
-    def set_output(self, request: CompletionRequestTranslation, tokens: int) -> None:
-        _set_num_predict(request.ollama, tokens)
-
-    def encode(self, request: CompletionRequestTranslation) -> bytes:
-        return encode_ollama_request(request.ollama)
-
-    def stream_asked(self, request: CompletionRequestTranslation) -> bool:
-        return request.ollama.stream
-
-    def session(self, request: CompletionRequestTranslation) -> str | None:
-        return request.session
-
-    def streams(self, request: CompletionRequestTranslation, content_type: str) -> bool:
-        return request.ollama.stream
 
     def frames(
         self, request: CompletionRequestTranslation, request_id: str, estimate: int

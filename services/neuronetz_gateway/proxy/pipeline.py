@@ -14,7 +14,11 @@ Every model route (``/api/generate``, ``/api/chat``, ``/api/embed``,
    the default shrunk to the room left, then sent on as ``num_predict``);
 4. **reserve**: both levels' budgets and TPM, and the identity used up (429/503);
 5. **forward**: to the route's fixed upstream path through the
-   :class:`~neuronetz_gateway.proxy.ports.Upstream` port (502/504);
+   :class:`~neuronetz_gateway.proxy.ports.Upstream` port (502/504); a
+   stream queued for a backend's slot longer than ``NZ_QUEUE_PING_SECONDS``
+   has its response started and gets the surface's keep-alive frame meanwhile
+   (:class:`~neuronetz_gateway.proxy.relay.QueueWait`; none on native), and
+   a refusal after that start is the surface's in-stream error;
 6. **relay**: a stream through the codec's frames as it arrives, or one
    answer translated whole;
 7. **charge and settle**: Ollama's counts (or the estimate for a cut-off
@@ -38,9 +42,11 @@ from neuronetz_gateway.proxy.asgi import BodyTooLarge, Receive, Scope, Send, rea
 from neuronetz_gateway.proxy.exchange import Exchange
 from neuronetz_gateway.proxy.refusals import ClientLeft, Refusal
 from neuronetz_gateway.proxy.relay import (
+    QueueWait,
     StreamFrames,
     forward,
     read_whole,
+    refuse_in_stream,
     relay_stream,
     upstream_refusal,
 )
@@ -202,13 +208,26 @@ async def run_model_call(
     if ex.session is None:
         ex.session = codec.session(request)
     body = codec.encode(request)
-    upstream = await forward(ex, codec.upstream_path, body, stream=codec.stream_asked(request))
-    if upstream.status != 200:
-        raise await upstream_refusal(ex, upstream)
+    stream = codec.stream_asked(request)
+    frames: StreamFrames | None = None
+    waiting: QueueWait | None = None
+    if stream:  # should it wait for a slot: the client watched, a keep-alive meanwhile
+        frames = codec.frames(request, ex.identity.request_id, estimate)
+        waiting = QueueWait(ex, receive, send, frames, settings.queue_ping_seconds)
+    try:
+        upstream = await forward(ex, codec.upstream_path, body, stream=stream, waiting=waiting)
+        if upstream.status != 200:
+            raise await upstream_refusal(ex, upstream)
+    except Refusal as refusal:
+        if frames is None or not ex.responded:
+            raise
+        await refuse_in_stream(ex, send, frames, refusal)  # started while it waited
+        return
     # 6. relay (a stream is charged and settled as it ends, then audited)
     content_type = upstream.content_type
-    if codec.streams(request, content_type):
-        frames = codec.frames(request, ex.identity.request_id, estimate)
+    if ex.responded or codec.streams(request, content_type):
+        if frames is None:
+            frames = codec.frames(request, ex.identity.request_id, estimate)
         await relay_stream(ex, upstream, receive, send, frames)
         return
     data = await read_whole(ex, upstream, receive)

@@ -114,6 +114,10 @@ class Fleet(Protocol):
         """Passive health: how a call to ``name`` went (one of :data:`OUTCOMES`)."""
         ...
 
+    def take(self, name: str) -> bool:
+        """Whether a call may be sent to ``name`` now (half-open: takes one of its trials)."""
+        ...
+
 
 class SlotPort(Protocol):
     """The slot admission the pool needs (``adapters/redis_slots.SlotAdmission``)."""
@@ -185,6 +189,9 @@ class StaticFleet:
             self._open_until[name] = self._clock() + self._open_seconds
             self._failures[name] = self._threshold - 1  # after the pause, one more failure reopens
 
+    def take(self, name: str) -> bool:
+        return True  # its pause ends by itself (see the class)
+
 
 class _BackendSpecView(Protocol):
     @property
@@ -207,6 +214,7 @@ class _HealthView(Protocol):
     @property
     def loaded(self) -> frozenset[str]: ...
     def healthy(self, now: float) -> bool: ...
+    def available(self, now: float) -> bool: ...
 
 
 class HealthSource(Protocol):
@@ -216,12 +224,18 @@ class HealthSource(Protocol):
 
     def record(self, backend: str, outcome: Any) -> None: ...
 
+    def allow(self, backend: str) -> bool: ...
+
 
 class DiscoveredFleet:
     """The :class:`Fleet` of the operator's backends, as per-backend discovery sees them.
 
-    ``outcome`` turns the pool's outcome names into what ``source.record``
-    takes (the circuit breaker's ``Outcome``).
+    A member is healthy while its breaker lets a request through (closed, or
+    half-open with a trial free); :meth:`take`, just before a call is sent,
+    takes the trial, so a half-open backend gets ``trial_requests`` at a time
+    from this replica and the rest go elsewhere (or get 503). ``outcome``
+    turns the pool's outcome names into what ``source.record`` takes (the
+    circuit breaker's ``Outcome``).
     """
 
     def __init__(
@@ -244,7 +258,7 @@ class DiscoveredFleet:
                 h.spec.slots,
                 h.spec.weight,
                 h.spec.accepts_new,
-                h.healthy(now),
+                h.available(now),
                 frozenset(canonical_model(m) for m in h.installed),
                 frozenset(canonical_model(m) for m in h.loaded),
             )
@@ -253,6 +267,9 @@ class DiscoveredFleet:
 
     def report(self, name: str, outcome: str) -> None:
         self._source.record(name, self._outcome(outcome))
+
+    def take(self, name: str) -> bool:
+        return self._source.allow(name)
 
 
 def _with_health(member: PoolMember, *, healthy: bool) -> PoolMember:
@@ -514,7 +531,12 @@ class BackendPool:
         body: bytes | None,
         lease: SlotLease | None,
     ) -> PooledStream | None:
-        """One try on ``member``: its answer (5xx included), or ``None`` if it was unreachable."""
+        """One try on ``member``: its answer (5xx included), or ``None`` if it was unreachable
+        (or half-open with its trials out)."""
+        if not self._fleet.take(member.name):
+            if lease is not None:
+                self._give_back(lease)
+            return None
         try:
             stream = await self._send(call, member, path, body, lease)
         except UpstreamUnavailable:
@@ -615,7 +637,7 @@ class BackendPool:
         self, call: ModelCall, route: Route, members: Mapping[str, PoolMember]
     ) -> tuple[str, SlotLease] | None:
         """The first ranked backend that grants a slot at once (``None``: all are full)."""
-        weight = self._tenant_weight(call.tenant_id) if self._tenant_weight is not None else 1
+        weight = self._weight(call)
         for name in route.candidates:
             member = members[name]
             try:
@@ -623,25 +645,23 @@ class BackendPool:
                     name, capacity=member.slots, tenant=str(call.tenant_id), weight=weight
                 )
             except SlotsUnavailable:
-                self._metrics.child(self._metrics.errors, name, "slots_unavailable").inc()
-                raise _slots_unavailable() from None
+                raise self._capacity_unknown(name) from None
             if lease is not None:
-                self._metrics.child(self._metrics.queue_wait, name).observe(0.0)
-                self._leases[lease] = member.slots
-                self._ensure_renewer()
-                return name, lease
+                return name, self._hold(member, lease)
         return None
 
     async def _admit(self, call: ModelCall, member: PoolMember, started: float) -> SlotLease:
+        """A slot on ``member``, waiting in its fair queue for what is left of the timeout."""
         remaining = self._queue_timeout - (time.monotonic() - started)
-        weight = self._tenant_weight(call.tenant_id) if self._tenant_weight is not None else 1
+        queued = call.on_queued
         try:
             lease = await self._slots.acquire(
                 member.name,
                 capacity=member.slots,
                 tenant=str(call.tenant_id),
-                weight=weight,
+                weight=self._weight(call),
                 queue_timeout=max(remaining, 0.001),
+                on_queued=None if queued is None else lambda _position: queued(),
             )
         except QueueTimeout:
             self._metrics.child(self._metrics.errors, member.name, "queue_timeout").inc()
@@ -650,12 +670,23 @@ class BackendPool:
             )
             raise _queue_timed_out(self._queue_timeout) from None
         except SlotsUnavailable:
-            self._metrics.child(self._metrics.errors, member.name, "slots_unavailable").inc()
-            raise _slots_unavailable() from None
+            raise self._capacity_unknown(member.name) from None
+        return self._hold(member, lease)
+
+    def _weight(self, call: ModelCall) -> int:
+        return self._tenant_weight(call.tenant_id) if self._tenant_weight is not None else 1
+
+    def _hold(self, member: PoolMember, lease: SlotLease) -> SlotLease:
+        """A slot granted (at once or from the queue): its wait counted, renewed from now on."""
         self._metrics.child(self._metrics.queue_wait, member.name).observe(lease.waited)
         self._leases[lease] = member.slots
         self._ensure_renewer()
         return lease
+
+    def _capacity_unknown(self, name: str) -> Refusal:
+        """Redis could not say whether ``name`` has a slot: fail closed (503)."""
+        self._metrics.child(self._metrics.errors, name, "slots_unavailable").inc()
+        return _slots_unavailable()
 
     async def _send(
         self,

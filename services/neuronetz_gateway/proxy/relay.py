@@ -2,6 +2,9 @@
 
 - :func:`forward`: the request to Ollama's fixed path; connection failures
   and timeouts become a :class:`Refusal` (502/504) in the dialect;
+- :class:`QueueWait`: a streamed call that waits for a backend's slot: the
+  client watched, and kept posted with the surface's keep-alive frame;
+  :func:`refuse_in_stream` for a refusal after such a stream started;
 - :class:`ClientWatch`: notices a client that leaves (then closes the
   upstream connection, so Ollama stops generating) and renews the
   concurrency lease while a long answer runs;
@@ -26,7 +29,7 @@ from typing import Literal, Protocol
 import msgspec
 
 from neuronetz_gateway.domain.accounting import response_text
-from neuronetz_gateway.domain.dialect import NATIVE, error_body
+from neuronetz_gateway.domain.dialect import NATIVE, OPENAI, error_body
 from neuronetz_gateway.domain.openai_compat import error_event, ollama_error_to_openai
 from neuronetz_gateway.domain.stream_lines import LineSplitter, NativeStreamScan
 from neuronetz_gateway.logging import get_logger
@@ -54,13 +57,16 @@ __all__ = [
     "NativeFrames",
     "NativeStreamScan",
     "NdjsonScan",
+    "QueueWait",
     "StreamFrames",
     "TranslatedFrames",
     "ended_by_revocation",
     "forward",
     "lines_or_silence",
     "read_whole",
+    "refuse_in_stream",
     "relay_stream",
+    "start_stream",
     "upstream_refusal",
     "watch_client",
 ]
@@ -75,22 +81,34 @@ _REVOKED = error_body(NATIVE, 401, "invalid_api_key", REVOKED_MESSAGE) + b"\n"
 
 
 async def forward(
-    ex: Exchange, path: str, body: bytes | None, *, stream: bool = False
+    ex: Exchange,
+    path: str,
+    body: bytes | None,
+    *,
+    stream: bool = False,
+    waiting: QueueWait | None = None,
 ) -> UpstreamStream:
-    """Send to Ollama (the identity claimed first); a refused connection or a timeout: 502/504."""
+    """Send to Ollama (the identity claimed first); a refused connection or a timeout: 502/504.
+
+    ``waiting``: what to do if the upstream makes the call wait for a slot
+    (:class:`QueueWait`); it ends when the upstream's answer is in.
+    """
     await ex.claim()
     if ex.revoked:
         raise ex.revoked_refusal()
     ex.to_backend()
-    # a task, so that a revocation can stop the wait for the answer's headers
-    # (a non-streamed answer sends them only when it is complete)
+    # a task, so that a revocation (or a client leaving while queued) can stop the wait
+    # for the answer's headers (a non-streamed answer sends them only when it is complete)
+    call = ex.model_call(stream=stream, on_queued=None if waiting is None else waiting.queued)
     sending: asyncio.Future[UpstreamStream] = asyncio.ensure_future(
-        ex.ctx.upstream.open(ex.model_call(stream=stream), path, body)
+        ex.ctx.upstream.open(call, path, body)
     )
     ex.upstream_wait = sending
     try:
         upstream = await sending
     except asyncio.CancelledError:
+        if waiting is not None and waiting.left and not _cancelling():
+            raise ClientLeft from None  # its place in the queue is given back
         if not ex.revoked:
             raise
         ex.charge_estimate(0)
@@ -105,11 +123,125 @@ async def forward(
         raise upstream_unavailable() from None
     finally:
         ex.upstream_wait = None
+        if waiting is not None:
+            await waiting.stop()
     ex.upstream = upstream
     if ex.revoked:  # revoked while the request went out
         upstream.abort()
         raise ex.revoked_refusal()
     return upstream
+
+
+def _cancelling() -> int:
+    task = asyncio.current_task()
+    return 0 if task is None else task.cancelling()
+
+
+class QueueWait:
+    """A streamed call waiting for a backend's slot: the client watched and kept posted.
+
+    Nothing runs until the upstream reports the call queued (:meth:`queued`,
+    the call's ``ModelCall.on_queued``): a call with a slot free at once costs
+    no task and no timer. From then on one task watches the client (one that
+    leaves cancels the wait, which gives its place in the queue back) and, on
+    a surface with a keep-alive frame (``frames.ping()`` not empty: SSE
+    comments, Anthropic's ``ping``), starts the response after ``every``
+    seconds (200 and the surface's headers) and sends the frame every
+    ``every`` seconds until the answer's headers are in. Native streams get
+    no byte while queued. :meth:`stop` (by :func:`forward`) ends it between
+    two sends, never in the middle of one.
+    """
+
+    __slots__ = ("_every", "_ex", "_frames", "_receive", "_send", "_stop", "_task", "left")
+
+    def __init__(
+        self, ex: Exchange, receive: Receive, send: Send, frames: StreamFrames, every: float
+    ) -> None:
+        self._ex = ex
+        self._receive = receive
+        self._send = send
+        self._frames = frames
+        self._every = every
+        self._task: asyncio.Task[None] | None = None
+        self._stop: asyncio.Future[None] | None = None
+        self.left = False
+
+    def queued(self) -> None:
+        """The upstream queued the call: watch and ping from now on (idempotent)."""
+        if self._task is None:
+            self._stop = asyncio.get_running_loop().create_future()
+            self._task = asyncio.ensure_future(self._run(self._stop))
+
+    async def stop(self) -> None:
+        """The wait is over (granted, refused or cancelled): end the task, after its send."""
+        task, stop = self._task, self._stop
+        if task is None or stop is None:
+            return
+        if not stop.done():
+            stop.set_result(None)
+        try:
+            await asyncio.wait((task,))
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("queue_wait_failed", error=repr(task.exception()))
+
+    async def _run(self, stop: asyncio.Future[None]) -> None:
+        frames = self._frames
+        every: float | None = self._every if frames.ping() else None
+        receiving = asyncio.ensure_future(self._receive())
+        try:
+            while True:
+                done, _ = await asyncio.wait(
+                    (receiving, stop), timeout=every, return_when=asyncio.FIRST_COMPLETED
+                )
+                if stop.done():
+                    return
+                if receiving in done:
+                    if receiving.result()["type"] == "http.disconnect":
+                        self._leave()
+                        return
+                    receiving = asyncio.ensure_future(self._receive())
+                    continue
+                try:
+                    await self._ping(frames)
+                except OSError:
+                    self._leave()
+                    return
+        finally:
+            if not receiving.done():
+                receiving.cancel()
+
+    async def _ping(self, frames: StreamFrames) -> None:
+        if not self._ex.responded:
+            await start_stream(self._ex, self._send, frames)
+        await send_body(self._send, frames.ping())
+
+    def _leave(self) -> None:
+        self.left = True
+        sending = self._ex.upstream_wait
+        if sending is not None:
+            sending.cancel()
+
+
+async def start_stream(ex: Exchange, send: Send, frames: StreamFrames) -> None:
+    """The streamed response's start: 200 and the surface's headers (once)."""
+    await start_response(send, 200, ex.headers(frames.content_type))
+    ex.status = 200
+    ex.responded = True
+    ex.streamed = True
+
+
+async def refuse_in_stream(
+    ex: Exchange, send: Send, frames: StreamFrames, refusal: Refusal
+) -> None:
+    """A refusal after the response started while the call was queued (a queue timeout,
+    no backend, a backend's error): the surface's error frame, then the end."""
+    ex.status = refusal.status
+    with contextlib.suppress(OSError):
+        await send_body(send, frames.refused(refusal.status, refusal.code, refusal.message))
+        await end_body(send)
 
 
 class ClientWatch:
@@ -202,6 +334,8 @@ class StreamFrames(Protocol):
     was an error line (already relayed in the surface's words). After the
     stream, :meth:`counts` are Ollama's exact ``(prompt, completion)``, or
     ``None``: then the prompt estimate and ``chunks`` are charged.
+    :meth:`ping` is the surface's keep-alive frame (``b""``: it has none);
+    :meth:`refused` renders a refusal once the stream started (while queued).
     """
 
     content_type: bytes
@@ -220,6 +354,7 @@ class StreamFrames(Protocol):
     def close(self) -> None: ...
     def ping(self) -> bytes: ...
     def fail(self, failure: Failure) -> bytes: ...
+    def refused(self, status: int, code: str, message: str) -> bytes: ...
     def counts(self) -> tuple[int, int] | None: ...
 
 
@@ -259,6 +394,9 @@ class NativeFrames:
     def fail(self, failure: Failure) -> bytes:
         return _REVOKED if failure == "revoked" else _LOST
 
+    def refused(self, status: int, code: str, message: str) -> bytes:
+        return error_body(NATIVE, status, code, message) + b"\n"
+
     def counts(self) -> tuple[int, int] | None:
         final = self.scan.final
         if final is None:
@@ -284,6 +422,7 @@ class EventTranslator(LineTranslator, Protocol):
 
     def opening(self) -> bytes: ...
     def ping(self) -> bytes: ...
+    def refused(self, status: int, code: str, message: str) -> bytes: ...
 
 
 class TranslatedFrames:
@@ -318,7 +457,8 @@ class TranslatedFrames:
         return None
 
     def ping(self) -> bytes:
-        return b""
+        # an SSE comment: OpenAI's SDKs skip it (sent only while queued: ``keepalive`` None)
+        return b"" if self._translator.finished else b": ping\n\n"
 
     def fail(self, failure: Failure) -> bytes:
         if failure == "revoked":
@@ -326,6 +466,10 @@ class TranslatedFrames:
                 REVOKED_MESSAGE, error_type="invalid_request_error", code="invalid_api_key"
             )
         return error_event(FAILURE_MESSAGES[failure])
+
+    def refused(self, status: int, code: str, message: str) -> bytes:
+        # the error object an OpenAI client raises on, as its non-streamed answer has it
+        return b"data: " + error_body(OPENAI, status, code, message) + b"\n\n"
 
     def counts(self) -> tuple[int, int] | None:
         translator = self._translator
@@ -351,6 +495,9 @@ class EventFrames(TranslatedFrames):
 
     def fail(self, failure: Failure) -> bytes:
         return self._events.fail(FAILURE_MESSAGES[failure])
+
+    def refused(self, status: int, code: str, message: str) -> bytes:
+        return self._events.refused(status, code, message)
 
 
 def ended_by_revocation(ex: Exchange) -> None:
@@ -446,10 +593,8 @@ async def relay_stream(
     """
     watch = watch_client(ex, receive, upstream)
     keep: list[bytes] | None = [] if ex.identity.log_prompts else None
-    await start_response(send, 200, ex.headers(frames.content_type))
-    ex.status = 200
-    ex.responded = True
-    ex.streamed = True
+    if not ex.responded:  # else started while the call was queued (QueueWait)
+        await start_stream(ex, send, frames)
     opening = frames.opening()
     if opening:
         await send_body(send, opening)

@@ -1,7 +1,9 @@
 """``python -m neuronetz_gateway.simulator``: serve the simulator with Granian.
 
 Options are passed to the app through the ``NZ_SIM_*`` environment, because
-Granian builds the app inside its worker processes from the factory.
+Granian builds the app inside its worker processes from the factory; each
+flag's destination is the config field it sets (the table
+:data:`~neuronetz_gateway.simulator.app.ENVIRONMENT`, which the app reads).
 """
 
 from __future__ import annotations
@@ -10,19 +12,11 @@ import argparse
 import os
 from collections.abc import Callable, Sequence
 
+from neuronetz_gateway.simulator.app import ENVIRONMENT
+
 __all__ = ["main"]
 
 _TARGET = "neuronetz_gateway.simulator.app:create_simulator_app"
-
-
-_GPU_FLAGS = {
-    "slots": "NZ_SIM_SLOTS",
-    "max_queue": "NZ_SIM_MAX_QUEUE",
-    "tokens_per_second": "NZ_SIM_TOKENS_PER_SECOND",
-    "load_seconds": "NZ_SIM_LOAD_SECONDS",
-    "max_loaded": "NZ_SIM_MAX_LOADED",
-    "loaded": "NZ_SIM_LOADED",
-}
 
 
 def _number(kind: type[float], *, low: float, inclusive: bool) -> Callable[[str], float]:
@@ -59,7 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--models", help="comma-separated model names (NZ_SIM_MODELS)")
     parser.add_argument(
-        "--no-record", action="store_true", help="do not record requests (for benchmarks)"
+        "--no-record",
+        dest="record",
+        action="store_const",
+        const="0",
+        help="do not record requests (for benchmarks)",
     )
     gpu = parser.add_argument_group("the GPU (see neuronetz_gateway.simulator.gpu)")
     gpu.add_argument(
@@ -92,21 +90,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _environment(args: argparse.Namespace) -> dict[str, str]:
+    """The ``NZ_SIM_*`` variables the given flags set."""
+    return {
+        variable: str(value)
+        for field, (variable, _) in ENVIRONMENT.items()
+        if (value := getattr(args, field)) is not None
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the options and serve until interrupted."""
     args = _parser().parse_args(argv)
-    if args.chunks is not None:
-        os.environ["NZ_SIM_CHUNKS"] = str(args.chunks)
-    if args.chunk_delay_ms is not None:
-        os.environ["NZ_SIM_CHUNK_DELAY_MS"] = str(args.chunk_delay_ms)
-    if args.models is not None:
-        os.environ["NZ_SIM_MODELS"] = args.models
-    if args.no_record:
-        os.environ["NZ_SIM_RECORD"] = "0"
-    for flag, variable in _GPU_FLAGS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            os.environ[variable] = str(value)
+    os.environ.update(_environment(args))
 
     # Imported here so that importing the package (tests, the CLI) stays cheap.
     from granian import Granian

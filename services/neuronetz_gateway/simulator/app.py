@@ -63,6 +63,7 @@ from neuronetz_gateway.simulator.gpu import (
 __all__ = [
     "BUSY_MESSAGE",
     "DEFAULT_MODELS",
+    "ENVIRONMENT",
     "MIDSTREAM_ERROR_MESSAGE",
     "THINKING",
     "RecordedRequest",
@@ -163,39 +164,44 @@ class SimulatorConfig(msgspec.Struct, kw_only=True):
     def from_env(cls, env: Mapping[str, str] | None = None) -> SimulatorConfig:
         """The defaults, overridden by the ``NZ_SIM_*`` environment variables."""
         env = os.environ if env is None else env
-        config = cls()
-        if value := env.get("NZ_SIM_CHUNKS"):
-            config.chunks = int(value)
-        if value := env.get("NZ_SIM_CHUNK_DELAY_MS"):
-            config.chunk_delay_ms = float(value)
-        if value := env.get("NZ_SIM_MODELS"):
-            config.models = tuple(m.strip() for m in value.split(",") if m.strip())
-        if value := env.get("NZ_SIM_RECORD"):
-            config.record = value.strip().lower() not in {"0", "false", "no", "off"}
-        if value := env.get("NZ_SIM_SLOTS"):
-            config.slots = int(value)
-        if value := env.get("NZ_SIM_MAX_QUEUE"):
-            config.max_queue = int(value)
-        if value := env.get("NZ_SIM_LOAD_SECONDS"):
-            config.load_seconds = float(value)
-        if value := env.get("NZ_SIM_MAX_LOADED"):
-            config.max_loaded = int(value)
-        if value := env.get("NZ_SIM_LOADED"):
-            config.loaded = tuple(m.strip() for m in value.split(",") if m.strip())
-        if value := env.get("NZ_SIM_TOKENS_PER_SECOND"):
-            config.tokens_per_second = float(value)
+        values = {
+            field: parse(raw)
+            for field, (variable, parse) in ENVIRONMENT.items()
+            if (raw := env.get(variable))
+        }
         # the same bounds as a run-time change (a zero slot count would hang everything)
-        msgspec.convert({f: getattr(config, f) for f in _GPU_FIELDS}, _ConfigUpdate)
-        return config
+        msgspec.convert(values, _ConfigUpdate)
+        return msgspec.structs.replace(cls(), **values)
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in value.split(",") if m.strip())
+
+
+def _switch(value: str) -> bool:
+    return value.strip().lower() not in {"0", "false", "no", "off"}
+
+
+#: The knobs read at start-up: field -> its environment variable and how to read it
+#: (``python -m neuronetz_gateway.simulator`` sets them from its flags of the field's name).
+ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "chunks": ("NZ_SIM_CHUNKS", int),
+    "chunk_delay_ms": ("NZ_SIM_CHUNK_DELAY_MS", float),
+    "models": ("NZ_SIM_MODELS", _names),
+    "record": ("NZ_SIM_RECORD", _switch),
+    "slots": ("NZ_SIM_SLOTS", int),
+    "max_queue": ("NZ_SIM_MAX_QUEUE", int),
+    "load_seconds": ("NZ_SIM_LOAD_SECONDS", float),
+    "max_loaded": ("NZ_SIM_MAX_LOADED", int),
+    "loaded": ("NZ_SIM_LOADED", _names),
+    "tokens_per_second": ("NZ_SIM_TOKENS_PER_SECOND", float),
+}
 
 
 _Positive = Annotated[int, msgspec.Meta(ge=1)]
 _NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 _NonNegativeSeconds = Annotated[float, msgspec.Meta(ge=0)]
 _PositiveRate = Annotated[float, msgspec.Meta(gt=0)]
-
-
-_GPU_FIELDS = ("slots", "max_queue", "load_seconds", "max_loaded", "tokens_per_second")
 
 
 class _ConfigUpdate(msgspec.Struct, forbid_unknown_fields=True):
@@ -218,7 +224,10 @@ class SimulatorStats(msgspec.Struct):
     """Counters for tests: model requests in flight, finished, and cut off by the client.
 
     ``peak_active``: the most that ran at once; ``waiting``: queued now for
-    a slot or a load; ``loads``: cold loads; ``busy``: 503s for a full queue.
+    a slot or a load; ``loads``: cold loads; ``busy``: 503s for a full queue;
+    ``busy_slot_seconds``: slots held, integrated over time (a request holds
+    one from its admission, after any cold load, to its end), so that a
+    benchmark reads a GPU's utilisation from the GPU's side.
     """
 
     active: int = 0
@@ -229,6 +238,7 @@ class SimulatorStats(msgspec.Struct):
     waiting: int = 0
     loads: int = 0
     busy: int = 0
+    busy_slot_seconds: float = 0.0
 
 
 class RecordedRequest(msgspec.Struct):
@@ -438,6 +448,7 @@ class SimulatorApp:
         self.config = config if config is not None else SimulatorConfig.from_env()
         self._initial = msgspec.structs.replace(self.config)
         self.stats = SimulatorStats()
+        self._active_since = time.monotonic()
         self._recorded: deque[_Raw] = deque(maxlen=_RECORD_LIMIT)
         self._models: dict[str, SimulatedModel] = {}
         self._tags_body = b""
@@ -479,6 +490,7 @@ class SimulatorApp:
         """Back to the start-up configuration, with no recordings and zeroed stats."""
         self.config = msgspec.structs.replace(self._initial)
         self.stats = SimulatorStats()
+        self._active_since = time.monotonic()
         self._recorded.clear()
         self.gpu.reset()
         self._rebuild_catalogue()
@@ -671,16 +683,24 @@ class SimulatorApp:
             except _ClientGone:
                 self.stats.cancelled += 1
                 return
+            self._count_busy()
             self.stats.active += 1
             self.stats.peak_active = max(self.stats.peak_active, self.stats.active)
             try:
                 await work(departure, cold)
             finally:
+                self._count_busy()
                 self.stats.active -= 1
                 self.gpu.release(model.canonical, keep_alive)
         finally:
             if departure is not None:
                 departure.close()
+
+    def _count_busy(self) -> None:
+        """Add the slots held since the last change to ``busy_slot_seconds``."""
+        now = time.monotonic()
+        self.stats.busy_slot_seconds += self.stats.active * (now - self._active_since)
+        self._active_since = now
 
     async def _chat(self, body: bytes, receive: Receive, send: Send) -> None:
         found = await self._model_request(_chat_decoder, body, send, "chat")
@@ -1072,6 +1092,7 @@ class SimulatorApp:
     async def _sim_stats(self, body: bytes, receive: Receive, send: Send) -> None:
         self.stats.waiting = self.gpu.waiting
         self.stats.loads = self.gpu.loads
+        self._count_busy()
         await _respond(send, 200, _encode(self.stats))
 
     async def _sim_reset(self, body: bytes, receive: Receive, send: Send) -> None:

@@ -15,7 +15,8 @@
 -- Every call first sweeps up to SWEEP reservations past their expiry (a proxy that
 -- died before settling): their tokens leave the budget counters of their own period.
 -- The TPM window needs no sweep: its buckets leave the 60 s window by themselves.
--- A record is the reserved amount and the counters it was added to, one per line.
+-- A record is the reserved amount and the counters it was added to, one per line;
+-- settle.lua turns it into the one-line mark "settled", which the sweep just deletes.
 -- Returns one of
 --   {"missing", {"key:daily_tokens", ...}}   budget counters to rebuild from the ledger first
 --   {"replay"}   KEYS[13] was already set: the identity was used before; nothing recorded

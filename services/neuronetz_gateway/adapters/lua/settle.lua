@@ -9,10 +9,14 @@
 -- ARGV: 1 delta   2 reservation unix second   3 now ms   4 now unix second
 --       5 lease id to release ("" = none)   6 "1" = return the stats, "0" = return {}
 --       7 reservation id ("" = none recorded)   8 actual tokens
--- The reservation's record is removed. If it was gone already (decide.lua swept it
--- after its expiry and took its tokens back), the budget counters get the whole
--- actual amount instead of the delta, so a late settle is never corrected twice.
--- The TPM bucket is never swept: it always gets the delta.
+--       9 until when (ms) the reservation's "settled" mark is kept
+-- The reservation's record becomes the mark "settled" (expiring at ARGV[9]: decide.lua
+-- sweeps it then and gives nothing back). If the record was gone already (decide.lua
+-- swept it after its expiry and took its tokens back, or none was recorded), the budget
+-- counters get the whole actual amount instead of the delta, so a late settle is never
+-- corrected twice. If the mark is there, this settle ran before (a retry of one whose
+-- answer was lost): no counter and no bucket is touched again, so a settle applied twice
+-- charges once. The TPM bucket is never swept: it gets the delta (once).
 -- Only what exists is adjusted: a missing counter is rebuilt from the ledger
 -- later (which then holds the real count), a TPM bucket that left the window
 -- no longer matters. Counters never go below zero.
@@ -27,11 +31,15 @@ local function key_of(level, i) return KEYS[(level - 1) * 7 + i] end
 
 local counter_delta = delta
 if ARGV[7] ~= "" then
-  if redis.call("ZREM", KEYS[17], ARGV[7]) == 1 then
-    redis.call("HDEL", KEYS[18], ARGV[7])
-  else
+  local record = redis.call("HGET", KEYS[18], ARGV[7])
+  if record == "settled" then
+    counter_delta = 0
+    delta = 0
+  elseif not record then
     counter_delta = tonumber(ARGV[8])
   end
+  redis.call("HSET", KEYS[18], ARGV[7], "settled")
+  redis.call("ZADD", KEYS[17], ARGV[9], ARGV[7])
 end
 
 local function adjust(counter_key)
@@ -54,7 +62,7 @@ local function adjust_bucket(tpm_key)
   if delta == 0 then return end
   for _, second in ipairs({reserved_s, reserved_s + 1}) do
     if second > now_s - 60 and redis.call("HEXISTS", tpm_key, second) == 1 then
-      if redis.call("HINCRBY", tpm_key, second, ARGV[1]) < 0 then
+      if redis.call("HINCRBY", tpm_key, second, delta) < 0 then
         redis.call("HSET", tpm_key, second, 0)
       end
       return
