@@ -19,6 +19,10 @@ from neuronetz_gateway.domain.redis_urls import SENTINEL_SCHEMES, parse_sentinel
 __all__ = ["Secret", "Settings", "SettingsError", "load_settings"]
 
 
+#: The slots ``NZ_OLLAMA_URL`` is listed with when ``NZ_OLLAMA_SLOTS`` is unset.
+DEFAULT_OLLAMA_SLOTS = 4
+
+
 class SettingsError(ValueError):
     """A configuration variable is missing or invalid; the message names it."""
 
@@ -77,8 +81,9 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     ollama_url: str = "http://127.0.0.1:11434"
     # the slots (requests at once, Ollama's OLLAMA_NUM_PARALLEL) of NZ_OLLAMA_URL when it
-    # is the one backend, i.e. when `backend add` defined none
-    ollama_slots: int = 4
+    # is the one backend, i.e. when `backend add` defined none. Unset: no slot admission
+    # there (Ollama queues by itself; listed as 4); set: the fleet's admission and queue
+    ollama_slots: int | None = None
     gateway_secret: Secret = field(default_factory=lambda: Secret(""))
     # the secret being rotated out: still accepted for identities and key
     # fingerprints, never used for anything new (empty = none)
@@ -126,6 +131,11 @@ class Settings:
     # auth: how long a verified key stays in the Redis cache shared by the replicas
     key_cache_redis_ttl_seconds: float = 300.0
 
+    @property
+    def fallback_slots(self) -> int:
+        """The slots ``NZ_OLLAMA_URL`` is listed (and, if set, admitted) with."""
+        return DEFAULT_OLLAMA_SLOTS if self.ollama_slots is None else self.ollama_slots
+
     def previous_secret(self) -> bytes | None:
         """``NZ_GATEWAY_SECRET_PREVIOUS`` as bytes, or ``None`` when unset."""
         value = self.gateway_secret_previous.get()
@@ -161,7 +171,7 @@ class Settings:
             raise SettingsError(
                 f"{_env('keep_alive_min_seconds')} must not exceed {_env('keep_alive_max_seconds')}"
             )
-        if self.ollama_slots > MAX_SLOTS:
+        if self.ollama_slots is not None and self.ollama_slots > MAX_SLOTS:
             raise SettingsError(f"{_env('ollama_slots')} must be at most {MAX_SLOTS}")
         for f in fields(self):
             value = getattr(self, f.name)
@@ -233,7 +243,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
 def _coerce(name: str, annotation: Any, raw: str) -> Any:
     kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
     try:
-        if kind == "int":
+        if kind in ("int", "int | None"):
             return int(raw)
         if kind == "float":
             return float(raw)

@@ -11,8 +11,8 @@ sets, one model of each loaded at the start:
 - ``gpu-b``: llama3.2, mistral (loaded);
 - ``gpu-c``: qwen2.5 (loaded), mistral.
 
-Closed-loop clients (streaming ``/api/chat``, a mix of the three models,
-each waiting ``backoff`` after a refusal) drive the same simulators through
+Closed-loop clients (streaming ``/api/chat``, a mix of the three models;
+a refused request is asked again, same model, after ``backoff``) drive the same simulators through
 
 - the full gateway (Caddy, auth, proxy; the three defined as backends of 4
   slots: pool routing, slot admission, the fair queue), and
@@ -172,8 +172,8 @@ async def _drive(
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
         async def client(rng: random.Random) -> None:
+            model = rng.choices(models, weights)[0]
             while not stop.is_set():
-                model = rng.choices(models, weights)[0]
                 started = time.monotonic()
                 try:
                     async with session.post(
@@ -186,7 +186,9 @@ async def _drive(
                     status = -1
                 finished = time.monotonic()
                 done.append((finished, status, finished - started))
-                if status != 200:
+                if status == 200:
+                    model = rng.choices(models, weights)[0]
+                else:  # the same request again, after a pause (as a client retries)
                     await asyncio.sleep(config.backoff)
 
         workers = [
@@ -356,7 +358,7 @@ def markdown_lines(result: Mapping[str, Any] | None) -> list[str]:
         f"`--max-loaded 1`), {c['tokens_per_second']:g} tokens/s ({c['chunks']} tokens: "
         f"{c['service_seconds']:.2f} s a request), a cold load of {c['load_seconds']:g} s, "
         f"`--max-queue {c['max_queue']}` (then Ollama's 503). {c['clients']} closed-loop "
-        "clients (1.5 x the slots; after a refusal each waits "
+        "clients (1.5 x the slots; a refused request is asked again, same model, after "
         f"{c['backoff']:g} s) on streaming `/api/chat`, {c['warmup']:g} s warm-up, then a "
         f"{c['seconds']:g} s window; the simulators reset between runs. Utilisation = "
         "busy slot-seconds ÷ available slot-seconds, both from the simulators' `/_sim/stats` "

@@ -228,12 +228,14 @@ def _auth_phases(
     stack.start_bare_rsgi()
     sides = [("today", "auth"), *((n, f"granian_{n}") for n in GRANIAN_VARIANTS)]
     sides += [("bare_asgi", "bare_auth"), ("bare_rsgi", "bare_auth_rsgi")]
-    results["granian"] = scenarios.authorize_sides(sides, (32,))
+    # secondary phases (no headline): shorter cells, the same rounds
+    short = max(1.0, config.seconds * 0.5)
+    results["granian"] = scenarios.authorize_sides(sides, (32,), seconds=short)
     stack.stop_services([f"granian_{n}" for n in GRANIAN_VARIANTS] + ["bare_auth_rsgi"])
     _phase("Redis deployments: /authorize on single Redis and on a local Cluster")
     stack.start_cluster_auth()
     results["redis_deployments"] = scenarios.authorize_sides(
-        [("single", "auth"), ("cluster", "auth_cluster")], config.concurrencies
+        [("single", "auth"), ("cluster", "auth_cluster")], config.concurrencies, seconds=short
     )
     stack.stop_services(["auth_cluster", "proxy_cluster"])
     stack.stop_cluster()

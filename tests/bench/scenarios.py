@@ -30,7 +30,7 @@ import redis
 
 from neuronetz_gateway.domain.keys import generate_key
 from tests.bench.loadgen import HttpTarget, LoadgenError, WrkResult, WrkRun, time_stream
-from tests.bench.procs import RssSampler, ServiceProcess, machine_cpu
+from tests.bench.procs import RssSampler, ServiceProcess, machine_cpu, services_cpu
 from tests.bench.stats import percentile
 from tests.bench.variants import Variant, authorize_headers, chat_body
 
@@ -106,7 +106,7 @@ class Scenarios:
         }
 
     def _cpu(self, names: Sequence[str]) -> dict[str, float]:
-        return {n: self.services[n].cpu() for n in names if n in self.services}
+        return services_cpu({n: self.services[n] for n in names if n in self.services})
 
     def cell(
         self,
@@ -218,12 +218,17 @@ class Scenarios:
         return self.authorize_sides(sides, self.config.concurrencies)
 
     def authorize_sides(
-        self, sides: Sequence[tuple[str, str]], concurrencies: Sequence[int]
+        self,
+        sides: Sequence[tuple[str, str]],
+        concurrencies: Sequence[int],
+        seconds: float | None = None,
     ) -> list[dict[str, Any]]:
         """``GET /authorize`` on each (variant label, service) side, alternated in rounds.
 
-        The service's name is its URL key and the process charged for CPU.
+        The service's name is its URL key and the process charged for CPU. ``seconds``
+        per cell (default: 0.75 x the configured cell, at least 2 s).
         """
+        seconds = seconds or max(2.0, self.config.seconds * 0.75)
         cells = []
         host = self.urls.get("gateway", "127.0.0.1").removeprefix("http://")
         headers = authorize_headers(self.key, host)
@@ -239,7 +244,7 @@ class Scenarios:
                         target,
                         connections=connections,
                         charged=(service,),
-                        seconds=max(2.0, self.config.seconds * 0.75),
+                        seconds=seconds,
                         labels={"variant": variant, "workload": "authorize", "round": round_no},
                     )
                     cells.append(cell)

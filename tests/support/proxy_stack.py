@@ -45,6 +45,9 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes], log: Pat
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGINT, then SIGKILL; then SIGKILL to what is left of its process group: Granian's
+    forked workers must not outlive a main process that did not stop in time (under load
+    they did, as orphans still serving)."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:
@@ -52,6 +55,8 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+    with contextlib.suppress(ProcessLookupError):  # what is left of its group (start_new_session)
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 class SimulatorServer:
@@ -111,6 +116,7 @@ def running_simulator(**env: str) -> Iterator[SimulatorServer]:
             [sys.executable, "-m", "neuronetz_gateway.simulator", "--port", str(port)],
             stdout=out,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
             env={**os.environ, **env},
         )
     try:
@@ -148,6 +154,7 @@ def running_proxy(
             [str(_BIN / "neuronetz-gateway"), "serve", "proxy", "--port", str(port)],
             stdout=out,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
             env={**os.environ, **settings},
         )
     server = ProxyServer(proc, port, log, spool)

@@ -80,9 +80,12 @@ class FakeUpstream:
     streams: list[FakeStream] = field(default_factory=list)
     calls: list[tuple[ModelCall, str, bytes | None]] = field(default_factory=list)
     unavailable: bool = False
+    backend: str = "default"  # the name it gives the call's ``on_sent``
 
     async def open(self, call: ModelCall, path: str, body: bytes | None) -> FakeStream:
         self.calls.append((call, path, body))
+        if call.on_sent is not None:
+            call.on_sent(self.backend)
         if self.unavailable:
             raise UpstreamError("connection refused")
         return self.streams.pop(0)
@@ -123,6 +126,8 @@ class QueueingUpstream(FakeUpstream):
             self.waiting -= 1
         if self.refusal is not None:
             raise self.refusal
+        if call.on_sent is not None:
+            call.on_sent(self.backend)
         return self.streams.pop(0)
 
 

@@ -226,3 +226,25 @@ async def test_a_call_never_queued_starts_nothing_while_it_waits_for_headers() -
     await asyncio.wait_for(task, 5)
     assert b": ping" not in client.body
     assert client.status == 200
+
+
+def _gauge(proxy: Proxy, name: str, **labels: str) -> float | None:
+    registry = proxy.ctx.metrics.registry
+    return registry.get_sample_value(name, labels)
+
+
+async def test_the_backend_metrics_carry_the_name_the_upstream_gives_the_call() -> None:
+    proxy = Proxy()
+    proxy.upstream.backend = "gpu1"  # a pool names the backend it sends to (on_sent)
+    hold = asyncio.Event()
+    proxy.upstream.streams.append(FakeStream(REPLY, hold=hold))
+    client = Client(json.dumps(CHAT).encode())
+    task = _start(proxy, "/v1/chat/completions", "v1.chat.completions", CHAT, client)
+    await _until(lambda: b"Hel" in client.body)
+    assert _gauge(proxy, "nz_proxy_backend_in_flight", backend="gpu1") == 1
+    assert not _gauge(proxy, "nz_proxy_backend_in_flight", backend="default")
+    hold.set()
+    await asyncio.wait_for(task, 5)
+    assert _gauge(proxy, "nz_proxy_backend_in_flight", backend="gpu1") == 0
+    assert _gauge(proxy, "nz_proxy_backend_ttft_seconds_count", backend="gpu1") == 1
+    assert _gauge(proxy, "nz_proxy_backend_tokens_total", backend="gpu1", kind="completion") == 2

@@ -30,8 +30,9 @@ def test_defaults_and_types() -> None:
     assert load_settings({**GOOD, "NZ_QUEUE_PING_SECONDS": "0.5"}).queue_ping_seconds == 0.5
     assert settings.ollama_url == "http://127.0.0.1:11434"
     assert (settings.keep_alive_min_seconds, settings.keep_alive_max_seconds) == (60, 86400)
-    assert settings.ollama_slots == 4
-    assert load_settings({**GOOD, "NZ_OLLAMA_SLOTS": "16"}).ollama_slots == 16
+    assert settings.ollama_slots is None  # NZ_OLLAMA_URL without slot admission
+    assert settings.fallback_slots == 4
+    assert load_settings({**GOOD, "NZ_OLLAMA_SLOTS": "16"}).fallback_slots == 16
 
 
 @pytest.mark.parametrize(

@@ -231,13 +231,16 @@ class OllamaUpstream:
     tenant or session (a backend pool, SPEC section 12, implements the same port).
     """
 
-    __slots__ = ("client",)
+    __slots__ = ("client", "name")
 
-    def __init__(self, client: OllamaClient) -> None:
+    def __init__(self, client: OllamaClient, name: str = "default") -> None:
         self.client = client
+        self.name = name  # the backend's name in the metrics
 
     async def open(self, call: ModelCall, path: str, body: bytes | None) -> UpstreamResponse:
         """``POST`` ``body`` (``GET`` without one) to ``path``; the answer once headers are in."""
+        if call.on_sent is not None:
+            call.on_sent(self.name)
         return await self.client.send(
             "GET" if body is None else "POST",
             path,

@@ -39,7 +39,8 @@ class ModelCall:
     :data:`SESSION_HEADERS`, cut to 200 characters), ``None`` without one.
     ``on_queued`` is called by an upstream that has to make the call wait for
     a backend's slot (again if a failover waits once more); never when a slot
-    is free at once.
+    is free at once. ``on_sent`` is called with the backend's name (as the
+    metrics label it) as the call goes out to it, again on a failover.
     """
 
     route: str
@@ -52,3 +53,4 @@ class ModelCall:
     stream: bool = False
     traceparent: str | None = None  # W3C trace context sent on to Ollama when tracing is on
     on_queued: Callable[[], None] | None = None
+    on_sent: Callable[[str], None] | None = None

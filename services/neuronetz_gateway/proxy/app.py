@@ -273,11 +273,14 @@ async def _open_fleet(
     The backend directory (rows, live within a second) decides per call:
     with backends defined, the pool (routing, Redis slots, failover) over
     per-backend discovery; with none, ``single`` and ``single_discovery``
-    exactly as before. Per-backend checks start once backends exist.
+    exactly as before, unless ``NZ_OLLAMA_SLOTS`` is set: then ``NZ_OLLAMA_URL``
+    is the pool's one backend ``default`` (its slots admitted, the fair queue,
+    its checks). Per-backend checks run while the pool serves.
     """
+    slotted_fallback = settings.ollama_slots is not None
     directory = BackendDirectory(
         store.backend_specs,
-        environment_backend(settings.ollama_url, settings.ollama_slots),
+        environment_backend(settings.ollama_url, settings.fallback_slots),
         database_url=settings.database_url,
     )
     checker = HttpBackendChecker(timeout_seconds=settings.upstream_connect_timeout_seconds)
@@ -313,12 +316,13 @@ async def _open_fleet(
     checking = False
 
     async def follow_directory() -> None:
-        """Per-backend checks run while backends are defined (none: no extra probes)."""
+        """Per-backend checks run while the pool serves (else no extra probes)."""
         nonlocal checking
-        if directory.from_database and not checking:
+        pooled = directory.from_database or slotted_fallback
+        if pooled and not checking:
             checking = True
             await discovery.start()
-        elif not directory.from_database and checking:
+        elif not pooled and checking:
             checking = False
             await discovery.stop()
 
@@ -331,7 +335,7 @@ async def _open_fleet(
     stack.push_async_callback(directory.stop)
     await follow_directory()
     stack.push_async_callback(discovery.stop)
-    use_fleet = lambda: directory.from_database  # noqa: E731 - read on every call
+    use_fleet = lambda: directory.from_database or slotted_fallback  # noqa: E731 - per call
     return (
         FleetUpstream(single, pool, use_fleet),
         FleetCatalogue(single_discovery, discovery, use_fleet),

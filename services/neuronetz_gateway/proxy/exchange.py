@@ -186,7 +186,8 @@ class Exchange:
     def model_call(
         self, *, stream: bool = False, on_queued: Callable[[], None] | None = None
     ) -> ModelCall:
-        """What the upstream is told about this call (to choose a backend)."""
+        """What the upstream is told about this call (to choose a backend); it names the
+        backend it sends to through ``on_sent`` (:meth:`to_backend`)."""
         identity = self.identity
         return ModelCall(
             route=self.route,
@@ -199,6 +200,7 @@ class Exchange:
             stream=stream,
             traceparent=self.traceparent,
             on_queued=on_queued,
+            on_sent=self.to_backend,
         )
 
     # -- headers ----------------------------------------------------------------
@@ -230,10 +232,16 @@ class Exchange:
                 self.ctx.metrics.child(self.ctx.metrics.backend_ttft, self.backend).observe(elapsed)
 
     def to_backend(self, backend: str = DEFAULT_BACKEND) -> None:
-        """The request goes to ``backend`` now: it is in flight there until :meth:`finish`."""
-        if self.backend is None:
-            self.backend = backend
-            self.ctx.metrics.child(self.ctx.metrics.backend_in_flight, backend).inc()
+        """The request goes to ``backend`` now: it is in flight there until :meth:`finish`
+        (the upstream's ``ModelCall.on_sent``; a failover moves it to the next one)."""
+        if self.backend == backend:
+            return
+        metrics = self.ctx.metrics
+        in_flight = metrics.backend_in_flight
+        if self.backend is not None:
+            metrics.child(in_flight, self.backend).dec()
+        self.backend = backend
+        metrics.child(in_flight, backend).inc()
 
     # -- models -------------------------------------------------------------------
 

@@ -19,8 +19,10 @@ Calls for no model (``/api/ps``, ``/api/version``) go to any healthy active
 backend without a slot; model calls that generate nothing (``/api/show``) to
 one that has the model, without a slot. When no backend can serve the call,
 or every attempt failed to connect, the answer is 503 (``Retry-After: 1``), at
-once. Metrics per backend: in flight, queue depth and wait, time to first
-token, tokens/s, cold loads (``load_duration``), errors, health.
+once. Metrics per backend here: slots held, queue depth and wait, tokens/s,
+cold loads (``load_duration``), errors, failovers, health; in flight and time
+to first token are the exchange's ``nz_proxy_backend_*``, labelled with the
+backend's name through ``ModelCall.on_sent``.
 """
 
 from __future__ import annotations
@@ -286,22 +288,21 @@ def _with_health(member: PoolMember, *, healthy: bool) -> PoolMember:
 
 
 _WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _RATE_BUCKETS = (1, 5, 10, 20, 40, 80, 160, 320, 640, 1280, 5000)
 
 
 class PoolMetrics:
-    """Per-backend figures of the pool, on the proxy's registry."""
+    """Per-backend figures of the pool, on the proxy's registry.
+
+    What the exchange already counts per backend is not here: in flight and
+    time to first token are ``nz_proxy_backend_in_flight`` and
+    ``nz_proxy_backend_ttft_seconds`` (``proxy/metrics.py``), labelled with the
+    backend the pool names through ``ModelCall.on_sent``.
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         #: ``child(metric, *labels)``: the labelled child, cached
         self.child = LabelCache()
-        self.in_flight = Gauge(
-            "nz_proxy_pool_in_flight",
-            "Requests holding a slot on a backend (this replica).",
-            ("backend",),
-            registry=registry,
-        )
         self.queue_depth = Gauge(
             "nz_proxy_pool_queue_depth",
             "Requests waiting for a slot on a backend, all replicas (at the last routing).",
@@ -319,13 +320,6 @@ class PoolMetrics:
             "Time a request waited for a slot on a backend (0 when one was free).",
             ("backend",),
             buckets=_WAIT_BUCKETS,
-            registry=registry,
-        )
-        self.ttft = Histogram(
-            "nz_proxy_pool_ttft_seconds",
-            "Time from sending to a backend to its first body bytes (load and queue included).",
-            ("backend",),
-            buckets=_TTFT_BUCKETS,
             registry=registry,
         )
         self.tokens_per_second = Histogram(
@@ -391,21 +385,18 @@ def _final_figures(tail: bytes) -> _Final | None:
 class PooledStream:
     """A backend's answer that holds a slot until :meth:`release` / :meth:`abort`."""
 
-    __slots__ = ("_done", "_first", "_on_done", "_response", "_sent", "_tail", "member")
+    __slots__ = ("_done", "_on_done", "_response", "_tail", "member")
 
     def __init__(
         self,
         response: UpstreamResponse,
         member: PoolMember,
-        sent: float,
-        on_done: Callable[[PooledStream, bytes | None, float | None], None],
+        on_done: Callable[[PooledStream, bytes | None], None],
     ) -> None:
         self._response = response
         self.member = member
-        self._sent = sent
         self._on_done = on_done
         self._tail = b""
-        self._first: float | None = None
         self._done = False
 
     @property
@@ -422,14 +413,11 @@ class PooledStream:
 
     async def read(self) -> bytes:
         data = await self._response.read()
-        self._first = self._first or time.monotonic()
         self._tail = data[-_TAIL_BYTES:]
         return data
 
     async def chunks(self) -> AsyncIterator[bytes]:
         async for data in self._response.chunks():
-            if self._first is None:
-                self._first = time.monotonic()
             self._tail = (self._tail + data)[-_TAIL_BYTES:]
             yield data
 
@@ -445,8 +433,7 @@ class PooledStream:
         if self._done:
             return
         self._done = True
-        ttft = None if self._first is None else self._first - self._sent
-        self._on_done(self, self._tail if self.status == 200 else None, ttft)
+        self._on_done(self, self._tail if self.status == 200 else None)
 
 
 class BackendPool:
@@ -697,7 +684,8 @@ class BackendPool:
         lease: SlotLease | None,
     ) -> PooledStream:
         client = await self._client(member)
-        sent = time.monotonic()
+        if call.on_sent is not None:
+            call.on_sent(member.name)  # in flight there (nz_proxy_backend_in_flight)
         response = await client.send(
             "GET" if body is None else "POST",
             path,
@@ -705,23 +693,18 @@ class BackendPool:
             request_id=call.request_id,
             traceparent=call.traceparent,
         )
-        if lease is not None:
-            self._metrics.child(self._metrics.in_flight, member.name).inc()
 
-        def done(stream: PooledStream, tail: bytes | None, ttft: float | None) -> None:
-            self._stream_done(stream, lease, tail, ttft)
+        def done(stream: PooledStream, tail: bytes | None) -> None:
+            self._stream_done(stream, lease, tail)
 
-        return PooledStream(response, member, sent, done)
+        return PooledStream(response, member, done)
 
     def _stream_done(
-        self, stream: PooledStream, lease: SlotLease | None, tail: bytes | None, ttft: float | None
+        self, stream: PooledStream, lease: SlotLease | None, tail: bytes | None
     ) -> None:
         name = stream.member.name
         if lease is not None:
-            self._metrics.child(self._metrics.in_flight, name).dec()
             self._give_back(lease)
-        if ttft is not None and stream.status == 200:
-            self._metrics.child(self._metrics.ttft, name).observe(ttft)
         figures = _final_figures(tail) if tail else None
         if figures is None:
             return
@@ -808,7 +791,8 @@ class FleetUpstream:
     ``from_database``), so a ``backend add`` switches a running proxy over
     within the directory's second, and removing the last backend switches it
     back, without a restart. With no backend defined the single upstream
-    is today's path exactly: no slot admission.
+    is today's path exactly (no slot admission), unless ``NZ_OLLAMA_SLOTS``
+    is set: then ``use_pool()`` is true and the pool serves ``NZ_OLLAMA_URL``.
     """
 
     def __init__(self, single: _Single, pool: _Single, use_pool: Callable[[], bool]) -> None:

@@ -96,7 +96,6 @@ async def forward(
     await ex.claim()
     if ex.revoked:
         raise ex.revoked_refusal()
-    ex.to_backend()
     # a task, so that a revocation (or a client leaving while queued) can stop the wait
     # for the answer's headers (a non-streamed answer sends them only when it is complete)
     call = ex.model_call(stream=stream, on_queued=None if waiting is None else waiting.queued)
