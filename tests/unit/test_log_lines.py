@@ -8,14 +8,17 @@ import json
 import os
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
+import msgspec
 import pytest
 import structlog
 from structlog.testing import capture_logs
 
 from neuronetz_gateway import logging as nz_logging
+from neuronetz_gateway.domain.accounting import AuditRow
 
 FIELDS = {"request_id": "abc", "route": "chat", "status": 200, "latency_ms": 0.25}
 
@@ -123,3 +126,27 @@ def test_lines_of_one_loop_iteration_leave_in_one_write(
     assert asyncio.run(decisions()) == 0
     assert len(writes) == 1
     assert [line["request_id"] for line in _lines(file)] == ["0", "1", "2"]
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_the_proxy_request_line_is_the_same_line_written_directly(
+    log_file: TextIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The proxy's line (an audit row's fields: a datetime, None values) as structlog wrote it."""
+    file = _stderr_file(log_file, monkeypatch)
+    nz_logging.configure_logging("info", "json")
+    row = AuditRow(
+        request_id="r1", ts=datetime(2026, 12, 3, 18, 0, 1, 123456, tzinfo=UTC), tenant_id=1,
+        key_id=2, key_prefix="nz_abc", route="chat", model=None, status=200, prompt_tokens=3,
+        completion_tokens=20, ttfb_ms=None, duration_ms=7, streamed=True,
+        client_disconnected=False, estimated=False,
+    )  # fmt: skip
+    fields = {**msgspec.structs.asdict(row), "tenant": "acme", "upstream_error": None}
+    log = nz_logging.get_logger("test")
+    nz_logging.info_line(log, "proxy_request", fields)
+    log.info("proxy_request", **fields)
+    direct, chained = _lines(file)
+    assert list(direct) == list(chained)
+    assert {k: v for k, v in direct.items() if k != "timestamp"} == {
+        k: v for k, v in chained.items() if k != "timestamp"
+    }

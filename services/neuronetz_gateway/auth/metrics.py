@@ -7,7 +7,11 @@ result=~"local_hit|redis_hit"}[5m])) / sum(rate(nz_auth_key_cache_total[5m]))``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from neuronetz_gateway.domain.identity import Limits
 from neuronetz_gateway.domain.limits import LevelUsage
@@ -100,14 +104,9 @@ class AuthMetrics:
             ["dependency"],
             registry=self.registry,
         )
-        self._budget_remaining = Gauge(
-            "nz_auth_tenant_budget_remaining_ratio",
-            "Share of a tenant's token budget (daily, monthly, total) left at its last decision "
-            "on this replica (1 = untouched, 0 = spent); take min() across replicas.",
-            ["tenant", "budget"],
-            registry=self.registry,
-        )
-        self._gauges: dict[tuple[str, str], Gauge] = {}
+        #: each tenant's limits and counters at its last decision, read at scrape time
+        self._budgets: dict[str, tuple[Limits, LevelUsage]] = {}
+        self.registry.register(_TenantBudgets(self._budgets))
         self._children: dict[tuple[str, ...], Counter] = {}
 
     def _child(self, metric: Counter, *labels: str) -> Counter:
@@ -139,23 +138,10 @@ class AuthMetrics:
         self._child(self._key_events, kind).inc()
 
     def tenant_budgets(self, tenant: str, limits: Limits, used: LevelUsage | None) -> None:
-        """Record the tenant's remaining budget shares from one decision's counters."""
-        if used is None:
-            return
-        for budget, limit, spent in (
-            ("daily", limits.daily_tokens, used.daily),
-            ("monthly", limits.monthly_tokens, used.monthly),
-            ("total", limits.total_tokens, used.total),
-        ):
-            if limit is None or spent is None:
-                continue
-            ratio = max(0, limit - spent) / limit if limit > 0 else 0.0
-            gauge = self._gauges.get((tenant, budget))
-            if gauge is None:
-                gauge = self._gauges[(tenant, budget)] = self._budget_remaining.labels(
-                    tenant, budget
-                )
-            gauge.set(ratio)
+        """Keep the tenant's limits and counters of one decision (the shares are computed
+        at scrape time: :class:`_TenantBudgets`)."""
+        if used is not None:
+            self._budgets[tenant] = (limits, used)
 
     def dependencies(self, **up: bool) -> None:
         """Record what the scrape-time probes found (``redis=True, postgres=False``)."""
@@ -165,3 +151,42 @@ class AuthMetrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""
         return generate_latest(self.registry)
+
+
+_BUDGET_NAME = "nz_auth_tenant_budget_remaining_ratio"
+_BUDGET_HELP = (
+    "Share of a tenant's token budget (daily, monthly, total) left at its last decision "
+    "on this replica (1 = untouched, 0 = spent); take min() across replicas."
+)
+
+
+class _TenantBudgets(Collector):
+    """``nz_auth_tenant_budget_remaining_ratio{tenant,budget}``, computed when scraped.
+
+    A decision only stores its tenant's limits and counters (one dict write);
+    the shares are worked out here, from the last decision of each tenant. A
+    budget that last decision did not count (no limit, or no counter) keeps
+    the share shown before, as the per-decision gauge it replaces did.
+    """
+
+    def __init__(self, budgets: dict[str, tuple[Limits, LevelUsage]]) -> None:
+        self._budgets = budgets
+        self._shown: dict[tuple[str, str], float] = {}
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(_BUDGET_NAME, _BUDGET_HELP, labels=("tenant", "budget"))
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        for tenant, (limits, used) in list(self._budgets.items()):
+            for budget, limit, spent in (
+                ("daily", limits.daily_tokens, used.daily),
+                ("monthly", limits.monthly_tokens, used.monthly),
+                ("total", limits.total_tokens, used.total),
+            ):
+                if limit is not None and spent is not None:
+                    ratio = max(0, limit - spent) / limit if limit > 0 else 0.0
+                    self._shown[(tenant, budget)] = ratio
+        family = GaugeMetricFamily(_BUDGET_NAME, _BUDGET_HELP, labels=("tenant", "budget"))
+        for (tenant, budget), ratio in self._shown.items():
+            family.add_metric((tenant, budget), ratio)
+        yield family

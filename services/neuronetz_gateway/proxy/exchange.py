@@ -34,7 +34,7 @@ from neuronetz_gateway.domain.identity import Allowance, Identity, Limits
 from neuronetz_gateway.domain.limits import ratelimit_headers
 from neuronetz_gateway.domain.model_call import ModelCall
 from neuronetz_gateway.domain.models import canonical_model
-from neuronetz_gateway.logging import get_logger
+from neuronetz_gateway.logging import get_logger, info_line
 from neuronetz_gateway.proxy.asgi import Headers, Send, send_response
 from neuronetz_gateway.proxy.context import ProxyContext
 from neuronetz_gateway.proxy.discovery import Catalogue, DiscoveryFailed
@@ -227,20 +227,21 @@ class Exchange:
         if self.ttfb_ms is None:
             elapsed = time.perf_counter() - self.started
             self.ttfb_ms = int(elapsed * 1000)
-            self.ctx.metrics.ttfb.labels(self.route).observe(elapsed)
+            self.ctx.metrics.child(self.ctx.metrics.ttfb, self.route).observe(elapsed)
             if self.backend is not None:
-                self.ctx.metrics.backend_ttft.labels(self.backend).observe(elapsed)
+                self.ctx.metrics.child(self.ctx.metrics.backend_ttft, self.backend).observe(elapsed)
 
     def to_backend(self, backend: str = DEFAULT_BACKEND) -> None:
         """The request goes to ``backend`` now: it is in flight there until :meth:`finish`
         (the upstream's ``ModelCall.on_sent``; a failover moves it to the next one)."""
         if self.backend == backend:
             return
-        in_flight = self.ctx.metrics.backend_in_flight
+        metrics = self.ctx.metrics
+        in_flight = metrics.backend_in_flight
         if self.backend is not None:
-            in_flight.labels(self.backend).dec()
+            metrics.child(in_flight, self.backend).dec()
         self.backend = backend
-        in_flight.labels(backend).inc()
+        metrics.child(in_flight, backend).inc()
 
     # -- models -------------------------------------------------------------------
 
@@ -249,7 +250,7 @@ class Exchange:
         try:
             return await self.ctx.discovery.catalogue()
         except DiscoveryFailed:
-            self.ctx.metrics.upstream_errors.labels("discovery").inc()
+            self.ctx.metrics.child(self.ctx.metrics.upstream_errors, "discovery").inc()
             raise Refusal(
                 503,
                 "service_unavailable",
@@ -490,22 +491,22 @@ class Exchange:
             )
             Tracing.finish(self.span, attributes, status_code=self.status)
         metrics = ctx.metrics
-        metrics.requests.labels(self.route, str(self.status)).inc()
-        metrics.request_seconds.labels(self.route).observe(duration_ms / 1000)
+        metrics.child(metrics.requests, self.route, str(self.status)).inc()
+        metrics.child(metrics.request_seconds, self.route).observe(duration_ms / 1000)
         if self.backend is not None:
-            metrics.backend_in_flight.labels(self.backend).dec()
+            metrics.child(metrics.backend_in_flight, self.backend).dec()
         for kind, count in (("prompt", self.prompt_tokens), ("completion", self.completion_tokens)):
             if count:
-                metrics.tokens.labels(kind).inc(count)
-                metrics.tenant_tokens.labels(identity.tenant_name, model or "-", kind).inc(count)
+                metrics.child(metrics.tokens, kind).inc(count)
+                metrics.child(metrics.tenant_tokens, identity.tenant_name, model or "-", kind).inc(
+                    count
+                )
                 if self.backend is not None:
-                    metrics.backend_tokens.labels(self.backend, kind).inc(count)
+                    metrics.child(metrics.backend_tokens, self.backend, kind).inc(count)
         if self.disconnected:
             metrics.client_disconnects.inc()
         # the canonical line: the audit row (no prompt text in it) and what only the log has
-        log.info(
-            "proxy_request",
-            **msgspec.structs.asdict(row),
-            tenant=identity.tenant_name,
-            upstream_error=self.upstream_error,
-        )
+        fields = msgspec.structs.asdict(row)
+        fields["tenant"] = identity.tenant_name
+        fields["upstream_error"] = self.upstream_error
+        info_line(log, "proxy_request", fields)

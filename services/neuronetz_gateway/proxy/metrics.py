@@ -8,14 +8,41 @@ bounded by the tenants an operator creates; models by the installed models.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 
-__all__ = ["DEFAULT_BACKEND", "ProxyMetrics"]
+__all__ = ["DEFAULT_BACKEND", "LabelCache", "ProxyMetrics"]
+
+_Metric = TypeVar("_Metric", bound=MetricWrapperBase)
 
 _TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 DEFAULT_BACKEND = "default"
+
+
+class LabelCache:
+    """``metric.labels(*values)``, looked up once per label tuple and then kept.
+
+    prometheus_client validates and stringifies the values and takes a lock
+    on every ``labels()`` call; the hot path asks for the same few children
+    on every request. The cache lives as long as the metrics it serves (and
+    holds no more children than the metrics themselves keep); nothing here
+    removes a child, so a cached one is never stale.
+    """
+
+    __slots__ = ("_children",)
+
+    def __init__(self) -> None:
+        self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
+
+    def __call__(self, metric: _Metric, *values: str) -> _Metric:
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child  # type: ignore[return-value]  # labels() returns the metric's own type
 
 
 class ProxyMetrics:
@@ -23,6 +50,8 @@ class ProxyMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        #: ``child(metric, *labels)``: the labelled child, cached (the hot path's way)
+        self.child = LabelCache()
         self.requests = Counter(
             "nz_proxy_requests_total",
             "Proxied requests by route and final status.",

@@ -56,6 +56,7 @@ from neuronetz_gateway.domain.models import canonical_model
 from neuronetz_gateway.domain.routing import BackendView, Route, plan_route
 from neuronetz_gateway.logging import get_logger
 from neuronetz_gateway.proxy.discovery import Catalogue
+from neuronetz_gateway.proxy.metrics import LabelCache
 from neuronetz_gateway.proxy.ports import ModelCatalogue, UpstreamStream
 from neuronetz_gateway.proxy.refusals import Refusal
 
@@ -300,6 +301,8 @@ class PoolMetrics:
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        #: ``child(metric, *labels)``: the labelled child, cached
+        self.child = LabelCache()
         self.queue_depth = Gauge(
             "nz_proxy_pool_queue_depth",
             "Requests waiting for a slot on a backend, all replicas (at the last routing).",
@@ -500,7 +503,7 @@ class BackendPool:
                 await self._discard(stream)
             if last:
                 break
-            self._metrics.failovers.labels(member.name).inc()
+            self._metrics.child(self._metrics.failovers, member.name).inc()
             log.info("backend_failover", backend=member.name, request_id=call.request_id)
             target = route.failover(target)
         if connect_failed:
@@ -524,7 +527,7 @@ class BackendPool:
         try:
             stream = await self._send(call, member, path, body, lease)
         except UpstreamUnavailable:
-            self._metrics.errors.labels(member.name, "connect").inc()
+            self._metrics.child(self._metrics.errors, member.name, "connect").inc()
             self._fleet.report(member.name, CONNECT_ERROR)
             if lease is not None:
                 self._give_back(lease)
@@ -532,7 +535,7 @@ class BackendPool:
         except UpstreamTimeout:
             # no failover: a slow answer's headers (a long load, a long non-streamed
             # answer) would run the whole request a second time elsewhere
-            self._metrics.errors.labels(member.name, "timeout").inc()
+            self._metrics.child(self._metrics.errors, member.name, "timeout").inc()
             self._fleet.report(member.name, TIMEOUT)
             if lease is not None:
                 self._give_back(lease)
@@ -544,7 +547,7 @@ class BackendPool:
         if stream.status < 500:
             self._fleet.report(member.name, SUCCESS)
         else:
-            self._metrics.errors.labels(member.name, "status").inc()
+            self._metrics.child(self._metrics.errors, member.name, "status").inc()
             self._fleet.report(member.name, SERVER_ERROR)
         return stream
 
@@ -601,8 +604,8 @@ class BackendPool:
             held = state.held if state is not None else 0
             queued = state.queued if state is not None else 0
             if state is not None:
-                self._metrics.slots_held.labels(member.name).set(held)
-                self._metrics.queue_depth.labels(member.name).set(queued)
+                self._metrics.child(self._metrics.slots_held, member.name).set(held)
+                self._metrics.child(self._metrics.queue_depth, member.name).set(queued)
             views.append(
                 BackendView(
                     member.name,
@@ -648,8 +651,10 @@ class BackendPool:
                 on_queued=None if queued is None else lambda _position: queued(),
             )
         except QueueTimeout:
-            self._metrics.errors.labels(member.name, "queue_timeout").inc()
-            self._metrics.queue_wait.labels(member.name).observe(time.monotonic() - started)
+            self._metrics.child(self._metrics.errors, member.name, "queue_timeout").inc()
+            self._metrics.child(self._metrics.queue_wait, member.name).observe(
+                time.monotonic() - started
+            )
             raise _queue_timed_out(self._queue_timeout) from None
         except SlotsUnavailable:
             raise self._capacity_unknown(member.name) from None
@@ -660,14 +665,14 @@ class BackendPool:
 
     def _hold(self, member: PoolMember, lease: SlotLease) -> SlotLease:
         """A slot granted (at once or from the queue): its wait counted, renewed from now on."""
-        self._metrics.queue_wait.labels(member.name).observe(lease.waited)
+        self._metrics.child(self._metrics.queue_wait, member.name).observe(lease.waited)
         self._leases[lease] = member.slots
         self._ensure_renewer()
         return lease
 
     def _capacity_unknown(self, name: str) -> Refusal:
         """Redis could not say whether ``name`` has a slot: fail closed (503)."""
-        self._metrics.errors.labels(name, "slots_unavailable").inc()
+        self._metrics.child(self._metrics.errors, name, "slots_unavailable").inc()
         return _slots_unavailable()
 
     async def _send(
@@ -704,10 +709,10 @@ class BackendPool:
         if figures is None:
             return
         if figures.load_duration is not None and figures.load_duration > COLD_LOAD_NS:
-            self._metrics.cold_loads.labels(name).inc()
+            self._metrics.child(self._metrics.cold_loads, name).inc()
         if figures.eval_count and figures.eval_duration:
             rate = figures.eval_count / (figures.eval_duration / 1e9)
-            self._metrics.tokens_per_second.labels(name).observe(rate)
+            self._metrics.child(self._metrics.tokens_per_second, name).observe(rate)
 
     async def _discard(self, stream: PooledStream) -> None:
         """Read a failed attempt's (small) body so its connection can be reused, then end it."""
@@ -769,8 +774,8 @@ class BackendPool:
 
     def _show_health(self, members: Iterable[PoolMember]) -> None:
         for member in members:
-            self._metrics.healthy.labels(member.name).set(1 if member.healthy else 0)
-            self._metrics.active.labels(member.name).set(1 if member.active else 0)
+            self._metrics.child(self._metrics.healthy, member.name).set(1 if member.healthy else 0)
+            self._metrics.child(self._metrics.active, member.name).set(1 if member.active else 0)
 
 
 class _Single(Protocol):

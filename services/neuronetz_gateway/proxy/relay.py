@@ -114,11 +114,11 @@ async def forward(
         raise ex.revoked_refusal() from None
     except UpstreamTimeout:
         ex.upstream_error = "timeout"
-        ex.ctx.metrics.upstream_errors.labels("timeout").inc()
+        ex.ctx.metrics.child(ex.ctx.metrics.upstream_errors, "timeout").inc()
         raise Refusal(504, "upstream_timeout", "the model server did not answer in time") from None
     except UpstreamError:
         ex.upstream_error = "unavailable"
-        ex.ctx.metrics.upstream_errors.labels("unavailable").inc()
+        ex.ctx.metrics.child(ex.ctx.metrics.upstream_errors, "unavailable").inc()
         raise upstream_unavailable() from None
     finally:
         ex.upstream_wait = None
@@ -507,7 +507,7 @@ def ended_by_revocation(ex: Exchange) -> None:
 def _midstream_failure(ex: Exchange, kind: str) -> None:
     ex.upstream_error = kind
     ex.status = 502
-    ex.ctx.metrics.upstream_errors.labels(kind).inc()
+    ex.ctx.metrics.child(ex.ctx.metrics.upstream_errors, kind).inc()
 
 
 async def lines_or_silence(
@@ -696,7 +696,7 @@ async def upstream_refusal(ex: Exchange, upstream: UpstreamStream) -> Refusal:
     message = message or f"the model server answered {status}"
     kind = "busy" if status == 503 else "status"
     ex.upstream_error = f"{kind}:{status}"
-    ex.ctx.metrics.upstream_errors.labels(kind).inc()
+    ex.ctx.metrics.child(ex.ctx.metrics.upstream_errors, kind).inc()
     if status == 404 and ex.model is not None:
         # the discovery cache was stale: answer exactly as for any unavailable model
         ex.ctx.discovery.forget()

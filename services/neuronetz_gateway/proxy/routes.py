@@ -56,7 +56,7 @@ def _surface(route: str) -> Surface:
 
 
 async def _unauthorised(ctx: ProxyContext, route: str, send: Send) -> None:
-    ctx.metrics.requests.labels(route, "401").inc()
+    ctx.metrics.child(ctx.metrics.requests, route, "401").inc()
     body = error_body(_surface(route), 401, "invalid_api_key", _UNAUTHORISED)
     await send_response(send, 401, body, [(b"content-type", _JSON)])
 
