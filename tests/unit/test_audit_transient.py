@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import cast
+
 import asyncpg
 import pytest
 
-from neuronetz_gateway.adapters.audit_writer import _transient
+from neuronetz_gateway.adapters.audit_writer import AuditWriter, _transient
+from neuronetz_gateway.domain.accounting import AuditRow
 
 
 @pytest.mark.parametrize(
@@ -34,3 +41,45 @@ def test_a_failure_of_the_connection_or_client_keeps_the_row(exc: BaseException)
 )
 def test_a_row_postgres_refuses_is_set_aside(exc: BaseException) -> None:
     assert not _transient(exc)
+
+
+class _DyingConnection:
+    async def executemany(self, statement: str, args: object) -> None:
+        # what asyncpg raised in the outage test as Postgres stopped under the write
+        raise asyncpg.exceptions.InternalClientError("not connected")
+
+
+class _DyingPool:
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[_DyingConnection]:
+        yield _DyingConnection()
+
+
+async def test_a_one_row_batch_whose_connection_dies_is_spooled_not_set_aside(
+    tmp_path: Path,
+) -> None:
+    writer = AuditWriter(cast("asyncpg.Pool", _DyingPool()), tmp_path, flush_interval=0.01)
+    await writer.start()
+    writer.submit(
+        AuditRow(
+            request_id="req-warm",
+            ts=datetime.now(UTC),
+            tenant_id=1,
+            key_id=2,
+            key_prefix="nz_abc12345",
+            route="chat",
+            model="llama3.2",
+            status=200,
+            prompt_tokens=1,
+            completion_tokens=1,
+            ttfb_ms=1,
+            duration_ms=1,
+            streamed=False,
+            client_disconnected=False,
+            estimated=False,
+        )
+    )
+    await writer.stop()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert [n.rsplit(".", 1)[-1] for n in names] == ["jsonl"], names  # kept for replay, no .bad
+    assert b"req-warm" in (tmp_path / names[0]).read_bytes()
