@@ -43,6 +43,12 @@ def test_a_row_postgres_refuses_is_set_aside(exc: BaseException) -> None:
     assert not _transient(exc)
 
 
+def _spool_contents(folder: Path) -> tuple[list[str], bytes]:
+    """The spool's file names and the first file's bytes (blocking: after the writer stopped)."""
+    paths = sorted(folder.iterdir())
+    return [p.name for p in paths], paths[0].read_bytes() if paths else b""
+
+
 class _DyingConnection:
     async def executemany(self, statement: str, args: object) -> None:
         # what asyncpg raised in the outage test as Postgres stopped under the write
@@ -80,6 +86,6 @@ async def test_a_one_row_batch_whose_connection_dies_is_spooled_not_set_aside(
         )
     )
     await writer.stop()
-    names = sorted(p.name for p in tmp_path.iterdir())
+    names, first = _spool_contents(tmp_path)
     assert [n.rsplit(".", 1)[-1] for n in names] == ["jsonl"], names  # kept for replay, no .bad
-    assert b"req-warm" in (tmp_path / names[0]).read_bytes()
+    assert b"req-warm" in first
