@@ -122,23 +122,23 @@ def _prompt_args(row: PromptRow) -> tuple[Any, ...]:
     )
 
 
-def _transient(exc: BaseException) -> bool:
-    """Whether a write failure means "Postgres is away" (retry) rather than "never".
+#: SQLSTATE classes that blame the row itself: data exception, integrity constraint.
+_ROW_REFUSED_CLASSES = ("22", "23")
 
-    ``InternalClientError`` is asyncpg's own state going wrong, seen when a
-    connection dies under a write as Postgres stops: the row was never
-    refused, so it is retried (set aside, it would be missing from the ledger).
+
+def _transient(exc: BaseException) -> bool:
+    """Whether a write failure keeps the row for a retry (spool), not set aside for good.
+
+    Only a refusal of the row's own data is for good: Postgres's data and
+    integrity errors (SQLSTATE classes 22 and 23), or a value the client
+    could not encode (asyncpg's client-side ``DataError`` is a ``ValueError``).
+    Everything else (the connection or asyncpg's own state failing as Postgres
+    stops, a timeout, a schema not yet migrated, an error nobody foresaw) is
+    retried: set aside, the row would be missing from the ledger.
     """
-    return isinstance(
-        exc,
-        OSError
-        | TimeoutError
-        | asyncpg.PostgresConnectionError
-        | asyncpg.InterfaceError
-        | asyncpg.exceptions.InternalClientError
-        | asyncpg.exceptions.OperatorInterventionError
-        | asyncpg.exceptions.InsufficientResourcesError,
-    )
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(exc.sqlstate or "")[:2] not in _ROW_REFUSED_CLASSES
+    return not isinstance(exc, ValueError | TypeError)
 
 
 class AuditWriter:
