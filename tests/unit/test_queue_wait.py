@@ -194,6 +194,8 @@ async def test_a_client_that_leaves_while_queued_frees_its_place_and_pays_nothin
     for path, route, body in (
         ("/v1/chat/completions", "v1.chat.completions", CHAT),
         ("/api/chat", "chat", CHAT),  # native: no byte sent, still watched
+        ("/v1/chat/completions", "v1.chat.completions", {**CHAT, "stream": False}),
+        ("/api/chat", "chat", {**CHAT, "stream": False}),  # whole answers are watched too
     ):
         proxy, upstream = _queueing()
         leave = asyncio.Event()

@@ -209,11 +209,9 @@ async def run_model_call(
         ex.session = codec.session(request)
     body = codec.encode(request)
     stream = codec.stream_asked(request)
-    frames: StreamFrames | None = None
-    waiting: QueueWait | None = None
-    if stream:  # should it wait for a slot: the client watched, a keep-alive meanwhile
-        frames = codec.frames(request, ex.identity.request_id, estimate)
-        waiting = QueueWait(ex, receive, send, frames, settings.queue_ping_seconds)
+    # should it wait for a slot: the client watched, a stream kept posted meanwhile
+    frames = codec.frames(request, ex.identity.request_id, estimate) if stream else None
+    waiting = QueueWait(ex, receive, send, frames, settings.queue_ping_seconds)
     try:
         upstream = await forward(ex, codec.upstream_path, body, stream=stream, waiting=waiting)
         if upstream.status != 200:

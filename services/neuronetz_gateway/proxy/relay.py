@@ -137,7 +137,7 @@ def _cancelling() -> int:
 
 
 class QueueWait:
-    """A streamed call waiting for a backend's slot: the client watched and kept posted.
+    """A call waiting for a backend's slot: the client watched, a stream kept posted.
 
     Nothing runs until the upstream reports the call queued (:meth:`queued`,
     the call's ``ModelCall.on_queued``): a call with a slot free at once costs
@@ -146,15 +146,16 @@ class QueueWait:
     a surface with a keep-alive frame (``frames.ping()`` not empty: SSE
     comments, Anthropic's ``ping``), starts the response after ``every``
     seconds (200 and the surface's headers) and sends the frame every
-    ``every`` seconds until the answer's headers are in. Native streams get
-    no byte while queued. :meth:`stop` (by :func:`forward`) ends it between
-    two sends, never in the middle of one.
+    ``every`` seconds until the answer's headers are in. Native streams and
+    whole answers (``frames`` ``None``) get no byte while queued, only the
+    watch. :meth:`stop` (by :func:`forward`) ends it between two sends,
+    never in the middle of one.
     """
 
     __slots__ = ("_every", "_ex", "_frames", "_receive", "_send", "_stop", "_task", "left")
 
     def __init__(
-        self, ex: Exchange, receive: Receive, send: Send, frames: StreamFrames, every: float
+        self, ex: Exchange, receive: Receive, send: Send, frames: StreamFrames | None, every: float
     ) -> None:
         self._ex = ex
         self._receive = receive
@@ -188,7 +189,7 @@ class QueueWait:
 
     async def _run(self, stop: asyncio.Future[None]) -> None:
         frames = self._frames
-        every: float | None = self._every if frames.ping() else None
+        every: float | None = self._every if frames is not None and frames.ping() else None
         receiving = asyncio.ensure_future(self._receive())
         try:
             while True:
@@ -202,6 +203,8 @@ class QueueWait:
                         self._leave()
                         return
                     receiving = asyncio.ensure_future(self._receive())
+                    continue
+                if frames is None:  # a timeout only where there is a frame to send
                     continue
                 try:
                     await self._ping(frames)
