@@ -10,6 +10,7 @@ the slot state in Redis is never shared between tests.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -76,8 +77,15 @@ def members(sims: dict[str, SimulatorServer], suffix: str, **changes: Any) -> li
 class Replica:
     """One proxy replica's pool (its own Redis client, slots and metrics)."""
 
-    def __init__(self, pool: BackendPool, fleet: StaticFleet, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        pool: BackendPool,
+        fleet: StaticFleet,
+        registry: CollectorRegistry,
+        slots: SlotAdmission,
+    ) -> None:
         self.pool = pool
+        self.slots = slots
         self.fleet = fleet
         self.registry = registry
 
@@ -99,7 +107,7 @@ async def make_replica(redis_test_url: str, redis_prefix: str) -> AsyncIterator[
             fleet, slots, metrics=PoolMetrics(registry), lease_ttl_seconds=30.0, **options
         )
         opened.append((client, slots, pool))
-        return Replica(pool, fleet, registry)
+        return Replica(pool, fleet, registry, slots)
 
     yield make
     for client, slots, pool in opened:
@@ -277,6 +285,27 @@ async def test_a_drained_backend_takes_nothing_new(
         backend, _ = await chat(replica.pool)
         assert backend == sims["cold"].url
     assert sims["warm"].forwarded() == []
+
+
+async def test_a_call_queued_on_a_backend_drained_meanwhile_goes_elsewhere(
+    make_replica: Any, sims: dict[str, SimulatorServer]
+) -> None:
+    suffix = secrets.token_hex(3)
+    warm, cold, _ = members(sims, suffix, warm={"slots": 1})
+    replica = await make_replica([warm])
+    holding = await replica.pool.open(call(), "/api/chat", CHAT)  # holds warm's only slot
+    waiting = asyncio.ensure_future(chat(replica.pool, tenant=2))
+    deadline = time.monotonic() + 5
+    while not (await replica.slots.state(warm.name, capacity=1)).queued:
+        assert time.monotonic() < deadline, "the second call never queued"
+        await asyncio.sleep(0.02)
+    replica.fleet.set_members(
+        [dataclasses.replace(warm, active=False), cold]
+    )  # the operator drains warm, adds cold
+    holding.abort()  # warm's slot comes free: its queue's head must not run there
+    backend, _ = await asyncio.wait_for(waiting, 10)
+    assert backend == sims["cold"].url
+    assert len(sims["warm"].forwarded()) == 1  # the holder's only
 
 
 async def test_queue_timeout_is_a_503_with_retry_after_and_frees_the_slot_after(

@@ -436,6 +436,14 @@ class PooledStream:
         self._on_done(self, self._tail if self.status == 200 else None)
 
 
+#: Times a call is routed again after its backend was withdrawn while it waited.
+_REROUTES = 2
+
+
+class _Withdrawn(Exception):
+    """The backend that granted the slot no longer takes new calls (drained, removed)."""
+
+
 class BackendPool:
     """The :class:`~neuronetz_gateway.proxy.ports.Upstream` of a fleet (see the module doc)."""
 
@@ -468,7 +476,22 @@ class BackendPool:
     # the Upstream port -------------------------------------------------------------
 
     async def open(self, call: ModelCall, path: str, body: bytes | None) -> PooledStream:
-        """Route, admit, forward; fail over once before the first byte (module docstring)."""
+        """Route, admit, forward; fail over once before the first byte (module docstring).
+
+        A call granted a slot by a backend drained or removed while it waited gives
+        the slot back and is routed again, within what is left of its queue timeout.
+        """
+        started = time.monotonic()
+        for _ in range(_REROUTES):
+            try:
+                return await self._open(call, path, body, started)
+            except _Withdrawn:
+                continue
+        return await self._open(call, path, body, started)
+
+    async def _open(
+        self, call: ModelCall, path: str, body: bytes | None, started: float
+    ) -> PooledStream:
         members = {m.name: m for m in self._fleet.members()}
         self._show_health(members.values())
         needs_slot = path in SLOT_PATHS
@@ -476,7 +499,6 @@ class BackendPool:
         target = route.first
         if target is None:
             raise _no_backend(call.model)
-        started = time.monotonic()
         attempts = 0
         connect_failed = True
         ready: tuple[str, SlotLease] | None = None
@@ -495,6 +517,9 @@ class BackendPool:
                 lease, ready = ready[1], None
             elif needs_slot:
                 lease = await self._admit(call, member, started)
+                if not self._takes_new(member.name):  # drained or removed while it waited
+                    self._give_back(lease)
+                    raise _Withdrawn
             stream = await self._attempt(call, member, path, body, lease)
             if stream is not None:
                 if stream.status < 500 or last:
@@ -659,6 +684,9 @@ class BackendPool:
         except SlotsUnavailable:
             raise self._capacity_unknown(member.name) from None
         return self._hold(member, lease)
+
+    def _takes_new(self, name: str) -> bool:
+        return any(m.name == name and m.active for m in self._fleet.members())
 
     def _weight(self, call: ModelCall) -> int:
         return self._tenant_weight(call.tenant_id) if self._tenant_weight is not None else 1
