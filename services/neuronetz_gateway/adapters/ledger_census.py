@@ -16,7 +16,6 @@ writers' and the rebuilders' wall clocks are compared (NTP-close hosts).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from neuronetz_gateway.domain.ledger_census import (
     stale_entries,
 )
 from neuronetz_gateway.logging import get_logger
+from neuronetz_gateway.stopping import stop_task, wait_set
 
 __all__ = ["CompleteLedger", "LedgerBeacon"]
 
@@ -88,18 +88,16 @@ class LedgerBeacon:
     async def stop(self) -> None:
         """Stop reporting; the last entry expires by itself (the spool may outlive us).
 
-        The loop also ends by the flag, and the wait is bounded: redis-py's Cluster
-        and Sentinel clients can swallow a cancellation that lands mid-command, and
-        a stop that waited for the task then hung for good.
+        The loop also ends by the flag, and the wait is bounded
+        (:mod:`neuronetz_gateway.stopping`): redis-py's Cluster and Sentinel clients
+        can swallow a cancellation that lands mid-command, and a stop that waited
+        for the task then hung for good.
         """
         task, self._task = self._task, None
         if task is None:
             return
         self._stopping = True
-        task.cancel()
-        await asyncio.wait({task}, timeout=self._beat + 2.0)
-        if task.done() and not task.cancelled():
-            task.exception()  # retrieved: a report that failed as it stopped is not news
+        await stop_task(task, within=self._beat + 2.0)
 
     async def report(self) -> bool:
         """Write this writer's entry now; ``False`` when Redis cannot take it."""
@@ -118,8 +116,7 @@ class LedgerBeacon:
     async def _run(self) -> None:
         progress = self._writer.progress
         while not self._stopping:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(progress.wait(), self._beat)
+            await wait_set(progress, self._beat)
             progress.clear()
             await self.report()
 
