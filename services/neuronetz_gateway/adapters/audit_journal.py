@@ -105,10 +105,6 @@ class Journal:
         """File names of this process's segments (a scan skips them)."""
         return {s.path.name for s in self._segments}
 
-    @property
-    def segments(self) -> int:
-        return len(self._segments)
-
     # -- hot path -----------------------------------------------------------------
 
     def append(self, row: AuditRow | PromptRow) -> Segment | None:
@@ -116,11 +112,14 @@ class Journal:
         segment = self._current
         if segment is None:
             return None
-        data = _TAGS[type(row)] + encode_row(row) + b"\n"
         try:
+            data = _TAGS[type(row)] + encode_row(row) + b"\n"
             written = os.write(segment.fd, data)
         except OSError as exc:
             self._broken(exc)
+            return None
+        except (TypeError, ValueError, msgspec.EncodeError) as exc:  # never the request's failure
+            log.warning("audit_journal_unencodable", reason=type(exc).__name__)
             return None
         if written != len(data):  # disk full part-way: a torn last line, the segment ends
             self._broken(OSError(errno.ENOSPC, "short write"))

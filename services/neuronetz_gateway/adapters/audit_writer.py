@@ -507,6 +507,11 @@ class AuditWriter:
                 await asyncio.to_thread(self._write_spool_file, "journal", raw, ".bad")
         except Exception:  # noqa: BLE001 - only transient failures (and a full disk) reach here
             return False
+        log.info(
+            "audit_journal_replayed",
+            file=orphan.path.name,
+            rows=len(contents.audits) + len(contents.prompts),
+        )
         return True
 
     async def _replay_file(self, path: Path, kind: str, decoder: Any) -> bool | None:
