@@ -12,6 +12,7 @@ from typing import cast
 
 import asyncpg
 import msgspec
+import pytest
 from structlog.testing import capture_logs
 
 from neuronetz_gateway.adapters.audit_journal import (
@@ -167,7 +168,7 @@ async def test_the_writer_keeps_one_segment_and_removes_it_on_a_clean_stop(
 
 
 def test_a_torn_last_line_is_skipped_and_damage_never_raises() -> None:
-    good = [_row("req-1"), _prompt("req-1"), _row("req-2")]
+    good: list[AuditRow | PromptRow] = [_row("req-1"), _prompt("req-1"), _row("req-2")]
     data = b"".join(_line(r) for r in good)
     contents = decode(data + b"x{not json}\n" + b"\n" + _line(_row("req-3"))[:-9])
     assert [r.request_id for r in contents.audits] == ["req-1", "req-2"]
@@ -264,3 +265,29 @@ async def test_a_full_disk_costs_the_journal_not_the_row(tmp_path: Path) -> None
     await writer.stop()
     assert _names(tmp_path) == []
     assert not path.exists()
+
+
+async def test_rows_the_spool_cannot_take_stay_in_the_journal_for_the_next_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Postgres away and the spool failing too: the batch loop lives, the rows wait on disk."""
+    writer = AuditWriter(_pool(_AwayPool()), tmp_path, batch_size=2, flush_interval=60)
+
+    def spool_refused(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer, "_write_spool_file", spool_refused)
+    await writer.start()
+    writer.submit(_row("req-1"))
+    writer.submit(_row("req-2"))
+    await _next_progress(writer)
+    assert writer.pending_since() == 0.0  # in no spool, not in Postgres: a rebuild waits
+    writer.submit(_row("req-3"))
+    writer.submit(_row("req-4"))
+    await _next_progress(writer)  # the batch loop still runs
+    await writer.stop()
+    assert len(_journals(tmp_path)) == 2  # one segment per batch, both kept
+    pool = _RecordingPool()
+    assert await AuditWriter(_pool(pool), tmp_path).replay_spool() == 2
+    assert sorted(map(str, pool.request_ids)) == ["req-1", "req-2", "req-3", "req-4"]
+    assert _names(tmp_path) == []
