@@ -31,7 +31,7 @@ import msgspec
 from neuronetz_gateway.domain.accounting import AuditRow, PromptRow
 from neuronetz_gateway.domain.dialect import Surface
 from neuronetz_gateway.domain.identity import Allowance, Identity, Limits
-from neuronetz_gateway.domain.limits import ratelimit_headers
+from neuronetz_gateway.domain.limits import ratelimit_header_pairs
 from neuronetz_gateway.domain.model_call import ModelCall
 from neuronetz_gateway.domain.models import canonical_model
 from neuronetz_gateway.logging import get_logger, info_line
@@ -211,8 +211,7 @@ class Exchange:
             (b"content-type", content_type),
             (b"x-request-id", self.identity.request_id.encode()),
         ]
-        for name, value in ratelimit_headers(self.allowance).items():
-            headers.append((name.encode(), value.encode()))
+        headers += ratelimit_header_pairs(self.allowance)
         return headers
 
     async def respond(self, send: Send, status: int, body: bytes, content_type: bytes) -> None:
