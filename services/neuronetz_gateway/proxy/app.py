@@ -209,7 +209,7 @@ def _settle_retries(
     retries = SettleRetries(
         limiter,
         reservation_ttl_seconds=settings.reservation_ttl_seconds,
-        on_outcome=lambda outcome: metrics.settle_retries.labels(outcome).inc(),
+        on_outcome=lambda outcome: metrics.child(metrics.settle_retries, outcome).inc(),
     )
     stack.push_async_callback(retries.aclose)
     return retries
