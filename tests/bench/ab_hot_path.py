@@ -5,7 +5,8 @@ Caddy), one per ``--base`` ref (``services/`` exported from git, in the order
 given), then the working tree (``wt``). Each round runs every scenario on
 every side (the order reverses every other round), wrk at concurrency 32;
 per cell: req/s and the CPU of the auth and proxy process trees per request
-(ms), with the 1-minute load average at the end of the cell. The medians
+(ms), and of the Redis they share (cells run one at a time), with the
+1-minute load average at the end of the cell. The medians
 close the output, each side's as a ratio to the side before it (per round,
 then the median), so ``--base main --base <cut1>`` prices cut 1 and the rest.
 
@@ -135,6 +136,8 @@ def _ab(stack: BenchStack, sides: dict[str, dict[str, str]], args: argparse.Name
                 procs = {
                     "auth": stack.services[f"auth_{side}"],
                     "proxy": stack.services[f"proxy_{side}"],
+                    # one Redis for every side: a cell's Redis CPU is its side's alone
+                    "redis": stack.services["redis"],
                 }
                 if scenario == "authorize":
                     procs.pop("proxy")

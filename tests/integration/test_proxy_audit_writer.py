@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import signal
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -36,6 +38,11 @@ def _row(request_id: str) -> AuditRow:
 
 def _put(path: Path, data: bytes) -> None:
     path.write_bytes(data)
+
+
+def _append(path: Path, data: bytes) -> None:
+    with path.open("ab") as f:
+        f.write(data)
 
 
 def _read(path: Path) -> bytes:
@@ -171,4 +178,76 @@ async def test_prompt_rows_replayed_by_two_writers_land_once(store: Store, tmp_p
         "SELECT count(*) FROM prompt_log WHERE request_id = ANY($1::text[])", ids
     )
     assert count == 5
+    assert _names(tmp_path) == []
+
+
+# A writer in a process of its own: rows submitted, then it waits (flush interval 60 s).
+_SUBMIT_AND_WAIT = """
+import asyncio, sys
+from tests.integration.test_proxy_audit_writer import _prompt, _row
+from neuronetz_gateway.adapters.audit_writer import AuditWriter
+from neuronetz_gateway.adapters.postgres.store import open_pool
+
+async def main(url, spool, ids):
+    pool = await open_pool(url, min_size=1, max_size=1)
+    writer = AuditWriter(pool, spool, flush_interval=60, batch_size=1000)
+    await writer.start()
+    for request_id in ids:
+        writer.submit(_row(request_id))
+        writer.submit(_prompt(request_id))
+    print("submitted", flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3:]))
+"""
+
+
+def _prompt(request_id: str) -> PromptRow:
+    now = datetime.now(UTC)
+    return PromptRow(
+        request_id=request_id,
+        tenant_id=7,
+        key_id=8,
+        created_at=now,
+        expires_at=now + timedelta(days=1),
+        request_text="q",
+        response_text="a",
+    )
+
+
+async def test_rows_of_a_writer_killed_before_its_flush_are_replayed_from_its_journal(
+    store: Store, database_url: str, tmp_path: Path
+) -> None:
+    """SIGKILL with every row still queued: the next writer on the directory writes them all."""
+    ids = [f"req-killed-{secrets.token_hex(4)}" for _ in range(40)]
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _SUBMIT_AND_WAIT,
+        database_url,
+        str(tmp_path),
+        *ids,
+        stdout=asyncio.subprocess.PIPE,
+        cwd=Path(__file__).parents[2],
+    )
+    try:
+        assert child.stdout is not None
+        async with asyncio.timeout(60):
+            assert await child.stdout.readline() == b"submitted\n"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        await child.wait()
+    assert await _count(store, ids) == 0  # nothing reached Postgres before the kill
+    (journal,) = [tmp_path / n for n in _names(tmp_path)]
+    _append(journal, b'a{"request_id":"req-torn')  # a write the kill cut short
+    writer = AuditWriter(store.pool, tmp_path)
+    await writer.start()
+    assert writer.pending_since() == 0.0  # counted in the census before it is replayed
+    await writer.replay_spool()
+    await writer.stop()
+    assert await _count(store, ids) == 40
+    prompts = await store.pool.fetchval(
+        "SELECT count(*) FROM prompt_log WHERE request_id = ANY($1::text[])", ids
+    )
+    assert prompts == 40
     assert _names(tmp_path) == []

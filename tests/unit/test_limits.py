@@ -20,6 +20,7 @@ from neuronetz_gateway.domain.limits import (
     month_id,
     month_start,
     period_ids,
+    ratelimit_header_pairs,
     ratelimit_headers,
     rpm_retry_after,
     seconds_until_next_day,
@@ -217,6 +218,21 @@ def test_ratelimit_headers_only_known_values() -> None:
     assert full["x-ratelimit-limit-tokens"] == "3"
     assert full["x-ratelimit-remaining-tokens"] == "4"
     assert full["x-ratelimit-remaining-monthly-tokens"] == "6"
+
+
+@pytest.mark.parametrize(
+    "allowance",
+    [
+        Allowance(),
+        Allowance(limit_requests=60, remaining_requests=0, remaining_total_tokens=5),
+        Allowance(1, 2, 3, 4, 5, 6, 7, reset_requests_ms=1500, reset_tokens_ms=61_250),
+        Allowance(remaining_tokens=0, reset_tokens_ms=20),
+        Allowance(limit_tokens=10**15, remaining_monthly_tokens=-1, reset_requests_ms=0),
+    ],
+)
+def test_ratelimit_header_pairs_are_the_headers_as_bytes_in_order(allowance: Allowance) -> None:
+    expected = [(k.encode(), v.encode()) for k, v in ratelimit_headers(allowance).items()]
+    assert ratelimit_header_pairs(allowance) == expected
 
 
 def test_retry_after_stays_within_one_window_under_clock_skew() -> None:

@@ -1,6 +1,8 @@
 """The audit writer: usage and prompt rows to Postgres in batches, off the hot path.
 
-Requests :meth:`AuditWriter.submit` rows (a queue put, no I/O). One
+Requests :meth:`AuditWriter.submit` rows: one ``os.write`` to this
+process's write-ahead journal (:mod:`~neuronetz_gateway.adapters.audit_journal`,
+no fsync) and a queue put. One
 background task collects them into batches (``batch_size`` rows or
 ``flush_interval`` seconds) and writes each batch with one pipelined
 ``executemany`` (``ON CONFLICT (request_id) DO NOTHING``). When Postgres
@@ -10,13 +12,19 @@ file per batch and kind, written to a temporary name, fsync'd and renamed
 back, oldest first, and deletes each once written; replaying twice is
 harmless because ``request_id`` is unique in ``usage_log`` and in
 ``prompt_log``. On shutdown the queue is flushed (to
-Postgres, or to the spool).
+Postgres, or to the spool) and the journal removed.
+
+A process killed before its rows left the queue leaves its journal: the
+replay (at start and in the replay loop) writes the journal of any process
+that is gone (its ``flock`` can be taken) with the same idempotent inserts
+and removes it; a journal whose owner lives is never touched.
 
 The spool directory is ``spool_dir/<namespace>`` when a namespace is given
 (the proxy passes its database and Redis prefix,
 :func:`~neuronetz_gateway.domain.ledger_census.spool_namespace`): replay
 only ever sees the files of its own deployment. :meth:`pending_since` says
-since when rows wait unwritten (queue, batch in flight, spool), which the
+since when rows wait unwritten (queue, batch in flight, spool, the journals
+of dead processes), which the
 ledger census reports so that budgets are never rebuilt from a ledger that
 lacks them; :attr:`progress` is set after every write and replay.
 
@@ -43,6 +51,15 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from neuronetz_gateway.adapters.audit_journal import (
+    Journal,
+    OrphanJournal,
+    Segment,
+    claim_orphans,
+    decode,
+    encode_row,
+    unlink_segments,
+)
 from neuronetz_gateway.domain.accounting import AuditRow, PromptRow
 from neuronetz_gateway.logging import get_logger
 from neuronetz_gateway.stopping import stop_task, wait_set
@@ -68,7 +85,6 @@ ON CONFLICT (request_id) DO NOTHING
 _STOP = object()
 #: How long a stop waits for the replay task (it ends by its flag if a cancel is lost).
 _STOP_WITHIN_SECONDS = 5.0
-_encoder = msgspec.json.Encoder()
 _audit_decoder = msgspec.json.Decoder(AuditRow)
 _prompt_decoder = msgspec.json.Decoder(PromptRow)
 _KINDS: dict[str, Any] = {"audit": _audit_decoder, "prompt": _prompt_decoder}
@@ -159,8 +175,11 @@ class AuditWriter:
         self._pool = pool
         self.spool_dir = Path(spool_dir) / namespace if namespace else Path(spool_dir)
         self._clock = clock
-        # submission times of the rows not yet written or spooled, oldest first
-        self._unwritten: collections.deque[float] = collections.deque()
+        # submission time and journal segment of the rows not yet written or spooled
+        self._unwritten: collections.deque[tuple[float, Segment | None]] = collections.deque()
+        self._journal: Journal | None = None
+        self.orphan_journals = 0  # journals of dead processes, not yet replayed
+        self._unkept = 0  # rows neither written nor spooled (the spool failed): journal only
         self.progress = asyncio.Event()  # set after each write, spool or replay
         self._batch_size = batch_size
         self._flush_interval = flush_interval
@@ -176,18 +195,23 @@ class AuditWriter:
     # -- producer side (hot path) ---------------------------------------------
 
     def submit(self, row: AuditRow | PromptRow) -> None:
-        """Queue a row for the next batch (never blocks, never fails)."""
-        self._unwritten.append(self._clock())
+        """Journal a row and queue it for the next batch (never blocks, never fails)."""
+        journal = self._journal
+        segment = journal.append(row) if journal is not None else None
+        self._unwritten.append((self._clock(), segment))
         self._queue.put_nowait(row)
 
     def pending_since(self) -> float | None:
-        """Unix time of the oldest row not yet in Postgres; ``0.0`` with rows in the spool.
+        """Unix time of the oldest row not yet in Postgres; ``0.0`` with rows on disk.
 
+        On disk: spool files, journals of dead processes not yet replayed,
+        rows the spool could not take. The journals of live processes (other
+        workers or replicas on this directory) are theirs to report.
         ``None`` when every row submitted so far is written.
         """
-        if self.spooled_files:
+        if self.spooled_files or self.orphan_journals or self._unkept:
             return 0.0
-        return self._unwritten[0] if self._unwritten else None
+        return self._unwritten[0][0] if self._unwritten else None
 
     @contextlib.asynccontextmanager
     async def replay_held(self) -> AsyncIterator[None]:
@@ -204,7 +228,15 @@ class AuditWriter:
     async def start(self) -> None:
         """Start the batch and replay tasks (replay begins with what a previous run left)."""
         self.spool_dir.mkdir(parents=True, exist_ok=True)
+        journal = Journal(self.spool_dir)
+        journal.open()
+        self._journal = journal
         self.spooled_files = len(self._spool_files())
+        # counted before the first census report; replayed by the replay task
+        orphans = claim_orphans(self.spool_dir, journal.names)
+        self.orphan_journals = len(orphans)
+        for orphan in orphans:
+            orphan.keep()
         self._stopping.clear()
         self._replay_now.set()
         self._tasks = [
@@ -213,18 +245,27 @@ class AuditWriter:
         ]
 
     async def stop(self) -> None:
-        """Flush the queue (to Postgres or the spool) and stop the tasks."""
+        """Flush the queue (to Postgres or the spool), stop the tasks, remove the journal.
+
+        Journal segments still holding rows that were not kept anywhere stay
+        on disk (unlocked): the next writer on the directory replays them.
+        """
         if not self._tasks:
             return
         batch_task, replay_task = self._tasks
         self._tasks = []
         self._stopping.set()
         self._queue.put_nowait(_STOP)
-        with contextlib.suppress(asyncio.CancelledError):
-            await batch_task
-        # the replay loop ends by the flag too (a cancellation swallowed mid-replay)
-        self._replay_now.set()
-        await stop_task(replay_task, within=_STOP_WITHIN_SECONDS)
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                await batch_task
+            # the replay loop ends by the flag too (a cancellation swallowed mid-replay)
+            self._replay_now.set()
+            await stop_task(replay_task, within=_STOP_WITHIN_SECONDS)
+        finally:
+            journal, self._journal = self._journal, None
+            if journal is not None:
+                unlink_segments(journal.close())
 
     # -- batching -----------------------------------------------------------------
 
@@ -244,18 +285,37 @@ class AuditWriter:
                     stopping = True
                     break
                 batch.append(item)
-            await self._flush(batch)
-            self._written(len(batch))
+            await self._rotate()
+            await self._written(len(batch), kept=await self._flush(batch))
         # Shutdown: whatever is still queued goes out too.
         rest = [item for item in self._drain() if item is not _STOP]
         if rest:
-            await self._flush(rest)
-            self._written(len(rest))
+            await self._written(len(rest), kept=await self._flush(rest))
 
-    def _written(self, rows: int) -> None:
-        """``rows`` of the oldest submitted are in Postgres or the spool now."""
+    async def _rotate(self) -> None:
+        """A new journal segment for the rows after this batch (the old one goes once written)."""
+        if self._journal is not None:
+            done = await self._journal.rotate()
+            if done:
+                await asyncio.to_thread(unlink_segments, done)
+
+    async def _written(self, rows: int, *, kept: bool) -> None:
+        """``rows`` of the oldest submitted are in Postgres, the spool or set aside now.
+
+        Not ``kept`` (the spool itself failed): they stay in their journal
+        segments, which are then kept for a replay after this process.
+        """
+        journal, done = self._journal, []
         for _ in range(min(rows, len(self._unwritten))):
-            self._unwritten.popleft()
+            _, segment = self._unwritten.popleft()
+            if not kept:
+                self._unkept += 1
+            elif segment is not None and journal is not None:
+                finished = journal.release(segment)
+                if finished is not None:
+                    done.append(finished)
+        if done:
+            await asyncio.to_thread(unlink_segments, done)
         self.progress.set()
 
     def _drain(self) -> list[object]:
@@ -264,23 +324,34 @@ class AuditWriter:
             items.append(self._queue.get_nowait())
         return items
 
-    async def _flush(self, batch: Sequence[object]) -> None:
+    async def _flush(self, batch: Sequence[object]) -> bool:
+        """Write ``batch`` (or spool it); whether every row was kept somewhere."""
         audits = [r for r in batch if isinstance(r, AuditRow)]
         prompts = [r for r in batch if isinstance(r, PromptRow)]
+        kept = True
         # Separately, so that a problem with one kind never holds the other back.
         for kind, rows in (("audit", audits), ("prompt", prompts)):
             if not rows:
                 continue
             try:
-                rejected = await self._store(kind, rows)
-            except Exception as exc:  # noqa: BLE001 - any failure to write means: keep it on disk
-                log.warning("audit_spooled", kind=kind, rows=len(rows), reason=type(exc).__name__)
-                await self._spool(kind, rows)
-                continue
-            if rejected:
-                await self._set_aside(kind, rejected)
+                try:
+                    rejected = await self._store(kind, rows)
+                except Exception as exc:  # noqa: BLE001 - any failure to write: keep it on disk
+                    log.warning(
+                        "audit_spooled", kind=kind, rows=len(rows), reason=type(exc).__name__
+                    )
+                    await self._spool(kind, rows)
+                    continue
+                if rejected:
+                    await self._set_aside(kind, rejected)
+            except OSError as exc:  # the spool cannot take them: the journal still holds them
+                log.error(  # noqa: TRY400 - the reason is enough; no traceback in the log
+                    "audit_rows_unkept", kind=kind, rows=len(rows), reason=type(exc).__name__
+                )
+                kept = False
         if self.spooled_files:
             self._replay_now.set()
+        return kept
 
     async def _store(
         self, kind: str, rows: Sequence[AuditRow] | Sequence[PromptRow]
@@ -305,8 +376,15 @@ class AuditWriter:
         middle = len(rows) // 2
         return [*await self._store(kind, rows[:middle]), *await self._store(kind, rows[middle:])]
 
+    async def _store_all(self, kind: str, rows: Sequence[AuditRow] | Sequence[PromptRow]) -> None:
+        """Write ``rows`` in batches, setting aside what Postgres refuses (transient: raises)."""
+        for start in range(0, len(rows), self._batch_size):
+            rejected = await self._store(kind, rows[start : start + self._batch_size])
+            if rejected:
+                await self._set_aside(kind, rejected)
+
     async def _set_aside(self, kind: str, rows: Sequence[AuditRow | PromptRow]) -> None:
-        data = b"".join(_encoder.encode(r) + b"\n" for r in rows)
+        data = b"".join(encode_row(r) + b"\n" for r in rows)
         await asyncio.to_thread(self._write_spool_file, kind, data, ".bad")
 
     async def _write(self, kind: str, rows: Sequence[AuditRow] | Sequence[PromptRow]) -> None:
@@ -321,7 +399,7 @@ class AuditWriter:
         return sorted(self.spool_dir.glob("*.jsonl"))
 
     async def _spool(self, kind: str, rows: Sequence[AuditRow] | Sequence[PromptRow]) -> None:
-        data = b"".join(_encoder.encode(r) + b"\n" for r in rows)
+        data = b"".join(encode_row(r) + b"\n" for r in rows)
         await asyncio.to_thread(self._write_spool_file, kind, data)
         self.spooled_files += 1
 
@@ -346,32 +424,95 @@ class AuditWriter:
             if self._stopping.is_set():
                 return
             self._replay_now.clear()
-            if self.spooled_files or self._spool_files():
-                await self.replay_spool()
+            await self.replay_spool()
 
     async def replay_spool(self) -> int:
-        """Write spooled files to Postgres, oldest first; return how many were written."""
-        written = 0
+        """Write spool files, then dead processes' journals; how many files were written.
+
+        Oldest spool files first; a journal of a process that is gone is
+        claimed (locked) and counted in :meth:`pending_since` before the
+        spool count can fall to nothing. Postgres away: the rest waits.
+        """
         async with self._spool_lock:
-            files = self._spool_files()
-            self.spooled_files = len(files)
-            for path in files:
-                kind = path.stem.rsplit("-", 1)[-1]
-                decoder = _KINDS.get(kind)
-                if decoder is None:
-                    continue
-                try:
-                    done = await self._replay_file(path, kind, decoder)
-                except FileNotFoundError:
-                    done = True  # another process sharing the spool replayed it
-                if done is None:
-                    return written  # Postgres is still away: try again later
-                self.spooled_files -= 1
-                written += int(done)
+            own = self._journal.names if self._journal is not None else set()
+            # in the loop's thread (a listing and a lock try per file): a cancelled
+            # claim in a worker thread would keep its locks, and the files, for good
+            orphans = claim_orphans(self.spool_dir, own)
+            self.orphan_journals = len(orphans)
+            try:
+                written, finished = await self._replay_spool_files()
+                if finished:
+                    written += await self._replay_journals(orphans)
+            finally:
+                for orphan in orphans:
+                    orphan.keep()  # not written: unlocked, left for later
         if written:
             log.info("audit_spool_replayed", files=written)
             self.progress.set()
         return written
+
+    async def _replay_spool_files(self) -> tuple[int, bool]:
+        """Spool files written, oldest first; whether all were (``False``: Postgres away)."""
+        written = 0
+        files = self._spool_files()
+        self.spooled_files = len(files)
+        for path in files:
+            kind = path.stem.rsplit("-", 1)[-1]
+            decoder = _KINDS.get(kind)
+            if decoder is None:
+                continue
+            try:
+                done = await self._replay_file(path, kind, decoder)
+            except FileNotFoundError:
+                done = True  # another process sharing the spool replayed it
+            if done is None:
+                return written, False  # Postgres is still away: try again later
+            self.spooled_files -= 1
+            written += int(done)
+        return written, True
+
+    async def _replay_journals(self, orphans: list[OrphanJournal]) -> int:
+        """Write and remove claimed journals (taken off ``orphans`` as they are done)."""
+        written = 0
+        while orphans:
+            if not await self._replay_journal(orphans[0]):
+                return written  # Postgres is away: the rest waits
+            await asyncio.to_thread(orphans.pop(0).done)
+            self.orphan_journals -= 1
+            written += 1
+        return written
+
+    async def _replay_journal(self, orphan: OrphanJournal) -> bool:
+        """Write one dead process's journal rows; ``False`` to retry it later."""
+        try:
+            data = await asyncio.to_thread(orphan.read)
+        except OSError as exc:
+            log.warning(
+                "audit_journal_unreadable_now", file=orphan.path.name, reason=type(exc).__name__
+            )
+            return False
+        contents = decode(data)
+        if contents.torn_tail:  # the write the kill (or a full disk) cut short
+            log.warning("audit_journal_torn_line_skipped", file=orphan.path.name)
+        try:
+            await self._store_all("audit", contents.audits)
+            await self._store_all("prompt", contents.prompts)
+            if contents.unreadable:
+                log.error(
+                    "audit_journal_lines_unreadable",
+                    file=orphan.path.name,
+                    lines=len(contents.unreadable),
+                )
+                raw = b"".join(line + b"\n" for line in contents.unreadable)
+                await asyncio.to_thread(self._write_spool_file, "journal", raw, ".bad")
+        except Exception:  # noqa: BLE001 - only transient failures (and a full disk) reach here
+            return False
+        log.info(
+            "audit_journal_replayed",
+            file=orphan.path.name,
+            rows=len(contents.audits) + len(contents.prompts),
+        )
+        return True
 
     async def _replay_file(self, path: Path, kind: str, decoder: Any) -> bool | None:
         """Write one spool file; True when written, False when set aside, None to retry."""

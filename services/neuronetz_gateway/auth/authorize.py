@@ -23,7 +23,6 @@ present it is the one used, whatever its scheme.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import time
@@ -42,6 +41,7 @@ from neuronetz_gateway.domain.key_state import KeyState
 from neuronetz_gateway.domain.limits import Decision
 from neuronetz_gateway.domain.routes import Outcome, RouteMatch, classify
 from neuronetz_gateway.logging import get_logger, info_line
+from neuronetz_gateway.shared_timeout import SharedTimeout
 from neuronetz_gateway.tracing import Tracing
 
 __all__ = [
@@ -147,7 +147,8 @@ class Authorizer:
         self._secret = secret
         self._metrics = metrics
         self._identity_ttl_ms = identity_ttl_seconds * 1000
-        self._timeout = timeout_seconds
+        # asyncio.timeout(timeout_seconds), one timer for every decision in flight
+        self._bounded = SharedTimeout(timeout_seconds)
         self._clock = clock
 
     async def decide(self, request: DecisionRequest) -> Answer:
@@ -197,7 +198,7 @@ class Authorizer:
         route, surface = match.route, match.surface
         fields["route"] = route.id
         try:
-            async with asyncio.timeout(self._timeout):
+            async with self._bounded():
                 check = await self._verifier.check(
                     presented_key(request.authorization, request.api_key)
                 )

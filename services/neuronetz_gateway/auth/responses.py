@@ -14,7 +14,7 @@ from functools import cache
 
 from neuronetz_gateway.domain.dialect import Surface, error_body
 from neuronetz_gateway.domain.identity import IDENTITY_HEADER
-from neuronetz_gateway.domain.limits import Decision, ratelimit_headers
+from neuronetz_gateway.domain.limits import Decision, ratelimit_header_pairs
 
 __all__ = [
     "REQUEST_ID_HEADER",
@@ -136,7 +136,7 @@ def too_many_requests(surface: Surface, decision: Decision, request_id: str) -> 
     code = decision.error_code or "rate_limit_exceeded"
     if code == "budget_exceeded":
         extra.append((SHOULD_RETRY_HEADER, b"false"))
-    extra += [(k.encode(), v.encode()) for k, v in ratelimit_headers(decision.allowance).items()]
+    extra += ratelimit_header_pairs(decision.allowance)
     body = error_body(surface, 429, code, _limit_message(decision), limit=decision.reason)
     headers = (
         (b"content-type", b"application/json"),

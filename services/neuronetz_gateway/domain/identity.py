@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 
 import msgspec
 
 from neuronetz_gateway.domain.key_state import KeyState
+from neuronetz_gateway.domain.keyed_mac import hmac_sha256
 
 __all__ = [
     "IDENTITY_HEADER",
@@ -110,7 +110,7 @@ def _unb64(data: bytes) -> bytes:
 
 
 def _mac(secret: bytes, signed: bytes) -> bytes:
-    return hmac.new(secret, signed, hashlib.sha256).digest()
+    return hmac_sha256(secret, signed).digest()
 
 
 def sign_identity(identity: Identity, secret: bytes) -> str:

@@ -12,12 +12,13 @@ random string be refused before any cache, database or hash work.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
 import string
 import zlib
 from dataclasses import dataclass
+
+from neuronetz_gateway.domain.keyed_mac import hmac_sha256
 
 __all__ = [
     "KEY_LENGTH",
@@ -107,4 +108,4 @@ def parse_key(candidate: str) -> ParsedKey:
 
 def fingerprint(full_key: str, server_secret: bytes) -> str:
     """HMAC-SHA256 of the full key under the server secret: the cache key, never the key."""
-    return hmac.new(server_secret, full_key.encode(), hashlib.sha256).hexdigest()
+    return hmac_sha256(server_secret, full_key.encode()).hexdigest()

@@ -42,6 +42,7 @@ __all__ = [
     "month_id",
     "month_start",
     "period_ids",
+    "ratelimit_header_pairs",
     "ratelimit_headers",
     "rpm_retry_after",
     "seconds_until_next_day",
@@ -384,3 +385,33 @@ def ratelimit_headers(allowance: Allowance) -> dict[str, str]:
     if allowance.reset_tokens_ms is not None:
         headers["x-ratelimit-reset-tokens"] = format_duration(allowance.reset_tokens_ms)
     return headers
+
+
+def ratelimit_header_pairs(allowance: Allowance) -> list[tuple[bytes, bytes]]:
+    """:func:`ratelimit_headers` as raw ``(name, value)`` pairs, in the same order.
+
+    What ASGI responses carry; built without the dict, the attribute lookups
+    by name and the encoding of every name (a third of the CPU, once per
+    proxied request).
+    """
+    a = allowance
+    pairs: list[tuple[bytes, bytes]] = []
+    if a.limit_requests is not None:
+        pairs.append((b"x-ratelimit-limit-requests", b"%d" % a.limit_requests))
+    if a.remaining_requests is not None:
+        pairs.append((b"x-ratelimit-remaining-requests", b"%d" % a.remaining_requests))
+    if a.limit_tokens is not None:
+        pairs.append((b"x-ratelimit-limit-tokens", b"%d" % a.limit_tokens))
+    if a.remaining_tokens is not None:
+        pairs.append((b"x-ratelimit-remaining-tokens", b"%d" % a.remaining_tokens))
+    if a.remaining_daily_tokens is not None:
+        pairs.append((b"x-ratelimit-remaining-daily-tokens", b"%d" % a.remaining_daily_tokens))
+    if a.remaining_monthly_tokens is not None:
+        pairs.append((b"x-ratelimit-remaining-monthly-tokens", b"%d" % a.remaining_monthly_tokens))
+    if a.remaining_total_tokens is not None:
+        pairs.append((b"x-ratelimit-remaining-total-tokens", b"%d" % a.remaining_total_tokens))
+    if a.reset_requests_ms is not None:
+        pairs.append((b"x-ratelimit-reset-requests", format_duration(a.reset_requests_ms).encode()))
+    if a.reset_tokens_ms is not None:
+        pairs.append((b"x-ratelimit-reset-tokens", format_duration(a.reset_tokens_ms).encode()))
+    return pairs

@@ -31,7 +31,7 @@ import msgspec
 from neuronetz_gateway.domain.accounting import AuditRow, PromptRow
 from neuronetz_gateway.domain.dialect import Surface
 from neuronetz_gateway.domain.identity import Allowance, Identity, Limits
-from neuronetz_gateway.domain.limits import ratelimit_headers
+from neuronetz_gateway.domain.limits import ratelimit_header_pairs
 from neuronetz_gateway.domain.model_call import ModelCall
 from neuronetz_gateway.domain.models import canonical_model
 from neuronetz_gateway.logging import get_logger, info_line
@@ -211,8 +211,7 @@ class Exchange:
             (b"content-type", content_type),
             (b"x-request-id", self.identity.request_id.encode()),
         ]
-        for name, value in ratelimit_headers(self.allowance).items():
-            headers.append((name.encode(), value.encode()))
+        headers += ratelimit_header_pairs(self.allowance)
         return headers
 
     async def respond(self, send: Send, status: int, body: bytes, content_type: bytes) -> None:
@@ -430,7 +429,7 @@ class Exchange:
     # -- the end ------------------------------------------------------------------------
 
     async def finish(self) -> None:
-        """Settle, release the lease, queue the audit row, count and log (exactly once).
+        """Queue the audit row, settle, release the lease, count and log (exactly once).
 
         An exchange that ended before claiming its identity (a refusal, a
         client that left) claims it now: a replay does no accounting at all.
@@ -446,7 +445,8 @@ class Exchange:
                 return
             except Refusal:
                 pass  # Redis away: nothing was granted, the row is still written
-        await self.settle()
+        # The row is queued (and so journaled) before the settle's round trip: a
+        # proxy killed during it still has the answer the client got in its ledger.
         duration_ms = int((time.perf_counter() - self.started) * 1000)
         model = self.canonical or self.model
         row = AuditRow(
@@ -481,6 +481,7 @@ class Exchange:
                     response_text=self.response_text or "",
                 )
             )
+        await self.settle()
         if self.span is not None:
             self.span.update_name(span_name(self.route, model))
             attributes = span_attributes(

@@ -72,12 +72,13 @@ for _, id in ipairs(redis.call("ZRANGEBYSCORE", resv_set, "-inf", now_ms, "LIMIT
 end
 
 -- 1. every budget that applies must be known, or the ledger has to rebuild it
+-- (one MGET of the six counters: each redis.call costs the script more than the read)
 local budget_values = {{}, {}}
 local missing = {}
+local counters = redis.call("MGET", KEYS[4], KEYS[5], KEYS[6], KEYS[10], KEYS[11], KEYS[12])
 for level = 1, 2 do
   for b = 1, 3 do
-    local budget_key = key_of(level, 3 + b)
-    local value = redis.call("GET", budget_key)
+    local value = counters[(level - 1) * 3 + b]
     if value then
       budget_values[level][b] = tonumber(value)
     elseif limit_of(level, 3 + b) then

@@ -42,8 +42,16 @@ if ARGV[7] ~= "" then
   redis.call("ZADD", KEYS[17], ARGV[9], ARGV[7])
 end
 
-local function adjust(counter_key)
-  if counter_delta == 0 or redis.call("EXISTS", counter_key) == 0 then return end
+-- which of the six reservation-period counters exist, in one MGET (not six EXISTS:
+-- each redis.call costs the script more than the read); adjusting one never makes
+-- another appear or go
+local present = {}
+if counter_delta ~= 0 then
+  present = redis.call("MGET", KEYS[3], KEYS[4], KEYS[5], KEYS[10], KEYS[11], KEYS[12])
+end
+
+local function adjust(counter_key, index)
+  if counter_delta == 0 or not present[index] then return end
   if redis.call("INCRBY", counter_key, counter_delta) < 0 then
     redis.call("SET", counter_key, 0, "KEEPTTL")
   end
@@ -79,9 +87,9 @@ local result = {}
 for level = 1, 2 do
   local tpm_key = key_of(level, 2)
   adjust_bucket(tpm_key)
-  adjust(key_of(level, 3))
-  adjust(key_of(level, 4))
-  adjust(key_of(level, 5))
+  adjust(key_of(level, 3), (level - 1) * 3 + 1)
+  adjust(key_of(level, 4), (level - 1) * 3 + 2)
+  adjust(key_of(level, 5), (level - 1) * 3 + 3)
 
   if ARGV[6] == "1" then
     local requests = redis.call("ZCOUNT", key_of(level, 1), "(" .. (now_ms - 60000), "+inf")
