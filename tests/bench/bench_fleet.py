@@ -23,7 +23,10 @@ one after the other, the simulators reset in between. Measured from the
 simulators' side (``/_sim/stats``, deltas over the window): busy slot-seconds
 (slots held while generating, integrated over time) ÷ available
 slot-seconds (3 x 4 x the window) = utilisation; Ollama's 503s (a full
-queue) = requests refused by a backend; cold loads. From the clients' side:
+queue) = requests refused by a backend; cold loads, and those that waited for
+a busy model to finish first (``eviction_waits``); the loaded model of each
+backend, sampled from ``/api/ps`` (how often it changed, and the share of
+the window each model held it). From the clients' side:
 answers by status, completed requests per second, latency.
 
 The light-tenant figure (a) is :mod:`tests.bench.bench_fair_queue`'s (the
@@ -38,6 +41,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import json
 import os
 import random
@@ -75,6 +80,8 @@ SCENARIOS: dict[str, tuple[Mapping[str, tuple[tuple[str, ...], str]], Mapping[st
     "one_model": (ONE_MODEL, {LLAMA: 1.0}),
 }
 SLOTS = 4
+#: how often the loaded models are sampled during the window (``/api/ps``)
+SAMPLE_SECONDS = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +124,47 @@ async def _sim_stats(session: aiohttp.ClientSession, urls: Mapping[str, str]) ->
     for name, url in urls.items():
         async with session.get(url + "/_sim/stats") as answer:
             out[name] = await answer.json()
+    return out
+
+
+async def _sample_loaded(
+    session: aiohttp.ClientSession,
+    urls: Mapping[str, str],
+    every: float,
+    into: dict[str, list[tuple[float, str]]],
+    stop: asyncio.Event,
+) -> None:
+    """Which model each simulator has loaded (``/api/ps``), every ``every`` seconds."""
+    while not stop.is_set():
+        at = time.monotonic()
+        for name, url in urls.items():
+            async with session.get(url + "/api/ps") as answer:
+                models = [m["name"] for m in (await answer.json())["models"]]
+            into.setdefault(name, []).append((at, ",".join(sorted(models)) or "-"))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every)
+
+
+def _residency(samples: Mapping[str, list[tuple[float, str]]]) -> dict[str, Any]:
+    """Per backend: how often the loaded model changed, and the share of time each held it
+    (``-``: none ready, i.e. loading)."""
+    out: dict[str, Any] = {}
+    for name, points in samples.items():
+        share: Counter[str] = Counter()
+        switches = 0
+        last = None
+        for (at, models), (nxt, _) in itertools.pairwise(points):
+            share[models] += nxt - at
+        for _, models in points:
+            if models != "-" and last is not None and models != last:
+                switches += 1
+            if models != "-":
+                last = models
+        total = sum(share.values()) or 1.0
+        out[name] = {
+            "switches": switches,
+            "share": {m: round(t / total, 2) for m, t in share.most_common()},
+        }
     return out
 
 
@@ -195,14 +243,23 @@ async def _drive(
             asyncio.ensure_future(client(random.Random(seed * 1000 + i)))
             for i in range(config.clients)
         ]
+        samples: dict[str, list[tuple[float, str]]] = {}
+        sampling = asyncio.Event()
+        sampler: asyncio.Future[None] | None = None
         try:
             await asyncio.sleep(config.warmup)
             before = await _sim_stats(session, sims)
             window.append(time.monotonic())
+            sampler = asyncio.ensure_future(
+                _sample_loaded(session, sims, SAMPLE_SECONDS, samples, sampling)
+            )
             await asyncio.sleep(config.seconds)
             after = await _sim_stats(session, sims)
             window.append(time.monotonic())
         finally:
+            sampling.set()
+            if sampler is not None:
+                await asyncio.gather(sampler, return_exceptions=True)
             stop.set()
             _, pending = await asyncio.wait(workers, timeout=config.queue_timeout + 5)
             for worker in pending:
@@ -225,6 +282,8 @@ async def _drive(
         "backend_503": delta("busy"),
         "backend_503_total": sum(delta("busy").values()),
         "cold_loads": delta("loads"),
+        "eviction_waits": delta("eviction_waits"),
+        "residency": _residency(samples),
         "completed_by_backend": delta("completed"),
         "client_statuses": {str(k): v for k, v in sorted(Counter(s for s, _ in inside).items())},
         "completed_per_second": len(ok) / elapsed,
@@ -300,7 +359,9 @@ def measure(
                             f"  fleet {scenario} {side}: utilisation {got['utilisation']:.2f}, "
                             f"{got['completed_per_second']:.1f} req/s, backend 503s "
                             f"{got['backend_503_total']}, clients {got['client_statuses']}, "
-                            f"cold loads {sum(got['cold_loads'].values())}, load {load[0]:.1f}"
+                            f"cold loads {sum(got['cold_loads'].values())} "
+                            f"({sum(got['eviction_waits'].values())} waited for a busy model), "
+                            f"model switches {_switches(got)}, load {load[0]:.1f}"
                         )
 
         asyncio.run(run_sides())
@@ -312,6 +373,10 @@ def measure(
     finally:
         stack.stop()
     return result
+
+
+def _switches(side: Mapping[str, Any]) -> str:
+    return " / ".join(str(r["switches"]) for r in side.get("residency", {}).values())
 
 
 def figures(result: Mapping[str, Any] | None) -> dict[str, float | None]:
@@ -362,7 +427,10 @@ def markdown_lines(result: Mapping[str, Any] | None) -> list[str]:
         f"{c['backoff']:g} s) on streaming `/api/chat`, {c['warmup']:g} s warm-up, then a "
         f"{c['seconds']:g} s window; the simulators reset between runs. Utilisation = "
         "busy slot-seconds ÷ available slot-seconds, both from the simulators' `/_sim/stats` "
-        "(not from the gateway); backend 503s and cold loads likewise. The gateway's queue "
+        "(not from the gateway); backend 503s and cold loads likewise (in brackets: the "
+        "requests that found the loaded model busy and waited for its requests to finish "
+        "before theirs could load); model switches: how often the model in each backend's "
+        f"`/api/ps` changed, sampled every {SAMPLE_SECONDS:g} s. The gateway's queue "
         f"timeout is {c['queue_timeout']:g} s. The round-robin baseline "
         "(`tests/bench/round_robin.py`) is a plain passthrough taking the backends that have "
         "the model in turn (no slots, no queue, no view of what is loaded).",
@@ -375,21 +443,23 @@ def markdown_lines(result: Mapping[str, Any] | None) -> list[str]:
     }
     lines += [
         "| scenario | path | utilisation | per backend | completed req/s | backend 503s "
-        "| client answers | cold loads | latency p50 / p99 (s) | load avg |",
-        "| --- | --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: |",
+        "| client answers | cold loads (waited for a busy model) | model switches per backend "
+        "| latency p50 / p99 (s) | load avg |",
+        "| --- | --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for name, scenario in scenarios.items():
         for side, label in (("gateway", "full gateway"), ("round_robin", "round-robin")):
             s = scenario["sides"].get(side)
             if s is None:
-                lines.append(f"| {name} | {label} | not measured | | | | | | | |")
+                lines.append(f"| {name} | {label} | not measured | | | | | | | | |")
                 continue
             per = " / ".join(f"{v:.2f}" for v in s["utilisation_by_backend"].values())
             answers = ", ".join(f"{k}: {v}" for k, v in s["client_statuses"].items())
             lines.append(
                 f"| {name} | {label} | {s['utilisation']:.2f} | {per} | "
                 f"{s['completed_per_second']:.1f} | {s['backend_503_total']} | {answers} | "
-                f"{sum(s['cold_loads'].values())} | {_f(s['latency_p50_s'])} / "
+                f"{sum(s['cold_loads'].values())} ({sum(s.get('eviction_waits', {}).values())}) | "
+                f"{_switches(s) or 'n/a'} | {_f(s['latency_p50_s'])} / "
                 f"{_f(s['latency_p99_s'])} | {s['loadavg'][0]:.2f} |"
             )
     lines.append("")

@@ -65,6 +65,13 @@ class ChaosStack:
         return next(p.pid for p in self.stack.processes if p.name == name)
 
 
+def _keep_logs(state: Path) -> None:
+    """Copy the stack's logs to ``$NZ_CHAOS_KEEP_LOGS/<state dir name>`` when that is set."""
+    target = os.environ.get("NZ_CHAOS_KEEP_LOGS")
+    if target:
+        shutil.copytree(state, Path(target) / state.name, ignore=shutil.ignore_patterns("caddy-*"))
+
+
 def _caddy() -> str:
     versions = sorted(caddy_binaries())
     return require_caddy(versions[-1] if versions else "none")
@@ -128,6 +135,7 @@ def pg_and_redis() -> Iterator[tuple[ThrowawayPostgres, ThrowawayRedis, ChaosSta
     finally:
         redis.stop()
         pg.destroy()
+        _keep_logs(state)
         shutil.rmtree(state, ignore_errors=True)
 
 
@@ -145,6 +153,7 @@ def _deployment_stack(kind: str, database_url: str) -> Iterator[tuple[RedisDeplo
             chaos.stack.stop()
     finally:
         deployment.destroy()
+        _keep_logs(state)
         shutil.rmtree(state, ignore_errors=True)
 
 
@@ -475,7 +484,12 @@ async def _fail_over(
     down = time.monotonic()
 
     def promoted() -> bool:  # the moment writes can succeed again (other nodes learn later)
-        return "role:master" in deployment.cli(replica, "INFO", "replication")
+        try:
+            return "role:master" in deployment.cli(replica, "INFO", "replication")
+        except subprocess.CalledProcessError:
+            # Sentinel promotes with CLIENT KILL TYPE normal in the same MULTI: an INFO
+            # cut off by it ran before the promotion (not promoted yet when asked)
+            return False
 
     up = await _still_down_until(promoted)
     recovered = await run.traffic.first_success_after(up)

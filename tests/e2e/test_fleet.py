@@ -175,6 +175,23 @@ async def _wait_ready(client: httpx.AsyncClient, fleet: Fleet) -> None:
         await asyncio.sleep(0.2)
 
 
+async def _llama_loaded_on_both(fleet: Fleet) -> None:
+    """gpu-b has llama loaded too, and discovery has seen it (a few ``/api/ps`` rounds since).
+
+    With one of them cold, a request finding gpu-a's slots held may rather wait there
+    than load llama on gpu-b (routing weighs the wait against a load), so a test that
+    needs every llama slot filled at once starts from both warm.
+    """
+    gpu_b = fleet.sims["gpu-b"]
+    gpu_b.configure(loaded=[LLAMA])
+
+    def polls() -> int:
+        return sum(1 for r in gpu_b.requests() if r["path"] == "/api/ps")
+
+    seen = polls()
+    await _until(lambda: polls() >= seen + 4)
+
+
 async def test_a_model_goes_to_a_backend_that_has_it_the_loaded_one_first(
     client: httpx.AsyncClient, fleet: Fleet
 ) -> None:
@@ -218,6 +235,7 @@ async def test_fifty_requests_two_replicas_two_backends_of_two_slots(
     for sim in fleet.sims.values():
         sim.reset()
         sim.configure(chunks=5)  # 50 ms a request: the 50 take well under the queue timeout
+    await _llama_loaded_on_both(fleet)
     before = [_admissions(text) for text in _replica_metrics(fleet)]
 
     async def one(i: int) -> tuple[int, bytes]:
@@ -301,6 +319,7 @@ async def test_queue_timeout_is_503_with_retry_after_in_the_dialect(
     await _wait_ready(client, fleet)
     for sim in fleet.sims.values():
         sim.configure(chunks=20, chunk_delay_ms=400)  # 8 s a request
+    await _llama_loaded_on_both(fleet)
     holders = [
         asyncio.ensure_future(
             client.post("/api/chat", json=_chat(prompt=f"h{i}"), headers=fleet.headers())
@@ -348,6 +367,7 @@ async def test_streams_waiting_for_a_slot_get_keepalives_and_the_sdks_parse_them
     await _wait_ready(client, fleet)
     for sim in fleet.sims.values():
         sim.configure(chunks=15, chunk_delay_ms=200)  # 3 s a request, well within the timeout
+    await _llama_loaded_on_both(fleet)
     streaming: set[int] = set()  # the holders whose answer is flowing (each holds a slot)
 
     async def hold(i: int) -> None:

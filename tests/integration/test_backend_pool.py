@@ -166,6 +166,56 @@ def replica_suffix(replica: Replica) -> str:
     return replica.fleet.members()[0].name.split("-", 1)[1]
 
 
+QWEN_CHAT = b'{"model":"qwen2.5:0.5b","messages":[{"role":"user","content":"hi"}],"stream":true}'
+
+
+async def test_a_model_sent_to_a_one_model_backend_takes_it_off_for_the_model_it_evicts(
+    make_replica: Any, sims: dict[str, SimulatorServer]
+) -> None:
+    """The poll still shows llama on ``warm`` after the pool sent it qwen (which evicts
+    llama on a backend seen holding one model): llama goes to the other backend, though
+    ``warm`` has the most free slots by that stale view."""
+    suffix = secrets.token_hex(3)
+    warm, cold, _ = members(
+        sims,
+        suffix,
+        warm={"slots": 4},
+        cold={"installed": frozenset({LLAMA}), "loaded": frozenset({LLAMA})},
+    )
+    replica = await make_replica([warm, cold])
+    qwen = await replica.pool.open(call(QWEN), "/api/chat", QWEN_CHAT)  # only warm has it
+    assert qwen.backend == sims["warm"].url
+    try:
+        for _ in range(2):
+            backend, _ = await chat(replica.pool)
+            assert backend == sims["cold"].url
+    finally:
+        qwen.abort()
+    assert [r["body"]["model"] for r in sims["warm"].forwarded()] == ["qwen2.5:0.5b"]
+
+
+async def test_a_short_wait_where_the_model_is_loaded_beats_a_load_on_a_free_backend(
+    make_replica: Any, sims: dict[str, SimulatorServer]
+) -> None:
+    """``warm`` has llama loaded and its one slot held; ``cold`` is free but must load
+    llama. One request's wait is shorter than a load (the pool's first guesses: 2 s
+    against 5 s), so the call queues on ``warm`` rather than take the free slot."""
+    suffix = secrets.token_hex(3)
+    warm, cold, _ = members(sims, suffix, warm={"slots": 1})
+    replica = await make_replica([warm, cold])
+    holding = await replica.pool.open(call(), "/api/chat", CHAT)
+    assert holding.backend == sims["warm"].url
+    waiting = asyncio.ensure_future(chat(replica.pool, tenant=2))
+    deadline = time.monotonic() + 5
+    while not (await replica.slots.state(warm.name, capacity=1)).queued:
+        assert time.monotonic() < deadline, "the second call never queued on warm"
+        await asyncio.sleep(0.02)
+    holding.abort()
+    backend, _ = await asyncio.wait_for(waiting, 10)
+    assert backend == sims["warm"].url
+    assert sims["cold"].forwarded() == []
+
+
 async def test_a_session_sticks_to_its_backend(
     make_replica: Any, sims: dict[str, SimulatorServer]
 ) -> None:
@@ -214,7 +264,7 @@ async def test_a_dead_backend_fails_over_before_the_first_byte(
     dead = PoolMember(
         f"dead-{suffix}",
         f"http://127.0.0.1:{free_port()}",
-        2,
+        4,  # the most free slots: first even once llama is loaded where it failed over to
         installed=frozenset({LLAMA}),
         loaded=frozenset({LLAMA}),
     )

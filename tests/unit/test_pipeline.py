@@ -298,3 +298,24 @@ async def test_a_replayed_identity_gets_401_and_no_accounting() -> None:
     assert client.status == 401
     assert proxy.upstream.calls == []
     assert proxy.audit.rows == []
+
+
+async def test_a_streams_audit_row_is_queued_before_its_settle_is_sent() -> None:
+    # a proxy killed during the settle's round trip must still have the row (journaled)
+    proxy = Proxy()
+    reads = _lines({"message": {"content": "a"}, "done": False}, {"done": True, "eval_count": 1})
+    proxy.upstream.streams.append(FakeStream(reads))
+    rows_at_settle: list[int] = []
+    settle = proxy.limiter.settle
+
+    async def watched_settle(**kwargs: Any) -> Any:
+        rows_at_settle.append(len(proxy.audit.audit_rows()))
+        return await settle(**kwargs)
+
+    proxy.limiter.settle = watched_settle  # type: ignore[method-assign]
+    body = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
+    client = await _call(proxy, "/api/chat", body, "chat", key_limits=BUDGET)
+
+    assert client.status == 200
+    assert rows_at_settle == [1]
+    assert len(proxy.limiter.settled) == 1

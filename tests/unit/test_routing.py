@@ -6,6 +6,7 @@ from collections import Counter
 
 from neuronetz_gateway.domain.routing import (
     BackendView,
+    Costs,
     Route,
     plan_route,
     rendezvous_order,
@@ -58,10 +59,66 @@ def test_loaded_with_a_free_slot_beats_a_cold_load() -> None:
     assert plan_route(M, [cold, warm]).candidates == ("b-warm", "a-cold")
 
 
-def test_a_free_slot_beats_a_queue_even_when_it_must_load() -> None:
+def test_a_wait_shorter_than_a_load_where_it_is_loaded_beats_a_load_on_an_idle_backend() -> None:
     full_warm = gpu("a", busy=2, queued=0, loaded=frozenset({M}))
-    free_cold = gpu("b", busy=1)
-    assert plan_route(M, [full_warm, free_cold]).candidates == ("b", "a")
+    idle_cold = gpu("b", loaded=frozenset({OTHER}))
+    costs = Costs(service_seconds=1.0, load_seconds=3.0)  # wait: 1 ahead / 2 slots x 1 s
+    route = plan_route(M, [idle_cold, full_warm], costs=costs)
+    assert route.candidates == ("a", "b")
+    assert route.wait_at == "a"  # queue there rather than try the load
+
+
+def test_a_load_shorter_than_the_wait_goes_first_on_an_idle_backend() -> None:
+    full_warm = gpu("a", busy=2, queued=5, loaded=frozenset({M}))  # 6 ahead / 2 x 1 s = 3 s
+    idle_cold = gpu("b", loaded=frozenset({OTHER}))
+    route = plan_route(
+        M, [full_warm, idle_cold], costs=Costs(service_seconds=1.0, load_seconds=2.0)
+    )
+    assert route.candidates == ("b", "a")
+    assert route.wait_at == "a"  # if the load's slot went to someone else: wait, warm
+
+
+def test_no_load_that_evicts_a_model_in_use_while_the_model_can_wait_where_loaded() -> None:
+    full_warm = gpu("a", busy=2, queued=30, loaded=frozenset({M}))  # a long wait
+    busy_other = gpu("b", slots=8, busy=1, loaded=frozenset({OTHER}))  # 7 slots free
+    queued_other = gpu("c", busy=0, queued=1, loaded=frozenset({OTHER}))
+    costs = Costs(service_seconds=1.0, load_seconds=0.1)
+    route = plan_route(M, [busy_other, queued_other, full_warm], costs=costs)
+    assert route.first == "a"
+    assert route.wait_at == "a"
+
+
+def test_a_load_with_room_for_another_model_evicts_nothing() -> None:
+    full_warm = gpu("a", busy=2, queued=5, loaded=frozenset({M}))
+    roomy = gpu("b", slots=4, busy=1, loaded=frozenset({OTHER}), models=2)
+    route = plan_route(M, [full_warm, roomy], costs=Costs(service_seconds=1.0, load_seconds=2.0))
+    assert route.first == "b"
+
+
+def test_loaded_nowhere_the_load_goes_where_the_least_is_held() -> None:
+    a = gpu("a", slots=4, busy=3, loaded=frozenset({OTHER}))
+    b = gpu("b", slots=4, busy=1, loaded=frozenset({OTHER}))
+    route = plan_route(M, [a, b])
+    assert route.candidates == ("b", "a")
+    assert route.wait_at is None  # nowhere warm to wait: try each for a free slot
+
+
+def test_a_load_that_takes_the_last_copy_of_a_model_in_demand_costs_two_loads() -> None:
+    full_warm = gpu("a", busy=2, queued=2, loaded=frozenset({M}))  # 3 / 2 x 1 s = 1.5 s
+    costs = Costs(service_seconds=1.0, load_seconds=1.0)
+    last_copy = gpu("b", loaded=frozenset({OTHER}), recent=frozenset({OTHER}))
+    assert plan_route(M, [full_warm, last_copy], costs=costs).first == "a"  # 1.5 < 2 x 1
+    copy_elsewhere = gpu("c", installed=frozenset({OTHER}), loaded=frozenset({OTHER}))
+    assert plan_route(M, [full_warm, last_copy, copy_elsewhere], costs=costs).first == "b"
+    not_in_demand = gpu("b", loaded=frozenset({OTHER}))
+    assert plan_route(M, [full_warm, not_in_demand], costs=costs).first == "b"
+
+
+def test_loaded_nowhere_a_load_evicts_a_model_loaded_elsewhere_too_first() -> None:
+    only_copy = gpu("a", slots=4, busy=1, loaded=frozenset({OTHER}))
+    one_of_two = gpu("b", slots=4, busy=3, loaded=frozenset({"phi3:latest"}))
+    twin = gpu("c", slots=4, busy=3, installed=frozenset(), loaded=frozenset({"phi3:latest"}))
+    assert plan_route(M, [only_copy, one_of_two, twin]).candidates == ("b", "a")
 
 
 def test_never_cold_load_while_another_has_it_loaded_and_free_even_for_a_session() -> None:

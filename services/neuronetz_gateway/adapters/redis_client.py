@@ -12,7 +12,12 @@ A Cluster is detected at start (``INFO cluster`` on the named node says
 ``cluster_enabled:1``); the client then follows the slot map itself. TLS
 verifies the server against ``NZ_REDIS_CA_FILE`` when set (else the system
 CAs). Every client has short timeouts and no retry loops: a failing Redis
-fails the caller fast, and the caller answers 503.
+fails the caller fast, and the caller answers 503. The one exception: a
+Cluster command that surely did not run (no connection to its node, or
+refused unrun while the slot map changes) is tried again on the refreshed
+map, at most :data:`CLUSTER_RETRIES` times, within the caller's timeout.
+The clients are :mod:`~neuronetz_gateway.adapters.redis_guard`'s: their
+commands fail only with ``RedisError`` (or ``TimeoutError`` / ``OSError``).
 """
 
 from __future__ import annotations
@@ -28,15 +33,21 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from neuronetz_gateway.adapters.redis_guard import GuardedCluster, GuardedRedis
 from neuronetz_gateway.domain.redis_urls import (
     SENTINEL_SCHEMES,
     SentinelTarget,
     parse_sentinel_url,
 )
 
-__all__ = ["RedisClient", "close_redis", "open_redis"]
+__all__ = ["CLUSTER_RETRIES", "RedisClient", "close_redis", "open_redis"]
 
 log = logging.getLogger(__name__)
+
+#: A Cluster command not sent (its node unreachable, the slot map stale) is tried this
+#: many more times, the map refreshed before each: after a failover each process's
+#: first command finds the old master gone and the second one the new master.
+CLUSTER_RETRIES = 2
 
 #: Either client speaks the commands the gateway sends (scripts by key, GET/SET, pipelines).
 RedisClient = aioredis.Redis | RedisCluster
@@ -98,11 +109,12 @@ async def open_redis(
         return _open_sentinel(parse_sentinel_url(url), common, ca_file)
     tls = _tls_kwargs(scheme == "rediss", ca_file)
     if scheme != "unix" and await _is_cluster(url, timeout_seconds, tls):
-        cluster: RedisCluster = RedisCluster.from_url(
+        cluster = GuardedCluster.from_url(
             url,
             socket_timeout=timeout_seconds,
             socket_connect_timeout=timeout_seconds,
             health_check_interval=30,
+            retry=Retry(NoBackoff(), CLUSTER_RETRIES),
             **tls,
         )
         await cluster.initialize()
@@ -117,14 +129,17 @@ async def open_redis(
             health_check_interval=30,
             **tls,
         )
-        client: aioredis.Redis = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+        client: aioredis.Redis = GuardedRedis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
         return client
-    single: aioredis.Redis = aioredis.Redis.from_url(url, **common, **tls)
+    single: aioredis.Redis = GuardedRedis.from_url(url, **common, **tls)
     return single
 
 
 async def close_redis(client: RedisClient) -> None:
     """Close a client :func:`open_redis` made, its connection pool included."""
+    if isinstance(client, GuardedCluster):
+        await client.close_for_good()
+        return
     if isinstance(client, RedisCluster):
         await client.aclose()
         return
@@ -147,6 +162,7 @@ def _open_sentinel(
         sentinel_kwargs={
             "socket_timeout": common["socket_timeout"],
             "socket_connect_timeout": common["socket_connect_timeout"],
+            "retry": common["retry"],  # one sentinel silent: discover_master asks the next
             **credentials,
             **tls,
         },
@@ -154,5 +170,7 @@ def _open_sentinel(
         **credentials,
         **tls,
     )
-    master: aioredis.Redis = sentinel.master_for(target.master, db=target.db)
+    master: aioredis.Redis = sentinel.master_for(
+        target.master, redis_class=GuardedRedis, db=target.db
+    )
     return master

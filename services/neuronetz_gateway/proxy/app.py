@@ -311,6 +311,8 @@ async def _open_fleet(
         connect_timeout=settings.upstream_connect_timeout_seconds,
         read_timeout=settings.upstream_read_timeout_seconds,
         tenant_weight=weights,
+        # a poll may be an interval old where it is read and another where it was taken
+        residency_horizon_seconds=2 * settings.backend_check_interval_seconds + 1.0,
     )
     stack.push_async_callback(pool.aclose)  # before the slots close: it gives back what it holds
     checking = False

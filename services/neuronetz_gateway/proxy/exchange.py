@@ -429,7 +429,7 @@ class Exchange:
     # -- the end ------------------------------------------------------------------------
 
     async def finish(self) -> None:
-        """Settle, release the lease, queue the audit row, count and log (exactly once).
+        """Queue the audit row, settle, release the lease, count and log (exactly once).
 
         An exchange that ended before claiming its identity (a refusal, a
         client that left) claims it now: a replay does no accounting at all.
@@ -445,7 +445,8 @@ class Exchange:
                 return
             except Refusal:
                 pass  # Redis away: nothing was granted, the row is still written
-        await self.settle()
+        # The row is queued (and so journaled) before the settle's round trip: a
+        # proxy killed during it still has the answer the client got in its ledger.
         duration_ms = int((time.perf_counter() - self.started) * 1000)
         model = self.canonical or self.model
         row = AuditRow(
@@ -480,6 +481,7 @@ class Exchange:
                     response_text=self.response_text or "",
                 )
             )
+        await self.settle()
         if self.span is not None:
             self.span.update_name(span_name(self.route, model))
             attributes = span_attributes(

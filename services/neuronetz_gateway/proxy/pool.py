@@ -3,12 +3,16 @@
 SPEC section 12. For each model call the pool
 
 1. ranks the backends that can serve the model (``domain/routing.py``): the
-   fleet's view (healthy, active, installed and loaded models) and, from
-   Redis, each one's slots held and queue;
-2. admits the call to the first candidate's slots
-   (:class:`~neuronetz_gateway.adapters.redis_slots.SlotAdmission`: a free
-   slot at once, else the fair queue for at most ``NZ_QUEUE_TIMEOUT_SECONDS``,
-   then 503 with ``Retry-After`` in the surface's dialect);
+   fleet's view (healthy, active, installed and loaded models, the loaded
+   ones corrected by this replica's own routing, ``domain/residency.py``),
+   from Redis each one's slots held and queue, and the service and load
+   times learned from the answers;
+2. admits the call to the first candidate with a slot free at once, up to
+   the warm backend worth waiting for (``Route.wait_at``), else to the fair
+   queue of that one (or of the first)
+   (:class:`~neuronetz_gateway.adapters.redis_slots.SlotAdmission`, for at
+   most ``NZ_QUEUE_TIMEOUT_SECONDS``, then 503 with ``Retry-After`` in the
+   surface's dialect);
 3. forwards it; a refused or reset connection, or a 5xx (503 included),
    before the first byte is retried once on the next candidate (its slot on
    the first given back at once), and reported to the fleet (passive health);
@@ -53,7 +57,8 @@ from neuronetz_gateway.adapters.redis_slots import (
 )
 from neuronetz_gateway.domain.model_call import ModelCall
 from neuronetz_gateway.domain.models import canonical_model
-from neuronetz_gateway.domain.routing import BackendView, Route, plan_route
+from neuronetz_gateway.domain.residency import Residency, Timings
+from neuronetz_gateway.domain.routing import BackendView, Costs, Route, plan_route
 from neuronetz_gateway.logging import get_logger
 from neuronetz_gateway.proxy.discovery import Catalogue
 from neuronetz_gateway.proxy.metrics import LabelCache
@@ -365,6 +370,7 @@ class _Final(msgspec.Struct):
     """The figures of Ollama's final stream line the metrics read."""
 
     load_duration: int | None = None
+    total_duration: int | None = None
     eval_count: int | None = None
     eval_duration: int | None = None
 
@@ -458,6 +464,7 @@ class BackendPool:
         connect_timeout: float = 5.0,
         read_timeout: float = 600.0,
         tenant_weight: Callable[[int], int] | None = None,
+        residency_horizon_seconds: float = 10.0,
     ) -> None:
         self._fleet = fleet
         self._slots = slots
@@ -472,6 +479,9 @@ class BackendPool:
         self._background: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
         self._closed = False
+        #: the loaded models as our own routing knows them (the poll can be seconds old)
+        self._residency = Residency(residency_horizon_seconds)
+        self._timings = Timings()
 
     # the Upstream port -------------------------------------------------------------
 
@@ -508,6 +518,8 @@ class BackendPool:
             ready = await self._first_free(call, route, members)
             if ready is not None:
                 target = ready[0]
+            elif route.wait_at is not None:
+                target = route.wait_at  # a short wait where the model is loaded, not a load
         while target is not None:
             attempts += 1
             member = members[target]
@@ -549,9 +561,15 @@ class BackendPool:
             if lease is not None:
                 self._give_back(lease)
             return None
+        model = canonical_model(call.model) if lease is not None and call.model else None
+        if model is not None:
+            # it is (being) loaded there from now: the next routing knows before the poll does
+            self._residency.routed(member.name, model, time.monotonic())
         try:
             stream = await self._send(call, member, path, body, lease)
         except UpstreamUnavailable:
+            if model is not None:
+                self._residency.refused(member.name, model)
             self._metrics.child(self._metrics.errors, member.name, "connect").inc()
             self._fleet.report(member.name, CONNECT_ERROR)
             if lease is not None:
@@ -572,6 +590,8 @@ class BackendPool:
         if stream.status < 500:
             self._fleet.report(member.name, SUCCESS)
         else:
+            if model is not None:
+                self._residency.refused(member.name, model)
             self._metrics.child(self._metrics.errors, member.name, "status").inc()
             self._fleet.report(member.name, SERVER_ERROR)
         return stream
@@ -625,30 +645,40 @@ class BackendPool:
             except SlotsUnavailable:
                 raise _slots_unavailable() from None
         views = []
+        now = time.monotonic()
         for member, state in zip(able, states, strict=True):
             held = state.held if state is not None else 0
             queued = state.queued if state is not None else 0
             if state is not None:
                 self._metrics.child(self._metrics.slots_held, member.name).set(held)
                 self._metrics.child(self._metrics.queue_depth, member.name).set(queued)
-            views.append(
-                BackendView(
-                    member.name,
-                    member.slots,
-                    installed=member.installed,
-                    loaded=member.loaded,
-                    busy=held,
-                    queued=queued,
-                    weight=member.weight,
-                )
-            )
+            views.append(self._view(member, now, held, queued))
+        # the others only say where the models are loaded (what a load would evict last)
+        views += [self._view(m, now) for m in pool if m.active and m.healthy and m not in able]
         session = None if call.session is None else f"t{call.tenant_id}:{call.session}"
-        return plan_route(model, views, session)
+        costs = Costs(self._timings.service_seconds, self._timings.load_seconds)
+        return plan_route(model, views, session, costs)
+
+    def _view(self, member: PoolMember, now: float, held: int = 0, queued: int = 0) -> BackendView:
+        """``member`` as routing sees it: the polled loaded set corrected by our routing."""
+        self._residency.polled(member.name, member.loaded)
+        return BackendView(
+            member.name,
+            member.slots,
+            installed=member.installed,
+            loaded=self._residency.loaded(member.name, member.loaded, now),
+            busy=held,
+            queued=queued,
+            weight=member.weight,
+            models=self._residency.capacity(member.name),
+            recent=self._residency.recent(member.name, now),
+        )
 
     async def _first_free(
         self, call: ModelCall, route: Route, members: Mapping[str, PoolMember]
     ) -> tuple[str, SlotLease] | None:
-        """The first ranked backend that grants a slot at once (``None``: all are full)."""
+        """The first ranked backend that grants a slot at once, trying none after the one
+        worth waiting for (``None``: all tried are full)."""
         weight = self._weight(call)
         for name in route.candidates:
             member = members[name]
@@ -660,6 +690,8 @@ class BackendPool:
                 raise self._capacity_unknown(name) from None
             if lease is not None:
                 return name, self._hold(member, lease)
+            if name == route.wait_at:
+                break
         return None
 
     async def _admit(self, call: ModelCall, member: PoolMember, started: float) -> SlotLease:
@@ -736,8 +768,12 @@ class BackendPool:
         figures = _final_figures(tail) if tail else None
         if figures is None:
             return
-        if figures.load_duration is not None and figures.load_duration > COLD_LOAD_NS:
+        load_ns = figures.load_duration or 0
+        if load_ns > COLD_LOAD_NS:
             self._metrics.child(self._metrics.cold_loads, name).inc()
+            self._timings.loaded(load_ns / 1e9)
+        if figures.total_duration:
+            self._timings.served((figures.total_duration - load_ns) / 1e9)
         if figures.eval_count and figures.eval_duration:
             rate = figures.eval_count / (figures.eval_duration / 1e9)
             self._metrics.child(self._metrics.tokens_per_second, name).observe(rate)

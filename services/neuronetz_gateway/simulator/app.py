@@ -227,7 +227,9 @@ class SimulatorStats(msgspec.Struct):
     a slot or a load; ``loads``: cold loads; ``busy``: 503s for a full queue;
     ``busy_slot_seconds``: slots held, integrated over time (a request holds
     one from its admission, after any cold load, to its end), so that a
-    benchmark reads a GPU's utilisation from the GPU's side.
+    benchmark reads a GPU's utilisation from the GPU's side;
+    ``eviction_waits``: requests whose model could not load until another
+    model's requests had finished (every loaded model busy).
     """
 
     active: int = 0
@@ -239,6 +241,7 @@ class SimulatorStats(msgspec.Struct):
     loads: int = 0
     busy: int = 0
     busy_slot_seconds: float = 0.0
+    eviction_waits: int = 0
 
 
 class RecordedRequest(msgspec.Struct):
@@ -1092,6 +1095,7 @@ class SimulatorApp:
     async def _sim_stats(self, body: bytes, receive: Receive, send: Send) -> None:
         self.stats.waiting = self.gpu.waiting
         self.stats.loads = self.gpu.loads
+        self.stats.eviction_waits = self.gpu.eviction_waits
         self._count_busy()
         await _respond(send, 200, _encode(self.stats))
 

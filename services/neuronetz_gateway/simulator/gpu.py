@@ -98,6 +98,9 @@ class GpuModel:
         self._loading: set[asyncio.Task[None]] = set()
         self.waiting = 0
         self.loads = 0
+        #: requests that found every loaded model busy and waited for one to finish
+        #: before their own could load (a load on a busy GPU costs more than the load)
+        self.eviction_waits = 0
 
     # -- state ---------------------------------------------------------------
 
@@ -128,6 +131,7 @@ class GpuModel:
         self._loading.clear()
         self._runners.clear()
         self.loads = 0
+        self.eviction_waits = 0
         self._notify()
 
     def knobs_changed(self) -> None:
@@ -147,12 +151,14 @@ class GpuModel:
         """
         cold = False
         queued = False
+        blocked = False
         try:
             while True:
                 self._expire(time.time())
                 if self._runnable(name):
                     break
                 cold |= self._start_load(name)
+                blocked |= name not in self._runners  # every loaded model busy
                 if self._runnable(name):
                     break
                 if not queued:
@@ -166,6 +172,7 @@ class GpuModel:
         finally:
             if queued:
                 self.waiting -= 1
+                self.eviction_waits += blocked  # refused (503) ones are not counted
         runner = self._runners[name]
         runner.running += 1
         runner.last_used = time.time()
