@@ -256,6 +256,47 @@ async def test_silence_between_reads_becomes_keepalive_ticks() -> None:
     assert got[1:-1] == [None] * (len(got) - 2) and len(got) >= 3
 
 
+async def test_reads_closer_together_than_the_keepalive_never_tick() -> None:
+    # the quiet spell is timed from each wait, not from the stream's first one: 40 reads
+    # 10 ms apart outlast one keep-alive interval without any of them waiting that long
+    import asyncio
+    from collections.abc import AsyncIterator
+
+    from neuronetz_gateway.proxy.relay import lines_or_silence
+
+    async def steady() -> AsyncIterator[bytes]:
+        for i in range(40):
+            await asyncio.sleep(0.01)
+            yield b"%d" % i
+
+    got = [x async for x in lines_or_silence(steady(), 0.25)]
+    assert got == [b"%d" % i for i in range(40)]
+
+
+async def test_leaving_a_quiet_stream_early_cancels_its_read() -> None:
+    import asyncio
+    from collections.abc import AsyncIterator
+
+    from neuronetz_gateway.proxy.relay import lines_or_silence
+
+    cancelled = asyncio.Event()
+
+    async def stalls() -> AsyncIterator[bytes]:
+        yield b"a"
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        yield b"never"
+
+    reads = lines_or_silence(stalls(), 0.05)
+    assert await anext(reads) == b"a"
+    assert await anext(reads) is None  # quiet for one interval
+    await reads.aclose()
+    assert cancelled.is_set()
+
+
 def test_a_system_message_inside_messages_is_kept_in_place() -> None:
     # Claude Code 2.1 sends one after the first user turn
     messages = [

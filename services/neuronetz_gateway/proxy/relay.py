@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Literal, Protocol
 
@@ -513,15 +514,75 @@ def _midstream_failure(ex: Exchange, kind: str) -> None:
     ex.ctx.metrics.child(ex.ctx.metrics.upstream_errors, kind).inc()
 
 
+class _QuietSpells:
+    """``asyncio.wait((read,), timeout=every)`` for one stream's reads, one after another.
+
+    ``asyncio.wait`` sets a timer per read (a heap entry, pushed and cancelled
+    again a few ms later, 20 times a stream); here one timer serves the whole
+    stream: it is set when a wait finds none, and when it fires it either ends
+    a wait that has lasted ``every`` seconds or is set for when the current
+    wait will have.
+    """
+
+    __slots__ = ("_every", "_loop", "_since", "_timer", "_waiter")
+
+    def __init__(self, every: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._every = every
+        self._since = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._waiter: asyncio.Future[bool] | None = None
+
+    async def wait(self, read: asyncio.Future[bytes]) -> bool:
+        """True once ``read`` is done; False if ``every`` seconds passed first."""
+        loop = self._loop
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiter = waiter
+        self._since = loop.time()
+        if self._timer is None:
+            self._timer = loop.call_at(self._since + self._every, self._fire)
+        read.add_done_callback(self._done)  # (called soon if done already, as asyncio.wait)
+        try:
+            return await waiter
+        finally:
+            read.remove_done_callback(self._done)
+            self._waiter = None
+
+    def _done(self, _: asyncio.Future[bytes]) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(True)
+
+    def _fire(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # nobody waits: the next wait sets the timer again
+        due = self._since + self._every
+        if due <= self._loop.time() + _CLOCK_RESOLUTION:
+            waiter.set_result(False)
+        else:  # set while an earlier wait ran: this one began later
+            self._timer = self._loop.call_at(due, self._fire)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+#: A loop runs a timer up to this early (``BaseEventLoop._clock_resolution``).
+_CLOCK_RESOLUTION = time.get_clock_info("monotonic").resolution
+
+
 async def lines_or_silence(
     chunks: AsyncIterator[bytes], every: float
 ) -> AsyncIterator[bytes | None]:
     """The upstream's reads, and ``None`` after each ``every`` seconds without one."""
+    quiet = _QuietSpells(every)
     pending = asyncio.ensure_future(anext(chunks))
     try:
         while True:
-            done, _ = await asyncio.wait((pending,), timeout=every)
-            if not done:
+            if not await quiet.wait(pending):
                 yield None
                 continue
             try:
@@ -531,6 +592,7 @@ async def lines_or_silence(
             yield data
             pending = asyncio.ensure_future(anext(chunks))
     finally:
+        quiet.close()
         if not pending.done():
             pending.cancel()
             with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, UpstreamError):
