@@ -381,6 +381,8 @@ async def test_streams_waiting_for_a_slot_get_keepalives_and_the_sdks_parse_them
     message = {**chat, "max_tokens": 32}
     try:
         await _until(lambda: len(streaming) == 4)
+        for sim in fleet.sims.values():  # the holders' 15 chunks are fixed; the rest need few
+            sim.configure(chunks=3)
         sdk_openai = openai.AsyncOpenAI(
             base_url=f"{fleet.stack.url}/v1", api_key=fleet.key.key, max_retries=0
         )
@@ -790,6 +792,8 @@ async def test_a_client_leaving_while_queued_frees_its_place(
                 # sent near the holder's end (within the queue timeout of it): it gets the
                 # slot when the holder ends, not the leaver's old place
                 await _until(lambda: live[0].body.count(b"\n") >= 60 or holder.done(), within=20)
+                # the holder's 80 chunks were fixed when it started; the third needs no 8 s
+                sim.configure(chunks=5)
                 third = _stream(client, fleet.headers(), PHI, "third", "native")
                 first, last = await asyncio.gather(holder, third)
             finally:
