@@ -12,8 +12,14 @@ from neuronetz_gateway.domain.ledger_census import (
 NOW_MS = 1_000_000_000
 
 
-def _entry(pending_since: float | None, *, alive: bool = True) -> str:
-    return census_entry(expires_ms=NOW_MS + (3000 if alive else -1), pending_since=pending_since)
+def _entry(
+    pending_since: float | None, *, alive: bool = True, reported_at: float = 999_000.5
+) -> str:
+    return census_entry(
+        expires_ms=NOW_MS + (3000 if alive else -1),
+        pending_since=pending_since,
+        reported_at=reported_at,
+    )
 
 
 def test_no_live_writer_means_unknown_and_waits() -> None:
@@ -37,6 +43,22 @@ def test_older_unwritten_rows_or_a_spool_hold_it() -> None:
     # a dead writer's old rows no longer hold anyone (its entry expired)
     assert ledger_complete(
         {"w1": _entry(None), "w2": _entry(0.0, alive=False)}, rebuild_at=999_000.0, now_ms=NOW_MS
+    )
+
+
+def test_a_report_from_before_the_rebuild_holds_it_until_the_writer_reports_again() -> None:
+    # "nothing pending" at 999 s says nothing of a row queued between then and the rebuild
+    before = {"w1": _entry(None, reported_at=998_999.8), "w2": _entry(None)}
+    assert not ledger_complete(before, rebuild_at=999_000.0, now_ms=NOW_MS)
+    after = {"w1": _entry(None, reported_at=999_000.1), "w2": _entry(None)}
+    assert ledger_complete(after, rebuild_at=999_000.0, now_ms=NOW_MS)
+
+
+def test_an_entry_of_an_earlier_release_is_judged_by_what_it_says() -> None:
+    # "<expires>:<since>" without the report time (rolling upgrade)
+    assert ledger_complete({"w1": f"{NOW_MS + 3000}:"}, rebuild_at=999_000.0, now_ms=NOW_MS)
+    assert not ledger_complete(
+        {"w1": f"{NOW_MS + 3000}:998999.0"}, rebuild_at=999_000.0, now_ms=NOW_MS
     )
 
 

@@ -103,7 +103,9 @@ class LedgerBeacon:
         """Write this writer's entry now; ``False`` when Redis cannot take it."""
         now = self._clock()
         entry = census_entry(
-            expires_ms=int(now * 1000) + self._ttl_ms, pending_since=self._writer.pending_since()
+            expires_ms=int(now * 1000) + self._ttl_ms,
+            pending_since=self._writer.pending_since(),
+            reported_at=now,
         )
         try:
             await self._commands.execute("HSET", self._key, self.writer_id, entry)

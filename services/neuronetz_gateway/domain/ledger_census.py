@@ -9,9 +9,15 @@ waits until every live writer's unwritten rows are newer than the rebuild
 itself. No entry at all (Redis just restarted, no writer has reported yet)
 means "unknown", and the rebuild waits too: failing closed.
 
-Entry value: ``"<expires unix ms>:<pending since unix s>"``, the second part
-empty when the writer holds nothing; ``0`` means "rows in the spool" (older
-than anything).
+An entry speaks only for the rows submitted before it was written: a writer
+that said "nothing pending" a moment before the rebuild may have queued a row
+since. So a rebuild also waits until every live writer has reported *after*
+the rebuild began (one beat at most, or the writer's next write).
+
+Entry value: ``"<expires unix ms>:<pending since unix s>:<reported at unix s>"``,
+the second part empty when the writer holds nothing; ``0`` means "rows in
+the spool" (older than anything). An entry without the third part (a writer
+of an earlier release, during a rolling upgrade) is judged by the first two.
 """
 
 from __future__ import annotations
@@ -28,17 +34,23 @@ def census_key(prefix: str) -> str:
     return f"{prefix}:{{ledger}}:writers"
 
 
-def census_entry(*, expires_ms: int, pending_since: float | None) -> str:
-    """One writer's entry: valid until ``expires_ms``; unwritten rows since ``pending_since``."""
+def census_entry(*, expires_ms: int, pending_since: float | None, reported_at: float) -> str:
+    """One writer's entry: valid until ``expires_ms``; unwritten rows since ``pending_since``,
+    as read at ``reported_at``."""
     since = "" if pending_since is None else f"{pending_since:.6f}"
-    return f"{expires_ms}:{since}"
+    return f"{expires_ms}:{since}:{reported_at:.6f}"
 
 
-def _parse(value: str | bytes) -> tuple[int, float | None] | None:
+def _parse(value: str | bytes) -> tuple[int, float | None, float | None] | None:
     text = value.decode() if isinstance(value, bytes) else value
-    expires, _, since = text.partition(":")
+    expires, _, rest = text.partition(":")
+    since, _, reported = rest.partition(":")
     try:
-        return int(expires), (float(since) if since else None)
+        return (
+            int(expires),
+            float(since) if since else None,
+            float(reported) if reported else None,
+        )
     except ValueError:
         return None
 
@@ -48,18 +60,21 @@ def ledger_complete(
 ) -> bool:
     """Whether a rebuild started at ``rebuild_at`` (unix s) may read the ledger now.
 
-    True when at least one writer's entry is live and no live writer holds a
-    row older than ``rebuild_at``. Unreadable entries count as "holds rows".
+    True when at least one writer's entry is live, every live writer reported
+    after ``rebuild_at`` and none holds a row older than it. Unreadable entries
+    count as "holds rows".
     """
     live = 0
     for value in entries.values():
         parsed = _parse(value)
         if parsed is None:
             return False
-        expires_ms, since = parsed
+        expires_ms, since, reported_at = parsed
         if expires_ms <= now_ms:
             continue
         live += 1
+        if reported_at is not None and reported_at < rebuild_at:
+            return False  # rows it queued since its report are unknown
         if since is not None and since < rebuild_at:
             return False
     return live > 0

@@ -6,7 +6,7 @@ SPEC section 12. For each model call the pool
    fleet's view (healthy, active, installed and loaded models, the loaded
    ones corrected by this replica's own routing, ``domain/residency.py``),
    from Redis each one's slots held and queue, and the service and load
-   times learned from the answers;
+   times learned from the answers (per model);
 2. admits the call to the first candidate with a slot free at once, up to
    the warm backend worth waiting for (``Route.wait_at``), else to the fair
    queue of that one (or of the first)
@@ -481,7 +481,8 @@ class BackendPool:
         self._closed = False
         #: the loaded models as our own routing knows them (the poll can be seconds old)
         self._residency = Residency(residency_horizon_seconds)
-        self._timings = Timings()
+        #: per model (an installed one: routing sent it): service and load times learned
+        self._timings: dict[str, Timings] = {}
 
     # the Upstream port -------------------------------------------------------------
 
@@ -656,7 +657,8 @@ class BackendPool:
         # the others only say where the models are loaded (what a load would evict last)
         views += [self._view(m, now) for m in pool if m.active and m.healthy and m not in able]
         session = None if call.session is None else f"t{call.tenant_id}:{call.session}"
-        costs = Costs(self._timings.service_seconds, self._timings.load_seconds)
+        timings = self._timings.get(model) or Timings()
+        costs = Costs(timings.service_seconds, timings.load_seconds)
         return plan_route(model, views, session, costs)
 
     def _view(self, member: PoolMember, now: float, held: int = 0, queued: int = 0) -> BackendView:
@@ -754,13 +756,19 @@ class BackendPool:
             traceparent=call.traceparent,
         )
 
+        model = canonical_model(call.model) if call.model else None
+
         def done(stream: PooledStream, tail: bytes | None) -> None:
-            self._stream_done(stream, lease, tail)
+            self._stream_done(stream, lease, tail, model)
 
         return PooledStream(response, member, done)
 
     def _stream_done(
-        self, stream: PooledStream, lease: SlotLease | None, tail: bytes | None
+        self,
+        stream: PooledStream,
+        lease: SlotLease | None,
+        tail: bytes | None,
+        model: str | None,
     ) -> None:
         name = stream.member.name
         if lease is not None:
@@ -769,11 +777,13 @@ class BackendPool:
         if figures is None:
             return
         load_ns = figures.load_duration or 0
+        timings = self._timings.setdefault(model, Timings()) if model else None
         if load_ns > COLD_LOAD_NS:
             self._metrics.child(self._metrics.cold_loads, name).inc()
-            self._timings.loaded(load_ns / 1e9)
-        if figures.total_duration:
-            self._timings.served((figures.total_duration - load_ns) / 1e9)
+            if timings is not None:
+                timings.loaded(load_ns / 1e9)
+        if figures.total_duration and timings is not None:
+            timings.served((figures.total_duration - load_ns) / 1e9)
         if figures.eval_count and figures.eval_duration:
             rate = figures.eval_count / (figures.eval_duration / 1e9)
             self._metrics.child(self._metrics.tokens_per_second, name).observe(rate)
