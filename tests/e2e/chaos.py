@@ -100,6 +100,7 @@ class Figures:
     server_errors: int = 0  # every 5xx (503s included)
     server_error_seconds: float = 0.0  # from the first 5xx's start to the last one's end
     budget_minus_ledger_tokens: int = 0  # the tenant's daily counter minus its ledger
+    reservations_held_tokens: int = 0  # of it, reservations unsettled within their TTL
     statuses: str = ""  # every status seen and how often (0: the connection broke)
 
     def line(self, name: str) -> str:
@@ -111,6 +112,7 @@ class Figures:
             f"audit_rows_lost={self.audit_rows_lost} leases_leaked={self.leases_leaked} "
             f"5xx={self.server_errors} over {self.server_error_seconds:.2f}s "
             f"budget_minus_ledger_tokens={self.budget_minus_ledger_tokens} "
+            f"reservations_held_tokens={self.reservations_held_tokens} "
             f"statuses={self.statuses}"
         )
 
@@ -123,6 +125,7 @@ def figures(
     audited: set[str],
     leases_leaked: int,
     budget_minus_ledger_tokens: int = 0,
+    reservations_held_tokens: int = 0,
 ) -> Figures:
     """The record's figures.
 
@@ -151,6 +154,7 @@ def figures(
         server_errors=len(server_errors),
         server_error_seconds=_span(server_errors),
         budget_minus_ledger_tokens=budget_minus_ledger_tokens,
+        reservations_held_tokens=reservations_held_tokens,
         statuses=",".join(
             f"{s}:{n}" for s, n in sorted(Counter(a.status for a in answers).items())
         ),
