@@ -829,3 +829,48 @@ async def test_a_settle_in_time_corrects_by_the_difference_and_leaves_only_a_mar
     assert later.allowance.remaining_total_tokens == 9000 - 120
     assert await redis_client.zcard(f"{base}:resv") == 0  # and the mark was swept
     assert await redis_client.hlen(f"{base}:resv:rec") == 0
+
+
+@pytest.mark.parametrize("row_before_rebuild", [True, False])
+async def test_a_settle_after_a_rebuild_charges_only_what_the_ledger_lacked(
+    own_redis: ThrowawayRedis, store: Store, redis_prefix: str, row_before_rebuild: bool
+) -> None:
+    # Redis loses a reservation with its counters; a retried settle lands after the
+    # counters were rebuilt. If the request's row was queued before that rebuild read
+    # the ledger, the counter holds the request already: charging it again counted it
+    # twice (chaos c: budget - ledger = +25). If not, the settle must charge it.
+    client = await open_redis(own_redis.url)
+    now = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
+    clock = Clock(now.timestamp())
+    limiter = Limiter(client, prefix=redis_prefix, ledger=store, clock=clock, timeout_seconds=10.0)
+    tenant, key = new_id(), new_id()
+    key_limits = Limits(daily_tokens=1000)
+    try:
+        held = await reserve(limiter, tenant, key, 100, key_limits)
+        assert held.allowed and held.reservation_id is not None
+        reserved_at = clock()
+        clock.advance(1)
+        audited_at = clock()
+        if row_before_rebuild:  # the request ended, its row queued (and written)
+            await insert_ledger_row(store, tenant, key, now, 20, 10)
+        await client.flushall()  # a restart: reservation and counters gone
+        clock.advance(1)
+        assert (await admit(limiter, tenant, key, key_limits)).allowed  # the rebuild
+        if not row_before_rebuild:  # the request ends after the rebuild
+            clock.advance(1)
+            audited_at = clock()
+            await insert_ledger_row(store, tenant, key, now, 20, 10)
+        await limiter.settle(
+            tenant_id=tenant,
+            key_id=key,
+            reserved=100,
+            actual=30,
+            reserved_at=reserved_at,
+            reservation_id=held.reservation_id,
+            audited_at=audited_at,
+        )
+        after = await admit(limiter, tenant, key, key_limits)
+        assert after.allowance.remaining_daily_tokens == 1000 - 30  # once, either way
+    finally:
+        await limiter.aclose()
+        await client.aclose()

@@ -142,6 +142,7 @@ class FakeLimiter:
     released: list[str] = field(default_factory=list)
     settle_failures: int = 0  # the next this many settles raise LimiterUnavailable
     settle_attempts: list[str | None] = field(default_factory=list)  # reservation ids
+    settle_audited_at: list[float | None] = field(default_factory=list)  # per attempt
 
     def _claim(self, request_id: str) -> None:
         if request_id in self.claimed:
@@ -181,8 +182,10 @@ class FakeLimiter:
         tenant_limits: Limits | None = None,
         release_lease_id: str | None = None,
         reservation_id: str | None = None,
+        audited_at: float | None = None,
     ) -> Allowance:
         self.settle_attempts.append(reservation_id)
+        self.settle_audited_at.append(audited_at)
         if self.settle_failures > 0:
             self.settle_failures -= 1
             raise LimiterUnavailable("redis failed: ConnectionError")

@@ -10,6 +10,8 @@ import asyncio
 import itertools
 import json
 
+import pytest
+
 from neuronetz_gateway.domain.identity import Limits
 from neuronetz_gateway.proxy.routes import proxied_fast_paths
 from neuronetz_gateway.proxy.settle_retry import PendingSettle, SettleRetries, retry_delays
@@ -163,3 +165,40 @@ async def test_the_response_does_not_wait_for_the_retry() -> None:
     ((_, actual),) = proxy.limiter.settled
     assert actual == 5
     assert outcomes == ["landed"]
+
+
+@pytest.mark.parametrize(
+    ("path", "route", "stream"),
+    [("/api/chat", "chat", True), ("/v1/chat/completions", "v1.chat.completions", False)],
+)
+async def test_a_retried_settle_says_when_its_audit_row_was_queued(
+    path: str, route: str, stream: bool
+) -> None:
+    """A settle sent before the row was queued is retried only after it, saying when."""
+    proxy = Proxy()
+    proxy.limiter.settle_failures = 1
+    time = FakeTime(RESERVED_AT)
+    retries = SettleRetries(
+        proxy.limiter, reservation_ttl_seconds=TTL, clock=time.clock, sleep=time.sleep
+    )
+    proxy.ctx.settle_retries = retries
+    proxy.upstream.streams.append(
+        FakeStream(
+            [b'{"message":{"content":"hi"},"done":true,"prompt_eval_count":3,"eval_count":2}\n']
+        )
+    )
+    body = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    client = Client(json.dumps(body).encode())
+    scope = proxy.scope(
+        "POST", path, proxy.identity(route, key_limits=Limits(daily_tokens=100_000))
+    )
+    proxy.ctx.clock = lambda: RESERVED_AT
+    await asyncio.wait_for(proxied_fast_paths()[path](scope, client.receive, client.send), 5)
+    await _drained(retries)
+
+    assert client.status == 200
+    assert len(proxy.limiter.settled) == 1
+    first, retried = proxy.limiter.settle_audited_at
+    assert retried is not None  # a rebuild after it holds the row: settle.lua charges once
+    # a whole answer settles before its row is queued (for the response's headers)
+    assert first == (retried if stream else None)

@@ -112,6 +112,11 @@ _DECIDE = _Script(limiter_script("decide.lua"))
 _SETTLE = _Script(limiter_script("settle.lua"))
 _LEASE = _Script(limiter_script("lease.lua"))
 _STATE = _Script(limiter_script("state.lua"))
+_REBUILD = _Script(limiter_script("rebuild.lua"))
+#: Beside a budget counter rebuilt from the ledger: when that ledger was read (ms).
+REBUILT_MARK = ":rb"
+#: A rebuilt mark outlives the last settle retry it can serve (they stop at the TTL).
+_REBUILT_MARK_SLACK_MS = 60_000
 
 #: Key-name sets kept per (tenant, key); a busy process sees few distinct keys.
 _MAX_CACHED_KEYS = 4096
@@ -238,6 +243,8 @@ class _Keys:
             keys += [self.rpm[level], self.tpm[level], d_then, m_then, total, d_now, m_now]
         keys += self.conc
         keys += self.resv
+        # 19..24: the rebuilt marks of the reservation-period counters (3..5, 10..12)
+        keys += [keys[i] + REBUILT_MARK for i in (2, 3, 4, 9, 10, 11)]
         self._settle = (periods, keys)
         return keys
 
@@ -380,6 +387,7 @@ class Limiter:
         tenant_limits: Limits | None = None,
         release_lease_id: str | None = None,
         reservation_id: str | None = None,
+        audited_at: float | None = None,
     ) -> Allowance:
         """Correct a reservation to the real count (``actual - reserved``, may be negative).
 
@@ -398,6 +406,12 @@ class Limiter:
         mark kept for the reservation TTL, so a settle sent again (a retry of
         one whose answer was lost) charges nothing twice and only releases the
         lease (again). Without a reservation id nothing tells a repeat apart.
+
+        ``audited_at`` (unix s): when the request's audit row was queued, for a
+        settle sent after it. A counter rebuilt from a ledger read later holds
+        the request already (the census made the rebuild wait for the row): if
+        the record is gone (Redis lost it, and rebuilt the counter), that
+        counter is not charged again.
         """
         want_stats = key_limits is not None or tenant_limits is not None
         delta = actual - reserved
@@ -419,6 +433,7 @@ class Limiter:
             actual,
             # the "settled" mark outlives every retry of this settle (they stop at the TTL)
             now_ms + self._reservation_ttl_ms,
+            "" if audited_at is None else int(audited_at * 1000),
         )
         reply = await self._call(self._commands.evalsha(_SETTLE.sha, _SETTLE.text, keys, args))
         if not want_stats:
@@ -608,8 +623,14 @@ class Limiter:
         budgets: list[tuple[str, str, str]],
         missing: list[str],
     ) -> None:
-        """Write the missing counters from the ledger with SET NX (a racing writer wins)."""
+        """Write the missing counters from the ledger with SET NX (a racing writer wins).
+
+        Each counter written gets its rebuilt mark: the time (taken before the
+        ledger is asked, so never later than the ledger it holds) for
+        ``settle.lua``.
+        """
         wanted = {tuple(m.split(":", 1)) for m in missing}
+        read_at_ms = self._now_ms()
         levels = [i for i, level in enumerate(_LEVELS) if any(w[0] == level for w in wanted)]
 
         try:
@@ -624,18 +645,17 @@ class Limiter:
             # the budget cannot be checked without its counter: fail closed
             raise LimiterUnavailable(f"ledger unavailable: {type(exc).__name__}") from exc
 
-        writes: list[Awaitable[Any]] = []
+        counters: list[str] = []
+        args: list[RedisArg] = [read_at_ms, self._reservation_ttl_ms + _REBUILT_MARK_SLACK_MS]
         for level, ledger in zip(levels, found, strict=True):
             values = (ledger.daily, ledger.monthly, ledger.total)
             for b, name in enumerate(_BUDGET_NAMES):
                 if (_LEVELS[level], name) in wanted:
                     ttl = _BUDGET_TTLS[b]
-                    expiry: tuple[RedisArg, ...] = () if ttl is None else ("EX", ttl)
-                    writes.append(
-                        self._commands.execute("SET", budgets[level][b], values[b], "NX", *expiry)
-                    )
-        # pipelined: they leave together and come back in one read
-        await self._call(asyncio.gather(*writes))
+                    counters.append(budgets[level][b])
+                    args += [values[b], -1 if ttl is None else ttl]
+        keys = [*counters, *(c + REBUILT_MARK for c in counters)]
+        await self._call(self._commands.evalsha(_REBUILD.sha, _REBUILD.text, keys, args))
 
     async def _ledger_totals(
         self, tenant_id: int, key_id: int | None, now: datetime

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +103,7 @@ class Exchange:
 
     __slots__ = (
         "allowance",
+        "audited_at",
         "backend",
         "canonical",
         "claimed",
@@ -131,6 +133,7 @@ class Exchange:
         "traceparent",
         "ts",
         "ttfb_ms",
+        "unsettled",
         "upstream",
         "upstream_error",
         "upstream_wait",
@@ -164,6 +167,8 @@ class Exchange:
         self.streamed = False
         self.disconnected = False
         self.settled = False
+        self.audited_at: float | None = None  # when the audit row was queued (unix s)
+        self.unsettled: PendingSettle | None = None  # a settle Redis did not take
         self.responded = False
         self.claimed = False
         self.revoked = False
@@ -403,25 +408,25 @@ class Exchange:
                 tenant_limits=identity.tenant_limits if headers_pending else None,
                 release_lease_id=lease_id,
                 reservation_id=self.reservation_id,
+                audited_at=self.audited_at,
             )
         except LimiterUnavailable as exc:
             # Left alone, the reservation would expire and be given back: the real
             # charge lost. Sent again in the background (the response does not wait),
             # until it lands or the reservation expired; the lease goes with it.
+            # Handed to the retries once the audit row is queued (finish), so that a
+            # retry landing after a rebuild from a ledger holding the row knows it.
             log.warning("settle_failed", request_id=identity.request_id, reason=str(exc))
-            if self.ctx.settle_retries is not None:
-                self.ctx.settle_retries.retry(
-                    PendingSettle(
-                        request_id=identity.request_id,
-                        tenant_id=identity.tenant_id,
-                        key_id=identity.key_id,
-                        reserved=self.reserved,
-                        actual=self.prompt_tokens + self.completion_tokens,
-                        reserved_at=self.reserved_at,
-                        release_lease_id=lease_id,
-                        reservation_id=self.reservation_id,
-                    )
-                )
+            self.unsettled = PendingSettle(
+                request_id=identity.request_id,
+                tenant_id=identity.tenant_id,
+                key_id=identity.key_id,
+                reserved=self.reserved,
+                actual=self.prompt_tokens + self.completion_tokens,
+                reserved_at=self.reserved_at,
+                release_lease_id=lease_id,
+                reservation_id=self.reservation_id,
+            )
             return
         if headers_pending:
             self.allowance = _merge_tokens(self.allowance, allowance)
@@ -468,6 +473,7 @@ class Exchange:
             revoked=self.revoked,
         )
         ctx.audit.submit(row)
+        self.audited_at = time.time()
         if identity.log_prompts and self.prompt_text is not None:
             days = identity.prompt_ttl_days or DEFAULT_PROMPT_TTL_DAYS
             ctx.audit.submit(
@@ -482,6 +488,8 @@ class Exchange:
                 )
             )
         await self.settle()
+        if self.unsettled is not None and ctx.settle_retries is not None:
+            ctx.settle_retries.retry(replace(self.unsettled, audited_at=self.audited_at))
         if self.span is not None:
             self.span.update_name(span_name(self.route, model))
             attributes = span_attributes(

@@ -178,6 +178,7 @@ class TokenLimiter(Protocol):
         tenant_limits: Limits | None = None,
         release_lease_id: str | None = None,
         reservation_id: str | None = None,
+        audited_at: float | None = None,
     ) -> Allowance: ...
 
     async def renew_lease(self, *, tenant_id: int, key_id: int, lease_id: str) -> None: ...

@@ -56,6 +56,7 @@ class PendingSettle:
     reserved_at: float  # unix seconds, before the reservation was made
     release_lease_id: str | None
     reservation_id: str | None
+    audited_at: float | None = None  # unix seconds the request's audit row was queued
 
 
 class SettleRetries:
@@ -117,6 +118,7 @@ class SettleRetries:
                     reserved_at=settle.reserved_at,
                     release_lease_id=settle.release_lease_id,
                     reservation_id=settle.reservation_id,
+                    audited_at=settle.audited_at,
                 )
             except LimiterUnavailable:
                 self._on_outcome("failed")

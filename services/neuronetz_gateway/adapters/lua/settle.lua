@@ -6,10 +6,12 @@
 --   total counter, daily and monthly counters of the current period;
 --   15 key-level and 16 tenant-level lease ZSETs;
 --   17 the tenant's reservation ZSET, 18 its HASH (see decide.lua)
+--   19..24 the rebuilt marks (rebuild.lua) of KEYS 3, 4, 5, 10, 11, 12
 -- ARGV: 1 delta   2 reservation unix second   3 now ms   4 now unix second
 --       5 lease id to release ("" = none)   6 "1" = return the stats, "0" = return {}
 --       7 reservation id ("" = none recorded)   8 actual tokens
 --       9 until when (ms) the reservation's "settled" mark is kept
+--       10 when the request's audit row was queued (ms; "" = not yet)
 -- The reservation's record becomes the mark "settled" (expiring at ARGV[9]: decide.lua
 -- sweeps it then and gives nothing back). If the record was gone already (decide.lua
 -- swept it after its expiry and took its tokens back, or none was recorded), the budget
@@ -17,6 +19,9 @@
 -- corrected twice. If the mark is there, this settle ran before (a retry of one whose
 -- answer was lost): no counter and no bucket is touched again, so a settle applied twice
 -- charges once. The TPM bucket is never swept: it gets the delta (once).
+-- A counter rebuilt from a ledger read after the audit row was queued (its rebuilt
+-- mark at or after ARGV[10]) holds this request already: with the record gone (Redis
+-- lost it with the counter), that counter is not charged again.
 -- Only what exists is adjusted: a missing counter is rebuilt from the ledger
 -- later (which then holds the real count), a TPM bucket that left the window
 -- no longer matters. Counters never go below zero.
@@ -30,6 +35,7 @@ local now_s = tonumber(ARGV[4])
 local function key_of(level, i) return KEYS[(level - 1) * 7 + i] end
 
 local counter_delta = delta
+local rebuilt = {}
 if ARGV[7] ~= "" then
   local record = redis.call("HGET", KEYS[18], ARGV[7])
   if record == "settled" then
@@ -37,6 +43,9 @@ if ARGV[7] ~= "" then
     delta = 0
   elseif not record then
     counter_delta = tonumber(ARGV[8])
+    if ARGV[10] ~= "" then
+      rebuilt = redis.call("MGET", KEYS[19], KEYS[20], KEYS[21], KEYS[22], KEYS[23], KEYS[24])
+    end
   end
   redis.call("HSET", KEYS[18], ARGV[7], "settled")
   redis.call("ZADD", KEYS[17], ARGV[9], ARGV[7])
@@ -52,6 +61,7 @@ end
 
 local function adjust(counter_key, index)
   if counter_delta == 0 or not present[index] then return end
+  if rebuilt[index] and tonumber(rebuilt[index]) >= tonumber(ARGV[10]) then return end
   if redis.call("INCRBY", counter_key, counter_delta) < 0 then
     redis.call("SET", counter_key, 0, "KEEPTTL")
   end
