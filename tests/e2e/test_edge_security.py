@@ -6,6 +6,7 @@ or refuse some paths, and a test of path tricks must send them byte for byte.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -402,10 +403,11 @@ async def test_unreachable_auth_gives_503_in_dialect_and_a_dead_replica_is_skipp
     dead = f"127.0.0.1:{free_port()}"
     with extra_caddy(e2e_stack, tmp_path, auth=[dead], proxy=proxies) as url:
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
-            native = await client.post("/api/chat", json=CHAT_BODY, headers=auth)
-            openai_style = await client.post("/v1/chat/completions", json=OPENAI_BODY, headers=auth)
-            anthropic_style = await client.post(
-                "/v1/messages", json={**OPENAI_BODY, "max_tokens": 8}, headers=auth
+            # at once: each waits out Caddy's lb_try_duration (2 s) before its 503
+            native, openai_style, anthropic_style = await asyncio.gather(
+                client.post("/api/chat", json=CHAT_BODY, headers=auth),
+                client.post("/v1/chat/completions", json=OPENAI_BODY, headers=auth),
+                client.post("/v1/messages", json={**OPENAI_BODY, "max_tokens": 8}, headers=auth),
             )
     for refused in (native, openai_style, anthropic_style):
         assert refused.status_code == 503
