@@ -213,6 +213,7 @@ async def test_pending_since_counts_an_orphan_but_not_a_live_journal(tmp_path: P
     orphan.write_bytes(data)
     assert await writer.replay_spool() == 0  # Postgres away: kept for later, and counted
     assert writer.pending_since() == 0.0
+    assert writer.files_on_disk == 1  # nz_proxy_audit_spool_files: the live journal is not
     assert orphan.read_bytes() == data
     await writer.stop()
     restarted = AuditWriter(_pool(_AwayPool()), tmp_path)

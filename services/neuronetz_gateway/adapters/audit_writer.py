@@ -220,6 +220,11 @@ class AuditWriter:
             yield
 
     @property
+    def files_on_disk(self) -> int:
+        """Files of rows waiting for Postgres: spooled batches and dead processes' journals."""
+        return self.spooled_files + self.orphan_journals
+
+    @property
     def queue_depth(self) -> int:
         return self._queue.qsize()
 

@@ -116,7 +116,7 @@ def create_app(
             stack.push_async_callback(upstream.close)
             store = Store(db)
             audit, census = await _open_audit(settings, db, client, stack)
-            metrics.watch_audit(lambda: audit.queue_depth, lambda: audit.spooled_files)
+            metrics.watch_audit(lambda: audit.queue_depth, lambda: audit.files_on_disk)
             limiter = Limiter(
                 client,
                 prefix=settings.redis_prefix,

@@ -166,7 +166,7 @@ class ProxyMetrics:
         )
         self.audit_spool = Gauge(
             "nz_proxy_audit_spool_files",
-            "Audit batches kept on disk until Postgres is back.",
+            "Audit files on disk waiting for Postgres (spooled batches, dead processes' journals).",
             registry=self.registry,
         )
 
