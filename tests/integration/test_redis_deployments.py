@@ -9,7 +9,6 @@ the server against ``NZ_REDIS_CA_FILE``.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
 
 import pytest
 from redis.asyncio.cluster import RedisCluster
@@ -57,10 +56,12 @@ async def test_each_deployment_gets_its_client_and_budgets_hold(
 
 
 @pytest.fixture(scope="module")
-def tls_deployment() -> Iterator[RedisDeployment]:
-    deployment = start_deployment("tls")
-    yield deployment
-    deployment.destroy()
+def tls_deployment(_started_redis_deployments: dict[str, RedisDeployment]) -> RedisDeployment:
+    """The run's TLS deployment (the parametrised suites' one, if they started it)."""
+    deployment = _started_redis_deployments.get("tls")
+    if deployment is None:
+        deployment = _started_redis_deployments["tls"] = start_deployment("tls")
+    return deployment
 
 
 async def test_tls_verifies_the_server_against_the_ca_file(
