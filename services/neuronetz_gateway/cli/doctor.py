@@ -24,7 +24,6 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
-import redis.asyncio as aioredis
 import typer
 
 from neuronetz_gateway.settings import Settings, SettingsError, load_settings
@@ -117,6 +116,8 @@ async def check_postgres(url: str) -> list[Check]:
 
 async def check_redis(url: str) -> Check:
     """Reachable, and which deployment answers (standalone, cluster, sentinel; version)."""
+    import redis.asyncio as aioredis  # here: every other CLI command starts without it
+
     client = aioredis.Redis.from_url(url, socket_timeout=_TIMEOUT, socket_connect_timeout=_TIMEOUT)
     try:
         await client.ping()
