@@ -141,8 +141,8 @@ async def writer_next_door(settings: Settings, store: Store) -> AsyncIterator[Au
         try:
             yield writer
         finally:
-            await beacon.stop()
             await writer.stop()
+            await beacon.stop()
             await commands.aclose()
             await close_redis(redis)
 

@@ -12,6 +12,8 @@ throwaway server, restarted here), the real audit writer, beacon and limiter.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -142,3 +144,48 @@ async def test_a_redis_restart_during_a_postgres_outage_keeps_the_spent_budget(
         await close_redis(redis)
         await pool.close()
         redis_server.stop()
+
+
+class _Holding:
+    """What the beacon reports on: rows unwritten since ``since`` (None: nothing held)."""
+
+    def __init__(self, since: float | None) -> None:
+        self.since = since
+        self.progress = asyncio.Event()
+
+    def pending_since(self) -> float | None:
+        return self.since
+
+
+@pytest.mark.parametrize("holding", [None, 0.0])
+async def test_a_stopped_writer_holding_nothing_leaves_no_entry_to_wait_for(
+    holding: float | None,
+) -> None:
+    # an entry left by a writer that stopped says nothing of the time after it: every
+    # rebuild then waited (failing closed) until it expired, 3 s (a stack restarted in
+    # that time answered its first budget decisions 503)
+    redis_server = ThrowawayRedis()
+    redis = await open_redis(redis_server.url)
+    commands = command_channel(redis, 2.0)
+    try:
+        writer = _Holding(holding)
+        beacon = LedgerBeacon(commands, prefix="nzs", writer=writer, beat_seconds=0.1)
+        await beacon.start()
+        ledger = CompleteLedger(_NoLedger(), commands, prefix="nzs")
+        await beacon.stop()
+        entries = await commands.execute("HGETALL", "nzs:{ledger}:writers")
+        if holding is None:
+            assert not entries  # gone: nothing to wait for
+        else:  # rows in its spool: the entry stays (and expires by itself)
+            assert entries
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(ledger.wait_complete(time.time()), 0.5)
+    finally:
+        await commands.aclose()
+        await close_redis(redis)
+        redis_server.destroy()
+
+
+class _NoLedger:
+    async def ledger_totals(self, **_: object) -> object:  # pragma: no cover - not asked
+        raise AssertionError("not asked")

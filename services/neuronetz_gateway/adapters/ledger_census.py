@@ -86,7 +86,13 @@ class LedgerBeacon:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="ledger-beacon")
 
     async def stop(self) -> None:
-        """Stop reporting; the last entry expires by itself (the spool may outlive us).
+        """Stop reporting, and leave a last word: none when the writer holds nothing.
+
+        A writer that holds nothing removes its entry: left in place, it would
+        say nothing of the time after it (the census's "reported since the
+        rebuild began"), holding every rebuild until it expired. One with rows
+        left (the spool) reports once more; that entry expires by itself. Stop
+        the writer first, so that its last flush is in what is said.
 
         The loop also ends by the flag, and the wait is bounded
         (:mod:`neuronetz_gateway.stopping`): redis-py's Cluster and Sentinel clients
@@ -98,6 +104,13 @@ class LedgerBeacon:
             return
         self._stopping = True
         await stop_task(task, within=self._beat + 2.0)
+        if self._writer.pending_since() is not None:
+            await self.report()
+            return
+        try:
+            await self._commands.execute("HDEL", self._key, self.writer_id)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.debug("ledger_census_unretired", error=type(exc).__name__)
 
     async def report(self) -> bool:
         """Write this writer's entry now; ``False`` when Redis cannot take it."""

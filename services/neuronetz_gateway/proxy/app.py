@@ -366,5 +366,11 @@ async def _open_audit(
     stack.push_async_callback(census.aclose)
     beacon = LedgerBeacon(census, prefix=settings.redis_prefix, writer=audit)
     await beacon.start()
-    stack.push_async_callback(beacon.stop)  # stops before the writer's last flush
+
+    async def retire() -> None:
+        # the writer's last flush first, so the beacon's last word is the truth
+        await audit.stop()
+        await beacon.stop()
+
+    stack.push_async_callback(retire)  # runs first: before the census channel closes
     return audit, census
