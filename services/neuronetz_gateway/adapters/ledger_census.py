@@ -65,7 +65,8 @@ class LedgerBeacon:
         *,
         prefix: str,
         writer: PendingRows,
-        beat_seconds: float = 0.5,
+        # a rebuild (a key's first budget decision of the day, too) waits up to one beat
+        beat_seconds: float = 0.1,
         ttl_seconds: float = 3.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
