@@ -874,3 +874,49 @@ async def test_a_settle_after_a_rebuild_charges_only_what_the_ledger_lacked(
     finally:
         await limiter.aclose()
         await client.aclose()
+
+
+class HeldLedger(CountingLedger):
+    """The real store, answering only once ``release`` is set."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
+        self.release = asyncio.Event()
+
+    async def ledger_totals(
+        self, *, tenant_id: int, key_id: int | None, day_start: datetime, month_start: datetime
+    ) -> LedgerTotals:
+        await self.release.wait()
+        return await super().ledger_totals(
+            tenant_id=tenant_id, key_id=key_id, day_start=day_start, month_start=month_start
+        )
+
+
+async def test_a_rebuild_that_joined_a_ledger_read_marks_when_that_read_began(
+    own_redis: ThrowawayRedis, store: Store, redis_prefix: str
+) -> None:
+    # the rebuilt mark promises "every row queued before this is in the counter": a caller
+    # that joined a read begun earlier must not mark its own, later, time
+    client = await open_redis(own_redis.url)
+    clock = Clock(NOON)
+    ledger = HeldLedger(store)
+    limiter = Limiter(client, prefix=redis_prefix, ledger=ledger, clock=clock, timeout_seconds=10.0)
+    tenant, key = new_id(), new_id()
+    key_limits = Limits(daily_tokens=100)
+    try:
+        first = asyncio.ensure_future(admit(limiter, tenant, key, key_limits))
+        await asyncio.sleep(0.2)  # its ledger read has begun (and waits)
+        clock.advance(5)
+        second = asyncio.ensure_future(admit(limiter, tenant, key, key_limits))
+        await asyncio.sleep(0.2)
+        ledger.release.set()
+        await asyncio.gather(first, second)
+        marks = [
+            await client.get(k)
+            async for k in client.scan_iter(match=f"{redis_prefix}:{{t{tenant}}}:*:rb")
+        ]
+    finally:
+        await limiter.aclose()
+        await client.aclose()
+    assert ledger.calls == [key]  # one shared read
+    assert marks and all(int(m) == NOON * 1000 for m in marks)

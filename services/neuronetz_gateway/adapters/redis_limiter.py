@@ -286,7 +286,7 @@ class Limiter:
         self._timeout = timeout_seconds
         self._ledger_timeout = ledger_timeout_seconds
         self._ledger_flights: dict[
-            tuple[int, int | None, str, str], asyncio.Future[LedgerTotals]
+            tuple[int, int | None, str, str], asyncio.Future[tuple[int, LedgerTotals]]
         ] = {}
         self._keys: dict[tuple[int, int], _Keys] = {}
         # RPM hit members and lease ids: unique per process (random) and per call (counter)
@@ -630,7 +630,6 @@ class Limiter:
         ``settle.lua``.
         """
         wanted = {tuple(m.split(":", 1)) for m in missing}
-        read_at_ms = self._now_ms()
         levels = [i for i, level in enumerate(_LEVELS) if any(w[0] == level for w in wanted)]
 
         try:
@@ -645,32 +644,38 @@ class Limiter:
             # the budget cannot be checked without its counter: fail closed
             raise LimiterUnavailable(f"ledger unavailable: {type(exc).__name__}") from exc
 
+        # the oldest start of the (shared) ledger reads these values come from
+        read_at_ms = min(started for started, _ in found)
         counters: list[str] = []
         args: list[RedisArg] = [read_at_ms, self._reservation_ttl_ms + _REBUILT_MARK_SLACK_MS]
-        for level, ledger in zip(levels, found, strict=True):
+        for level, (_, ledger) in zip(levels, found, strict=True):
             values = (ledger.daily, ledger.monthly, ledger.total)
             for b, name in enumerate(_BUDGET_NAMES):
                 if (_LEVELS[level], name) in wanted:
                     ttl = _BUDGET_TTLS[b]
                     counters.append(budgets[level][b])
                     args += [values[b], -1 if ttl is None else ttl]
+        if not counters:  # nothing asked for (a script with no key has no slot on a Cluster)
+            return
         keys = [*counters, *(c + REBUILT_MARK for c in counters)]
         await self._call(self._commands.evalsha(_REBUILD.sha, _REBUILD.text, keys, args))
 
     async def _ledger_totals(
         self, tenant_id: int, key_id: int | None, now: datetime
-    ) -> LedgerTotals:
+    ) -> tuple[int, LedgerTotals]:
         """One ledger query per level and period at a time, shared by concurrent callers.
 
         After a Redis restart every request of a busy tenant finds its counters
         missing at once; they wait for one query instead of each sending one.
+        Returns when the shared query began (unix ms, before the census wait
+        and the read: the rebuilt mark) and its totals.
         """
         day, month = period_ids(now.timestamp())
         flight = (tenant_id, key_id, day, month)
         task = self._ledger_flights.get(flight)
         if task is None:
             task = asyncio.ensure_future(
-                self._ledger.ledger_totals(
+                self._read_ledger(
                     tenant_id=tenant_id,
                     key_id=key_id,
                     day_start=day_start(now),
@@ -681,6 +686,15 @@ class Limiter:
             task.add_done_callback(lambda done: self._land(flight, done))
         # shielded: one caller giving up (timeout, disconnect) must not cancel the others'
         return await asyncio.shield(task)
+
+    async def _read_ledger(
+        self, *, tenant_id: int, key_id: int | None, day_start: datetime, month_start: datetime
+    ) -> tuple[int, LedgerTotals]:
+        started_ms = self._now_ms()
+        totals = await self._ledger.ledger_totals(
+            tenant_id=tenant_id, key_id=key_id, day_start=day_start, month_start=month_start
+        )
+        return started_ms, totals
 
     def _land(self, flight: tuple[int, int | None, str, str], done: asyncio.Future[Any]) -> None:
         self._ledger_flights.pop(flight, None)
