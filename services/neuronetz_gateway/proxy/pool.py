@@ -562,7 +562,7 @@ class BackendPool:
             if lease is not None:
                 self._give_back(lease)
             return None
-        model = canonical_model(call.model) if lease is not None and call.model else None
+        model = call.model if lease is not None else None  # canonical (ModelCall)
         if model is not None:
             # it is (being) loaded there from now: the next routing knows before the poll does
             self._residency.routed(member.name, model, time.monotonic())
@@ -633,7 +633,7 @@ class BackendPool:
             usable = [m for m in pool if m.active and m.healthy]
             usable.sort(key=lambda m: (-m.weight, m.name))
             return Route("", tuple(m.name for m in usable[:2]))
-        model = canonical_model(call.model)
+        model = call.model  # canonical once the model check passed (ModelCall)
         able = [m for m in pool if m.active and m.healthy and model in m.installed]
         states: list[SlotState | None] = [None] * len(able)
         if needs_slot and able:
@@ -756,7 +756,7 @@ class BackendPool:
             traceparent=call.traceparent,
         )
 
-        model = canonical_model(call.model) if call.model else None
+        model = call.model
 
         def done(stream: PooledStream, tail: bytes | None) -> None:
             self._stream_done(stream, lease, tail, model)
