@@ -437,7 +437,7 @@ def _parent(args: argparse.Namespace) -> None:
 
     state = Path(tempfile.mkdtemp(prefix="nz-inproc-"))
     sides: dict[str, Path] = {}
-    if not args.profile:
+    if not args.profile and not args.no_bare:
         sides["bare"] = REPO_ROOT / "services"
     for ref in args.base or []:
         sides[ref.replace("/", "_")[:12]] = _export(ref, state / f"base-{len(sides)}")
@@ -554,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, default=20)
     parser.add_argument("--synthetic", action="store_true", help="upstream and Redis in-process")
     parser.add_argument("--callgrind", action="store_true", help="instructions per request")
+    parser.add_argument("--no-bare", action="store_true", help="without the bare side")
     parser.add_argument("--profile", default="", help="cProfile this side instead of the A/B")
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument(
