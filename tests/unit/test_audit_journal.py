@@ -292,3 +292,62 @@ async def test_rows_the_spool_cannot_take_stay_in_the_journal_for_the_next_write
     assert await AuditWriter(_pool(pool), tmp_path).replay_spool() == 2
     assert sorted(map(str, pool.request_ids)) == ["req-1", "req-2", "req-3", "req-4"]
     assert _names(tmp_path) == []
+
+
+# -- who may read the files -------------------------------------------------------------
+
+
+async def test_journal_and_spool_files_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+    """They hold opted-in prompt text (every row is journaled): no other local user reads it."""
+    old = os.umask(0o022)  # the usual umask: files 0644 unless the writer says otherwise
+    try:
+        writer = AuditWriter(
+            _pool(_AwayPool()), tmp_path, batch_size=2, flush_interval=60, namespace="deploy"
+        )
+        await writer.start()
+        writer.submit(_row("req-1"))
+        writer.submit(_prompt("req-1"))
+        await _next_progress(writer)  # Postgres away: both spooled, a new segment current
+        writer.submit(_row("req-2"))
+        folder = tmp_path / "deploy"
+        files = list(folder.iterdir())
+        assert {p.suffix for p in files} == {".wal", ".jsonl"}
+        modes = {p.name: p.stat().st_mode & 0o777 for p in files}
+        assert all(mode & 0o077 == 0 for mode in modes.values()), modes
+        assert folder.stat().st_mode & 0o077 == 0
+        await writer.stop()
+    finally:
+        os.umask(old)
+
+
+# -- a journal file that cannot be removed ------------------------------------------------
+
+
+async def test_a_segment_that_cannot_be_removed_costs_no_later_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unlink refused (a read-only remount, an operator's chmod) never ends the batch loop."""
+    real_unlink = Path.unlink
+
+    def refused(self: Path, missing_ok: bool = False) -> None:
+        if self.suffix == ".wal":
+            raise PermissionError(13, "Permission denied")
+        real_unlink(self, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    pool = _RecordingPool()
+    writer = AuditWriter(_pool(pool), tmp_path, batch_size=2, flush_interval=60)
+    await writer.start()
+    with capture_logs() as logs:
+        writer.submit(_row("req-1"))
+        writer.submit(_row("req-2"))
+        await _next_progress(writer)
+        writer.submit(_row("req-3"))
+        writer.submit(_row("req-4"))
+        await _next_progress(writer)
+    assert pool.request_ids == ["req-1", "req-2", "req-3", "req-4"]
+    assert any(e["event"] == "audit_journal_unremovable" for e in logs)
+    await writer.stop()
+    # the written segments stay, unlocked: a later replay writes them again (harmless)
+    monkeypatch.undo()
+    assert len(claim_orphans(tmp_path, set())) == len(_journals(tmp_path)) >= 2

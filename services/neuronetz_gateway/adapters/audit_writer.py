@@ -52,6 +52,7 @@ import asyncpg
 import msgspec
 
 from neuronetz_gateway.adapters.audit_journal import (
+    FILE_MODE,
     Journal,
     OrphanJournal,
     Segment,
@@ -232,7 +233,7 @@ class AuditWriter:
 
     async def start(self) -> None:
         """Start the batch and replay tasks (replay begins with what a previous run left)."""
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         journal = Journal(self.spool_dir)
         journal.open()
         self._journal = journal
@@ -412,7 +413,9 @@ class AuditWriter:
         # time first so that a sorted listing replays oldest first
         name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}-{kind}{suffix}"
         tmp = self.spool_dir / (name + ".tmp")
-        with tmp.open("wb") as f:
+        # rows and prompt text: readable by the writer's user alone (not the umask's 0644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        with open(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
