@@ -351,3 +351,53 @@ async def test_a_segment_that_cannot_be_removed_costs_no_later_row(
     # the written segments stay, unlocked: a later replay writes them again (harmless)
     monkeypatch.undo()
     assert len(claim_orphans(tmp_path, set())) == len(_journals(tmp_path)) >= 2
+
+
+class _ReturningPool(_RecordingPool):
+    """Postgres away until ``back`` is set, then it takes every write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.back = False
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[_RecordingConnection]:
+        if not self.back:
+            raise ConnectionRefusedError
+        yield _RecordingConnection(self.request_ids)
+
+
+async def test_rows_the_spool_could_not_take_are_written_by_the_same_writer_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk during a Postgres outage: once Postgres is back, this writer writes the rows.
+
+    Before, they waited in its journal for the next process, and its census entry said
+    "rows on disk" until a restart: every budget rebuild (a key's first decision of
+    each day, too) waited out the ledger timeout and failed closed, for good.
+    """
+    pool = _ReturningPool()
+    writer = AuditWriter(
+        _pool(pool), tmp_path, batch_size=2, flush_interval=60, retry_interval=0.05
+    )
+
+    def spool_refused(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer, "_write_spool_file", spool_refused)
+    await writer.start()
+    writer.submit(_row("req-1"))
+    writer.submit(_prompt("req-1"))
+    await _next_progress(writer)
+    assert writer.pending_since() == 0.0
+    pool.back = True  # the disk is still full
+    async with asyncio.timeout(10):  # tried again within a retry interval
+        while True:
+            writer.progress.clear()
+            if writer.pending_since() is None:
+                break
+            await writer.progress.wait()
+    assert pool.request_ids == ["req-1", "req-1"]  # the audit row and the prompt row
+    assert len(_journals(tmp_path)) == 1  # their segment is gone: only the current one
+    await writer.stop()
+    assert _names(tmp_path) == []
