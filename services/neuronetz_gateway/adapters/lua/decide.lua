@@ -15,6 +15,8 @@
 -- Every call first sweeps up to SWEEP reservations past their expiry (a proxy that
 -- died before settling): their tokens leave the budget counters of their own period.
 -- The TPM window needs no sweep: its buckets leave the 60 s window by themselves.
+-- Its HASH keeps running totals beside the buckets (tpm_window.lua, tpm_totals below):
+-- every change to a bucket changes them alike, here and in settle.lua.
 -- A record is the reserved amount and the counters it was added to, one per line;
 -- settle.lua turns it into the one-line mark "settled", which the sweep just deletes.
 -- Returns one of
@@ -51,6 +53,33 @@ local function limit_of(level, i)
 end
 -- limit index: 1 rpm, 2 tpm, 3 concurrency, 4 daily, 5 monthly, 6 total
 -- key index:   1 rpm, 2 conc, 3 tpm, 4 daily, 5 monthly, 6 total
+
+-- The TPM window of one level: its token sum and oldest second (-1: empty), from the
+-- running totals its HASH keeps beside the buckets (see tpm_window.lua): while the
+-- oldest bucket is in the window, every bucket is, and their sum is the window's. Once
+-- it left (about once a second for a busy key), or the totals are missing (a hash
+-- written without them), the buckets are summed as before, those that left deleted,
+-- and the totals written anew: one HMGET of two fields instead of a HGETALL of up to
+-- 60 buckets (turning those into Lua strings and numbers was most of a decision's
+-- cost).
+local function tpm_totals(tpm_key)
+  local totals = redis.call("HMGET", tpm_key, TPM_SUM, TPM_OLDEST)
+  local sum, oldest = tonumber(totals[1]), tonumber(totals[2])
+  if sum and oldest and oldest > now_s - 60 then return sum, oldest end
+  local fields = redis.call("HGETALL", tpm_key)
+  if #fields == 0 then return 0, -1 end
+  local live
+  sum, live, oldest = tpm_window(fields, now_s, function(field)
+    if field ~= TPM_SUM and field ~= TPM_OLDEST then redis.call("HDEL", tpm_key, field) end
+  end)
+  if oldest < 0 then
+    redis.call("DEL", tpm_key) -- every bucket left the window: nothing to keep
+  else
+    redis.call("HSET", tpm_key, TPM_SUM, string.format("%d", sum),
+      TPM_OLDEST, string.format("%d", oldest))
+  end
+  return sum, oldest
+end
 
 -- 0. release reservations nobody settled in time (each is swept once: O(1) amortised,
 -- as every reserve adds at most one and every call sweeps up to SWEEP)
@@ -96,7 +125,6 @@ end
 -- 2. count and check every limit at both levels; nothing is recorded yet
 local stats = {}
 local refusals = {}
-local window_fields = {{}, {}}
 for level = 1, 2 do
   local s = {-1, -1, -1, -1, -1, -1, -1}
   local rpm = limit_of(level, 1)
@@ -126,12 +154,12 @@ for level = 1, 2 do
   local tpm = limit_of(level, 2)
   if tpm then
     local tpm_key = key_of(level, 3)
-    local sum, live, oldest = tpm_window(redis.call("HGETALL", tpm_key), now_s,
-      function(field) redis.call("HDEL", tpm_key, field) end)
+    local sum, oldest = tpm_totals(tpm_key)
     s[7] = oldest
     s[2] = sum
-    window_fields[level] = live
     if sum + need > tpm then
+      -- every bucket is in the window now (tpm_totals): the refusal lists them
+      local _, live = tpm_window(redis.call("HGETALL", tpm_key), now_s)
       local refusal = {"tpm", LEVELS[level]}
       for i = 1, #live do refusal[#refusal + 1] = live[i] end
       refusals[#refusals + 1] = refusal
@@ -170,6 +198,9 @@ for level = 1, 2 do
     if limit_of(level, 2) and tokens ~= 0 then
       local tpm_key = key_of(level, 3)
       redis.call("HINCRBY", tpm_key, ARGV[3], ARGV[8])
+      -- the totals stay true (tpm_totals made them so, or the hash is new)
+      redis.call("HINCRBY", tpm_key, TPM_SUM, ARGV[8])
+      if s[7] < 0 or now_s < s[7] then redis.call("HSET", tpm_key, TPM_OLDEST, ARGV[3]) end
       redis.call("EXPIRE", tpm_key, TPM_TTL_S)
       s[2] = s[2] + tokens
       if s[7] < 0 then s[7] = now_s end
