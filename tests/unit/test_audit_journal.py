@@ -401,3 +401,42 @@ async def test_rows_the_spool_could_not_take_are_written_by_the_same_writer_late
     assert len(_journals(tmp_path)) == 1  # their segment is gone: only the current one
     await writer.stop()
     assert _names(tmp_path) == []
+
+
+async def test_a_spool_file_that_cannot_be_removed_once_does_not_end_the_replay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replayed spool file whose unlink is refused once: the replay loop tries again.
+
+    Before, the exception ended the replay task: no spool file or dead process's
+    journal was written again, and the census said "rows on disk" until a restart.
+    """
+    pool = _RecordingPool()
+    (tmp_path / "00000000000000000001-abcdef01-audit.jsonl").write_bytes(
+        msgspec.json.encode(_row("req-spooled")) + b"\n"
+    )
+    real_unlink = Path.unlink
+    refusals = []
+
+    def refused_once(self: Path, missing_ok: bool = False) -> None:
+        if self.suffix == ".jsonl" and not refusals:
+            refusals.append(self.name)
+            raise PermissionError(13, "Permission denied")
+        real_unlink(self, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused_once)
+    writer = AuditWriter(_pool(pool), tmp_path, retry_interval=0.05)
+    with capture_logs() as logs:
+        await writer.start()
+        async with asyncio.timeout(10):
+            while True:
+                writer.progress.clear()
+                if writer.spooled_files == 0:
+                    break
+                await writer.progress.wait()
+    await writer.stop()
+    assert refusals
+    assert _names(tmp_path) == []
+    assert pool.request_ids[-1] == "req-spooled"  # written again: harmless
+    assert writer.pending_since() is None
+    assert any(e["event"] == "audit_replay_failed" for e in logs)

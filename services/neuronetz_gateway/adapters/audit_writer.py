@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import os
 import time
 import uuid
@@ -459,7 +460,14 @@ class AuditWriter:
                 return
             self._replay_now.clear()
             await self._retry_unkept()
-            await self.replay_spool()
+            try:
+                await self.replay_spool()
+            except OSError as exc:  # a file it could not list, move or remove: next time
+                log.warning(
+                    "audit_replay_failed",
+                    reason=type(exc).__name__,
+                    errno=errno.errorcode.get(exc.errno or 0, exc.errno),
+                )
 
     async def replay_spool(self) -> int:
         """Write spool files, then dead processes' journals; how many files were written.
