@@ -358,6 +358,7 @@ async def _tpm_hash(redis_client: RedisClient, key: str) -> tuple[dict[int, int]
     """A TPM HASH's buckets (second -> tokens) and its running totals (sum, oldest)."""
     raw = {int(f): int(v) for f, v in (await redis_client.hgetall(key)).items()}
     total, oldest = raw.pop(0, -1), raw.pop(1, -1)
+    raw.pop(2, None)  # when its TTL was last set
     return raw, total, oldest
 
 
@@ -448,6 +449,37 @@ async def test_tpm_window_without_running_totals_is_summed(
     buckets, total, oldest = await _tpm_hash(redis_client, tpm_key)
     assert (total, oldest) == (100, now - 30)
     assert buckets == {now - 30: 40, now - 1: 20, now: 40}
+
+
+async def test_tpm_hash_ttl_is_set_every_ten_seconds(
+    make_limiter: MakeLimiter, redis_client: RedisClient, redis_prefix: str
+) -> None:
+    """A reserve sets the TPM HASH's 120 s TTL only when the last one it set is 10 s
+    old (the hash then outlives its newest bucket by at least 110 s, its minute in
+    the window with room to spare); the second it was set is kept in field "2"."""
+    clock = Clock(NOON + 0.5)
+    limiter = make_limiter(clock=clock)
+    tenant, key = new_id(), new_id()
+    limits = Limits(tpm=10**6)
+    tpm_key = f"{redis_prefix}:{{t{tenant}}}:tpm:k{key}"
+    assert (await reserve(limiter, tenant, key, 10, limits)).allowed
+    assert await redis_client.hget(tpm_key, "2") == str(int(NOON)).encode()
+    assert 110 < await redis_client.ttl(tpm_key) <= 120
+    await redis_client.expire(tpm_key, 100)  # so that a reset would show
+    clock.advance(9)
+    assert (await reserve(limiter, tenant, key, 10, limits)).allowed
+    assert await redis_client.hget(tpm_key, "2") == str(int(NOON)).encode()
+    assert await redis_client.ttl(tpm_key) <= 100  # not set again
+    clock.advance(1)
+    assert (await reserve(limiter, tenant, key, 10, limits)).allowed
+    assert await redis_client.hget(tpm_key, "2") == str(int(NOON) + 10).encode()
+    assert 110 < await redis_client.ttl(tpm_key) <= 120
+    # a clock behind the one that set it (another replica) sets it too
+    clock.advance(-3)
+    assert (await reserve(limiter, tenant, key, 10, limits)).allowed
+    assert await redis_client.hget(tpm_key, "2") == str(int(NOON) + 7).encode()
+    _, total, _ = await _tpm_hash(redis_client, tpm_key)
+    assert total == 40
 
 
 # budgets -------------------------------------------------------------------------------

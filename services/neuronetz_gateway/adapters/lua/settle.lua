@@ -81,19 +81,23 @@ end
 local TPM_SUM = "0"
 local function adjust_bucket(tpm_key)
   if delta == 0 then return end
-  local found = redis.call("HMGET", tpm_key, reserved_s, reserved_s + 1, TPM_SUM)
-  for i, second in ipairs({reserved_s, reserved_s + 1}) do
-    if second > now_s - 60 and found[i] then
-      local change = delta
-      local value = redis.call("HINCRBY", tpm_key, second, delta)
-      if value < 0 then
-        redis.call("HSET", tpm_key, second, 0)
-        change = delta - value
-      end
-      if found[3] then redis.call("HINCRBY", tpm_key, TPM_SUM, string.format("%d", change)) end
-      return
-    end
+  -- (the next second only when the first is not there: a miss reads the whole hash)
+  local found = redis.call("HMGET", tpm_key, reserved_s, TPM_SUM)
+  local second
+  if reserved_s > now_s - 60 and found[1] then
+    second = reserved_s
+  elseif reserved_s + 1 > now_s - 60 and redis.call("HEXISTS", tpm_key, reserved_s + 1) == 1 then
+    second = reserved_s + 1
+  else
+    return
   end
+  local change = delta
+  local value = redis.call("HINCRBY", tpm_key, second, delta)
+  if value < 0 then
+    redis.call("HSET", tpm_key, second, 0)
+    change = delta - value
+  end
+  if found[2] then redis.call("HINCRBY", tpm_key, TPM_SUM, string.format("%d", change)) end
 end
 
 if ARGV[5] ~= "" then
