@@ -22,9 +22,11 @@ __all__ = [
     "children_map",
     "cpu_seconds",
     "machine_cpu",
+    "main_threads_cpu",
     "process_tree",
     "rss_bytes",
     "services_cpu",
+    "services_main_thread_cpu",
 ]
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -83,6 +85,25 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     return ticks / CLOCK_TICKS
 
 
+def main_threads_cpu(pids: Iterable[int]) -> float:
+    """User + system CPU of the given processes' main threads only, in seconds.
+
+    A Granian worker runs its Python (the event loop: the app) on its main
+    thread, held to one core by the GIL, and its Rust I/O threads beside it on
+    other cores: the main thread's CPU per request is what bounds its
+    throughput, not the whole process's.
+    """
+    ticks = 0
+    for pid in pids:
+        try:
+            raw = (_PROC / str(pid) / "task" / str(pid) / "stat").read_text()
+        except OSError:
+            continue
+        fields = raw.rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / CLOCK_TICKS
+
+
 def _status_kib(pid: int, name: str) -> int:
     with contextlib.suppress(OSError):
         for line in (_PROC / str(pid) / "status").read_text().splitlines():
@@ -112,11 +133,21 @@ class ServiceProcess:
         """CPU seconds used so far by the service's live processes."""
         return cpu_seconds(self.pids(children))
 
+    def main_thread_cpu(self, children: Mapping[int, list[int]] | None = None) -> float:
+        """CPU seconds used so far by the main threads of the service's live processes."""
+        return main_threads_cpu(self.pids(children))
+
 
 def services_cpu(services: Mapping[str, ServiceProcess]) -> dict[str, float]:
     """CPU seconds so far of each service, all read from one scan of ``/proc``."""
     children = children_map()
     return {name: service.cpu(children) for name, service in services.items()}
+
+
+def services_main_thread_cpu(services: Mapping[str, ServiceProcess]) -> dict[str, float]:
+    """CPU seconds so far of each service's main threads (see :func:`main_threads_cpu`)."""
+    children = children_map()
+    return {name: service.main_thread_cpu(children) for name, service in services.items()}
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,13 @@ import redis
 
 from neuronetz_gateway.domain.keys import generate_key
 from tests.bench.loadgen import HttpTarget, LoadgenError, WrkResult, WrkRun, time_stream
-from tests.bench.procs import RssSampler, ServiceProcess, machine_cpu, services_cpu
+from tests.bench.procs import (
+    RssSampler,
+    ServiceProcess,
+    machine_cpu,
+    services_cpu,
+    services_main_thread_cpu,
+)
 from tests.bench.stats import percentile
 from tests.bench.variants import Variant, authorize_headers, chat_body
 
@@ -123,6 +129,8 @@ class Scenarios:
         sampler = RssSampler({n: self.services[n] for n in names if n in self.services})
         everything = list(self.services)
         redis_before = self.redis_calls() if "redis" in charged else {}
+        charged_services = {n: self.services[n] for n in charged if n in self.services}
+        main_before = services_main_thread_cpu(charged_services)
         machine_before, cpu_before = machine_cpu(), self._cpu(everything)
         record: dict[str, Any] = {**labels, "concurrency": connections}
         try:
@@ -137,6 +145,7 @@ class Scenarios:
             record["error"] = str(exc)
             return record
         cpu_after, machine_after = self._cpu(everything), machine_cpu()
+        main_after = services_main_thread_cpu(charged_services)
         record.update(_result_fields(result))
         record["machine_busy"] = machine_after.utilisation_since(machine_before)
         # Whatever else ran meanwhile (other users of a shared machine), in cores:
@@ -150,6 +159,13 @@ class Scenarios:
             if n in cpu_after
         }
         record["cpu_ms_per_request"] = per_request
+        # the main threads alone (a Granian worker's Python; its Rust threads run beside it)
+        record["main_thread_cpu_ms_per_request"] = {
+            n: 1000 * (main_after[n] - main_before[n]) / result.requests
+            if result.requests
+            else None
+            for n in main_after
+        }
         if redis_before and result.requests:
             after = self.redis_calls()
             record["redis_calls_per_request"] = {

@@ -100,3 +100,25 @@ async def test_serve_auth_under_granian_decides(served_auth: str, store: Store) 
         metrics = (await client.get("/metrics")).text
     assert 'nz_auth_decisions_total{outcome="allowed",reason="ok"} 21.0' in metrics
     assert "nz_auth_key_listener_up 1.0" in metrics
+
+
+async def test_serve_auth_answers_on_every_open_connection(served_auth: str) -> None:
+    """Caddy's forward_auth keeps a pool of keep-alive connections to each replica and
+    opens more under load; every one must be served. Granian's ``backpressure`` caps
+    a worker's open connections (idle ones included), so any value below what Caddy
+    may hold would leave requests without an answer until an idle connection closes:
+    ``serve auth`` must leave it unset (Granian's default: the backlog, 2048)."""
+    host, port = served_auth.removeprefix("http://").split(":")
+    request = f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    opened: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(100):  # each answered, then left open (idle) beside the next
+            reader, writer = await asyncio.open_connection(host, int(port))
+            opened.append(writer)
+            writer.write(request)
+            async with asyncio.timeout(2):
+                status = await reader.readline()
+            assert status.startswith(b"HTTP/1.1 200"), status
+    finally:
+        for writer in opened:
+            writer.close()

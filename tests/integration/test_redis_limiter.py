@@ -354,6 +354,134 @@ async def test_tpm_tenant_window_shared_by_keys(make_limiter: MakeLimiter) -> No
     assert (await reserve(limiter, tenant, key_b, 30, UNLIMITED, tenant_limits)).allowed
 
 
+async def _tpm_hash(redis_client: RedisClient, key: str) -> tuple[dict[int, int], int, int]:
+    """A TPM HASH's buckets (second -> tokens) and its running totals (sum, oldest)."""
+    raw = {int(f): int(v) for f, v in (await redis_client.hgetall(key)).items()}
+    total, oldest = raw.pop(0, -1), raw.pop(1, -1)
+    raw.pop(2, None)  # when its TTL was last set
+    return raw, total, oldest
+
+
+async def test_tpm_running_totals_follow_every_bucket_change(
+    make_limiter: MakeLimiter, redis_client: RedisClient, redis_prefix: str
+) -> None:
+    """decide.lua sums the window from the totals kept beside the buckets: reserves,
+    settles (up, down, down past zero) and buckets leaving the window all keep them
+    equal to the buckets, and the answers equal the buckets' own sum."""
+    clock = Clock(NOON + 0.25)
+    limiter = make_limiter(clock=clock)
+    tenant, key = new_id(), new_id()
+    limits = Limits(tpm=1000)
+    tpm_key = f"{redis_prefix}:{{t{tenant}}}:tpm:k{key}"
+
+    async def check(expect_window: int) -> None:
+        buckets, total, oldest = await _tpm_hash(redis_client, tpm_key)
+        assert total == sum(buckets.values())
+        assert oldest == min(buckets)
+        seen = (await admit(limiter, tenant, key, limits)).allowance
+        assert seen.remaining_tokens == 1000 - expect_window
+
+    first = await reserve(limiter, tenant, key, 300, limits)
+    await check(300)
+    clock.advance(20)
+    second = await reserve(limiter, tenant, key, 200, limits)
+    await check(500)
+    # settle the first down (300 -> 100), the second up (200 -> 250)
+    await limiter.settle(
+        tenant_id=tenant,
+        key_id=key,
+        reserved=300,
+        actual=100,
+        reserved_at=NOON + 0.25,
+        reservation_id=first.reservation_id,
+    )
+    await limiter.settle(
+        tenant_id=tenant,
+        key_id=key,
+        reserved=200,
+        actual=250,
+        reserved_at=NOON + 20.25,
+        reservation_id=second.reservation_id,
+    )
+    await check(350)
+    # a settle past zero (no reservation record: the whole delta, clamped at 0)
+    await limiter.settle(
+        tenant_id=tenant, key_id=key, reserved=400, actual=0, reserved_at=NOON + 0.25
+    )
+    await check(250)  # the first bucket is 0, not -300
+    clock.advance(45)  # NOON + 65.25: the first second left the window
+    third = await reserve(limiter, tenant, key, 700, limits)
+    assert third.allowed  # 250 + 700 <= 1000
+    await check(950)
+    buckets, _, _ = await _tpm_hash(redis_client, tpm_key)
+    assert int(NOON) not in buckets  # deleted once it left
+    refused = await reserve(limiter, tenant, key, 60, limits)
+    # refused with the retry-after of the buckets themselves: the 250 of NOON+20 leave at +80
+    assert (refused.allowed, refused.reason, refused.retry_after) == (False, "tpm", 15)
+    clock.advance(60)  # every bucket left
+    assert (await admit(limiter, tenant, key, limits)).allowance.remaining_tokens == 1000
+    assert not await redis_client.exists(tpm_key)
+
+
+async def test_tpm_window_without_running_totals_is_summed(
+    make_limiter: MakeLimiter, redis_client: RedisClient, redis_prefix: str
+) -> None:
+    """A TPM HASH without the totals (written by an earlier release, or one whose
+    decide.lua deleted them as long-gone seconds) is summed from its buckets, and
+    the totals are written for the next decision."""
+    clock = Clock(NOON + 0.5)
+    limiter = make_limiter(clock=clock)
+    tenant, key = new_id(), new_id()
+    limits = Limits(tpm=100)
+    tpm_key = f"{redis_prefix}:{{t{tenant}}}:tpm:k{key}"
+    now = int(NOON)
+    await redis_client.hset(tpm_key, mapping={now - 70: 50, now - 30: 40, now - 1: 20})
+    await redis_client.expire(tpm_key, 120)
+    decision = await admit(limiter, tenant, key, limits)
+    assert decision.allowance.remaining_tokens == 40  # 40 + 20 in the window; 50 left it
+    buckets, total, oldest = await _tpm_hash(redis_client, tpm_key)
+    assert (buckets, total, oldest) == ({now - 30: 40, now - 1: 20}, 60, now - 30)
+    # the totals lost again (an earlier release's decide.lua deletes fields "0" and "1")
+    await redis_client.hdel(tpm_key, "0", "1")
+    refused = await reserve(limiter, tenant, key, 41, limits)
+    assert (refused.allowed, refused.reason) == (False, "tpm")
+    assert (await reserve(limiter, tenant, key, 40, limits)).allowed
+    buckets, total, oldest = await _tpm_hash(redis_client, tpm_key)
+    assert (total, oldest) == (100, now - 30)
+    assert buckets == {now - 30: 40, now - 1: 20, now: 40}
+
+
+async def test_tpm_hash_ttl_is_set_every_ten_seconds(
+    make_limiter: MakeLimiter, redis_client: RedisClient, redis_prefix: str
+) -> None:
+    """A reserve sets the TPM HASH's 120 s TTL only when the last one it set is 10 s
+    old (the hash then outlives its newest bucket by at least 110 s, its minute in
+    the window with room to spare); the second it was set is kept in field "2"."""
+    clock = Clock(NOON + 0.5)
+    limiter = make_limiter(clock=clock)
+    tenant, key = new_id(), new_id()
+    limits = Limits(tpm=10**6)
+    tpm_key = f"{redis_prefix}:{{t{tenant}}}:tpm:k{key}"
+    assert (await reserve(limiter, tenant, key, 10, limits)).allowed
+    assert await redis_client.hget(tpm_key, "2") == str(int(NOON)).encode()
+    assert 110 < await redis_client.ttl(tpm_key) <= 120
+    await redis_client.expire(tpm_key, 100)  # so that a reset would show
+    clock.advance(9)
+    assert (await reserve(limiter, tenant, key, 10, limits)).allowed
+    assert await redis_client.hget(tpm_key, "2") == str(int(NOON)).encode()
+    assert await redis_client.ttl(tpm_key) <= 100  # not set again
+    clock.advance(1)
+    assert (await reserve(limiter, tenant, key, 10, limits)).allowed
+    assert await redis_client.hget(tpm_key, "2") == str(int(NOON) + 10).encode()
+    assert 110 < await redis_client.ttl(tpm_key) <= 120
+    # a clock behind the one that set it (another replica) sets it too
+    clock.advance(-3)
+    assert (await reserve(limiter, tenant, key, 10, limits)).allowed
+    assert await redis_client.hget(tpm_key, "2") == str(int(NOON) + 7).encode()
+    _, total, _ = await _tpm_hash(redis_client, tpm_key)
+    assert total == 40
+
+
 # budgets -------------------------------------------------------------------------------
 
 

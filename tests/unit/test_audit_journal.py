@@ -292,3 +292,151 @@ async def test_rows_the_spool_cannot_take_stay_in_the_journal_for_the_next_write
     assert await AuditWriter(_pool(pool), tmp_path).replay_spool() == 2
     assert sorted(map(str, pool.request_ids)) == ["req-1", "req-2", "req-3", "req-4"]
     assert _names(tmp_path) == []
+
+
+# -- who may read the files -------------------------------------------------------------
+
+
+async def test_journal_and_spool_files_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+    """They hold opted-in prompt text (every row is journaled): no other local user reads it."""
+    old = os.umask(0o022)  # the usual umask: files 0644 unless the writer says otherwise
+    try:
+        writer = AuditWriter(
+            _pool(_AwayPool()), tmp_path, batch_size=2, flush_interval=60, namespace="deploy"
+        )
+        await writer.start()
+        writer.submit(_row("req-1"))
+        writer.submit(_prompt("req-1"))
+        await _next_progress(writer)  # Postgres away: both spooled, a new segment current
+        writer.submit(_row("req-2"))
+        folder = tmp_path / "deploy"
+        files = list(folder.iterdir())
+        assert {p.suffix for p in files} == {".wal", ".jsonl"}
+        modes = {p.name: p.stat().st_mode & 0o777 for p in files}
+        assert all(mode & 0o077 == 0 for mode in modes.values()), modes
+        assert folder.stat().st_mode & 0o077 == 0
+        await writer.stop()
+    finally:
+        os.umask(old)
+
+
+# -- a journal file that cannot be removed ------------------------------------------------
+
+
+async def test_a_segment_that_cannot_be_removed_costs_no_later_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unlink refused (a read-only remount, an operator's chmod) never ends the batch loop."""
+    real_unlink = Path.unlink
+
+    def refused(self: Path, missing_ok: bool = False) -> None:
+        if self.suffix == ".wal":
+            raise PermissionError(13, "Permission denied")
+        real_unlink(self, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    pool = _RecordingPool()
+    writer = AuditWriter(_pool(pool), tmp_path, batch_size=2, flush_interval=60)
+    await writer.start()
+    with capture_logs() as logs:
+        writer.submit(_row("req-1"))
+        writer.submit(_row("req-2"))
+        await _next_progress(writer)
+        writer.submit(_row("req-3"))
+        writer.submit(_row("req-4"))
+        await _next_progress(writer)
+    assert pool.request_ids == ["req-1", "req-2", "req-3", "req-4"]
+    assert any(e["event"] == "audit_journal_unremovable" for e in logs)
+    await writer.stop()
+    # the written segments stay, unlocked: a later replay writes them again (harmless)
+    monkeypatch.undo()
+    assert len(claim_orphans(tmp_path, set())) == len(_journals(tmp_path)) >= 2
+
+
+class _ReturningPool(_RecordingPool):
+    """Postgres away until ``back`` is set, then it takes every write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.back = False
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[_RecordingConnection]:
+        if not self.back:
+            raise ConnectionRefusedError
+        yield _RecordingConnection(self.request_ids)
+
+
+async def test_rows_the_spool_could_not_take_are_written_by_the_same_writer_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk during a Postgres outage: once Postgres is back, this writer writes the rows.
+
+    Before, they waited in its journal for the next process, and its census entry said
+    "rows on disk" until a restart: every budget rebuild (a key's first decision of
+    each day, too) waited out the ledger timeout and failed closed, for good.
+    """
+    pool = _ReturningPool()
+    writer = AuditWriter(
+        _pool(pool), tmp_path, batch_size=2, flush_interval=60, retry_interval=0.05
+    )
+
+    def spool_refused(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer, "_write_spool_file", spool_refused)
+    await writer.start()
+    writer.submit(_row("req-1"))
+    writer.submit(_prompt("req-1"))
+    await _next_progress(writer)
+    assert writer.pending_since() == 0.0
+    pool.back = True  # the disk is still full
+    async with asyncio.timeout(10):  # tried again within a retry interval
+        while True:
+            writer.progress.clear()
+            if writer.pending_since() is None:
+                break
+            await writer.progress.wait()
+    assert pool.request_ids == ["req-1", "req-1"]  # the audit row and the prompt row
+    assert len(_journals(tmp_path)) == 1  # their segment is gone: only the current one
+    await writer.stop()
+    assert _names(tmp_path) == []
+
+
+async def test_a_spool_file_that_cannot_be_removed_once_does_not_end_the_replay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replayed spool file whose unlink is refused once: the replay loop tries again.
+
+    Before, the exception ended the replay task: no spool file or dead process's
+    journal was written again, and the census said "rows on disk" until a restart.
+    """
+    pool = _RecordingPool()
+    (tmp_path / "00000000000000000001-abcdef01-audit.jsonl").write_bytes(
+        msgspec.json.encode(_row("req-spooled")) + b"\n"
+    )
+    real_unlink = Path.unlink
+    refusals = []
+
+    def refused_once(self: Path, missing_ok: bool = False) -> None:
+        if self.suffix == ".jsonl" and not refusals:
+            refusals.append(self.name)
+            raise PermissionError(13, "Permission denied")
+        real_unlink(self, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused_once)
+    writer = AuditWriter(_pool(pool), tmp_path, retry_interval=0.05)
+    with capture_logs() as logs:
+        await writer.start()
+        async with asyncio.timeout(10):
+            while True:
+                writer.progress.clear()
+                if writer.spooled_files == 0:
+                    break
+                await writer.progress.wait()
+    await writer.stop()
+    assert refusals
+    assert _names(tmp_path) == []
+    assert pool.request_ids[-1] == "req-spooled"  # written again: harmless
+    assert writer.pending_since() is None
+    assert any(e["event"] == "audit_replay_failed" for e in logs)

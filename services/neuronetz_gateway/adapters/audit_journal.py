@@ -40,6 +40,7 @@ from neuronetz_gateway.domain.accounting import AuditRow, PromptRow
 from neuronetz_gateway.logging import get_logger
 
 __all__ = [
+    "FILE_MODE",
     "Journal",
     "JournalContents",
     "OrphanJournal",
@@ -56,6 +57,8 @@ JOURNAL_GLOB = "journal-*.wal"
 _NEW_SUFFIX = ".new"
 #: A ``.wal.new`` left by a process killed while creating a segment: removed after this.
 _LEFTOVER_AGE_SECONDS = 60.0
+#: Journals (and spool files) hold opted-in prompt text: their owner's alone.
+FILE_MODE = 0o600
 
 _encoder = msgspec.json.Encoder()
 _TAGS: dict[type, bytes] = {AuditRow: b"a", PromptRow: b"p"}
@@ -169,7 +172,8 @@ class Journal:
         staging = path.with_name(name + _NEW_SUFFIX)
         fd = -1
         try:
-            fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
+            fd = os.open(staging, flags, FILE_MODE)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.rename(staging, path)  # visible only once locked
         except OSError as exc:
@@ -211,11 +215,30 @@ class Journal:
 
 
 def unlink_segments(segments: list[Segment]) -> None:
-    """Remove written segments (the name first, then the lock: never visible unlocked)."""
+    """Remove written segments (the name first, then the lock: never visible unlocked).
+
+    A name that cannot be removed (a read-only remount, permissions) is logged
+    and its lock dropped all the same: its rows are written, so a later
+    replay of it is harmless, and the writer's loop must go on.
+    """
     for segment in segments:
-        with _quiet():
-            segment.path.unlink()
-        os.close(segment.fd)
+        try:
+            _remove(segment.path)
+        finally:
+            os.close(segment.fd)
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning(
+            "audit_journal_unremovable",
+            file=path.name,
+            errno=errno.errorcode.get(exc.errno or 0, exc.errno),
+        )
 
 
 # -- orphans (replay) ---------------------------------------------------------------
@@ -234,10 +257,11 @@ class OrphanJournal:
             return f.read()
 
     def done(self) -> None:
-        """Written: remove it (then drop the lock)."""
-        with _quiet():
-            self.path.unlink()
-        os.close(self.fd)
+        """Written: remove it (then drop the lock; a removal refused is only logged)."""
+        try:
+            _remove(self.path)
+        finally:
+            os.close(self.fd)
 
     def keep(self) -> None:
         """Not written now (Postgres away): drop the lock, leave the file for later."""

@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import os
 import time
 import uuid
@@ -52,6 +53,7 @@ import asyncpg
 import msgspec
 
 from neuronetz_gateway.adapters.audit_journal import (
+    FILE_MODE,
     Journal,
     OrphanJournal,
     Segment,
@@ -179,7 +181,10 @@ class AuditWriter:
         self._unwritten: collections.deque[tuple[float, Segment | None]] = collections.deque()
         self._journal: Journal | None = None
         self.orphan_journals = 0  # journals of dead processes, not yet replayed
-        self._unkept = 0  # rows neither written nor spooled (the spool failed): journal only
+        # rows neither written nor spooled (the spool failed), with their journal segments:
+        # tried again each retry interval, so that this writer's census entry says "rows
+        # on disk" only until Postgres or the spool takes them (not until a restart)
+        self._unkept: list[tuple[object, Segment | None]] = []
         self.progress = asyncio.Event()  # set after each write, spool or replay
         self._batch_size = batch_size
         self._flush_interval = flush_interval
@@ -232,7 +237,7 @@ class AuditWriter:
 
     async def start(self) -> None:
         """Start the batch and replay tasks (replay begins with what a previous run left)."""
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         journal = Journal(self.spool_dir)
         journal.open()
         self._journal = journal
@@ -291,11 +296,11 @@ class AuditWriter:
                     break
                 batch.append(item)
             await self._rotate()
-            await self._written(len(batch), kept=await self._flush(batch))
+            await self._written(batch, kept=await self._flush(batch))
         # Shutdown: whatever is still queued goes out too.
         rest = [item for item in self._drain() if item is not _STOP]
         if rest:
-            await self._written(len(rest), kept=await self._flush(rest))
+            await self._written(rest, kept=await self._flush(rest))
 
     async def _rotate(self) -> None:
         """A new journal segment for the rows after this batch (the old one goes once written)."""
@@ -304,23 +309,46 @@ class AuditWriter:
             if done:
                 await asyncio.to_thread(unlink_segments, done)
 
-    async def _written(self, rows: int, *, kept: bool) -> None:
-        """``rows`` of the oldest submitted are in Postgres, the spool or set aside now.
+    async def _written(self, batch: Sequence[object], *, kept: bool) -> None:
+        """The ``batch`` (the oldest submitted) is in Postgres, the spool or set aside now.
 
         Not ``kept`` (the spool itself failed): they stay in their journal
-        segments, which are then kept for a replay after this process.
+        segments and are tried again (:meth:`_retry_unkept`); segments still
+        holding them at a stop are kept for a replay after this process.
         """
-        journal, done = self._journal, []
-        for _ in range(min(rows, len(self._unwritten))):
+        held = []
+        for item in batch[: len(self._unwritten)]:
             _, segment = self._unwritten.popleft()
-            if not kept:
-                self._unkept += 1
-            elif segment is not None and journal is not None:
+            held.append((item, segment))
+        if kept:
+            await self._release(held)
+        else:
+            self._unkept += held
+        self.progress.set()
+
+    async def _release(self, held: Sequence[tuple[object, Segment | None]]) -> None:
+        """Rows written: their journal segments lose them (and go once empty)."""
+        journal, done = self._journal, []
+        for _, segment in held:
+            if segment is not None and journal is not None:
                 finished = journal.release(segment)
                 if finished is not None:
                     done.append(finished)
         if done:
             await asyncio.to_thread(unlink_segments, done)
+
+    async def _retry_unkept(self) -> None:
+        """Rows neither Postgres nor the spool took, tried again (oldest first)."""
+        if not self._unkept:
+            return
+        held, self._unkept = self._unkept, []
+        kept = False
+        try:
+            kept = await self._flush([item for item, _ in held])
+        finally:
+            if not kept:  # still nowhere (or cancelled): they wait on, in order
+                self._unkept[:0] = held
+        await self._release(held)
         self.progress.set()
 
     def _drain(self) -> list[object]:
@@ -412,7 +440,9 @@ class AuditWriter:
         # time first so that a sorted listing replays oldest first
         name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}-{kind}{suffix}"
         tmp = self.spool_dir / (name + ".tmp")
-        with tmp.open("wb") as f:
+        # rows and prompt text: readable by the writer's user alone (not the umask's 0644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        with open(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -429,7 +459,15 @@ class AuditWriter:
             if self._stopping.is_set():
                 return
             self._replay_now.clear()
-            await self.replay_spool()
+            await self._retry_unkept()
+            try:
+                await self.replay_spool()
+            except OSError as exc:  # a file it could not list, move or remove: next time
+                log.warning(
+                    "audit_replay_failed",
+                    reason=type(exc).__name__,
+                    errno=errno.errorcode.get(exc.errno or 0, exc.errno),
+                )
 
     async def replay_spool(self) -> int:
         """Write spool files, then dead processes' journals; how many files were written.

@@ -691,9 +691,13 @@ class Limiter:
         self, *, tenant_id: int, key_id: int | None, day_start: datetime, month_start: datetime
     ) -> tuple[int, LedgerTotals]:
         started_ms = self._now_ms()
-        totals = await self._ledger.ledger_totals(
-            tenant_id=tenant_id, key_id=key_id, day_start=day_start, month_start=month_start
-        )
+        # bounded as its callers are: shielded from them, a read the census held back
+        # (Postgres away) polled on after all had given up, and later callers joining it
+        # got a mark from when it began
+        async with asyncio.timeout(self._ledger_timeout):
+            totals = await self._ledger.ledger_totals(
+                tenant_id=tenant_id, key_id=key_id, day_start=day_start, month_start=month_start
+            )
         return started_ms, totals
 
     def _land(self, flight: tuple[int, int | None, str, str], done: asyncio.Future[Any]) -> None:

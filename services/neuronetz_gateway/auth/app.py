@@ -17,6 +17,7 @@ decision's own Python, and none of it is needed.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -44,7 +45,13 @@ from neuronetz_gateway.logging import configure_logging, get_logger
 from neuronetz_gateway.settings import Settings, load_settings
 from neuronetz_gateway.tracing import TRACEPARENT_HEADER, Tracing, tracing_from_env
 
-__all__ = ["AuthService", "create_app", "create_app_from_env", "open_shared_redis"]
+__all__ = [
+    "AuthService",
+    "create_app",
+    "create_app_from_env",
+    "freeze_startup_heap",
+    "open_shared_redis",
+]
 
 log = get_logger("neuronetz_gateway.auth")
 
@@ -311,4 +318,20 @@ def create_app_from_env() -> Litestar:
     app = create_app(settings, tracing=tracing)
     if tracing is not None:
         app.on_shutdown.append(tracing.shutdown)
+    app.on_startup.append(freeze_startup_heap)  # after the lifespan wired everything
     return app
+
+
+def freeze_startup_heap() -> None:
+    """Exempt what the worker built at startup from the cyclic GC's full collections.
+
+    Litestar, asyncpg, redis-py, prometheus_client and our wiring leave a few
+    hundred thousand long-lived objects; every full (generation 2) collection
+    walked them all: 60-90 ms with the event loop stopped, several times a
+    minute under load (in-flight requests promoted at each generation-1
+    collection trigger them), i.e. the p99 of ``/authorize``. Frozen objects
+    are still freed by reference counting; only cycles among them are never
+    collected, and startup objects live as long as the worker anyway.
+    """
+    gc.collect()
+    gc.freeze()

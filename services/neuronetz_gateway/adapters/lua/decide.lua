@@ -15,6 +15,8 @@
 -- Every call first sweeps up to SWEEP reservations past their expiry (a proxy that
 -- died before settling): their tokens leave the budget counters of their own period.
 -- The TPM window needs no sweep: its buckets leave the 60 s window by themselves.
+-- Its HASH keeps running totals beside the buckets (tpm_window.lua, tpm_totals below):
+-- every change to a bucket changes them alike, here and in settle.lua.
 -- A record is the reserved amount and the counters it was added to, one per line;
 -- settle.lua turns it into the one-line mark "settled", which the sweep just deletes.
 -- Returns one of
@@ -36,6 +38,7 @@ local tokens = tonumber(ARGV[8])
 local WINDOW_MS = 60000
 local RPM_TTL_MS = 61000
 local TPM_TTL_S = 120
+local TPM_TTL_EVERY_S = 10
 local SWEEP = 4
 local LEVELS = {"key", "tenant"}
 local BUDGETS = {"daily_tokens", "monthly_tokens", "total_tokens"}
@@ -51,6 +54,34 @@ local function limit_of(level, i)
 end
 -- limit index: 1 rpm, 2 tpm, 3 concurrency, 4 daily, 5 monthly, 6 total
 -- key index:   1 rpm, 2 conc, 3 tpm, 4 daily, 5 monthly, 6 total
+
+-- The TPM window of one level: its token sum and oldest second (-1: empty), from the
+-- running totals its HASH keeps beside the buckets (see tpm_window.lua): while the
+-- oldest bucket is in the window, every bucket is, and their sum is the window's. Once
+-- it left (about once a second for a busy key), or the totals are missing (a hash
+-- written without them), the buckets are summed as before, those that left deleted,
+-- and the totals written anew: one HMGET of two fields instead of a HGETALL of up to
+-- 60 buckets (turning those into Lua strings and numbers was most of a decision's
+-- cost).
+-- Also returns when the hash's TTL was last set (TPM_EXPIRED, unix s; nil: not known).
+local function tpm_totals(tpm_key)
+  local totals = redis.call("HMGET", tpm_key, TPM_SUM, TPM_OLDEST, TPM_EXPIRED)
+  local sum, oldest, expired = tonumber(totals[1]), tonumber(totals[2]), tonumber(totals[3])
+  if sum and oldest and oldest > now_s - 60 then return sum, oldest, expired end
+  local fields = redis.call("HGETALL", tpm_key)
+  if #fields == 0 then return 0, -1, nil end
+  local live
+  sum, live, oldest = tpm_window(fields, now_s, function(field)
+    if tonumber(field) > TOTALS then redis.call("HDEL", tpm_key, field) end
+  end)
+  if oldest < 0 then
+    redis.call("DEL", tpm_key) -- every bucket left the window: nothing to keep
+    return 0, -1, nil
+  end
+  redis.call("HSET", tpm_key, TPM_SUM, string.format("%d", sum),
+    TPM_OLDEST, string.format("%d", oldest))
+  return sum, oldest, expired
+end
 
 -- 0. release reservations nobody settled in time (each is swept once: O(1) amortised,
 -- as every reserve adds at most one and every call sweeps up to SWEEP)
@@ -96,7 +127,7 @@ end
 -- 2. count and check every limit at both levels; nothing is recorded yet
 local stats = {}
 local refusals = {}
-local window_fields = {{}, {}}
+local tpm_expired = {}
 for level = 1, 2 do
   local s = {-1, -1, -1, -1, -1, -1, -1}
   local rpm = limit_of(level, 1)
@@ -126,12 +157,13 @@ for level = 1, 2 do
   local tpm = limit_of(level, 2)
   if tpm then
     local tpm_key = key_of(level, 3)
-    local sum, live, oldest = tpm_window(redis.call("HGETALL", tpm_key), now_s,
-      function(field) redis.call("HDEL", tpm_key, field) end)
+    local sum, oldest, expired = tpm_totals(tpm_key)
     s[7] = oldest
     s[2] = sum
-    window_fields[level] = live
+    tpm_expired[level] = expired
     if sum + need > tpm then
+      -- every bucket is in the window now (tpm_totals): the refusal lists them
+      local _, live = tpm_window(redis.call("HGETALL", tpm_key), now_s)
       local refusal = {"tpm", LEVELS[level]}
       for i = 1, #live do refusal[#refusal + 1] = live[i] end
       refusals[#refusals + 1] = refusal
@@ -170,7 +202,16 @@ for level = 1, 2 do
     if limit_of(level, 2) and tokens ~= 0 then
       local tpm_key = key_of(level, 3)
       redis.call("HINCRBY", tpm_key, ARGV[3], ARGV[8])
-      redis.call("EXPIRE", tpm_key, TPM_TTL_S)
+      -- the totals stay true (tpm_totals made them so, or the hash is new)
+      redis.call("HINCRBY", tpm_key, TPM_SUM, ARGV[8])
+      if s[7] < 0 or now_s < s[7] then redis.call("HSET", tpm_key, TPM_OLDEST, ARGV[3]) end
+      -- the hash must outlive its newest bucket's minute: a TTL of TPM_TTL_S set at
+      -- most TPM_TTL_EVERY_S ago (by this clock) does, so it is not set on every call
+      local expired = tpm_expired[level]
+      if not expired or now_s - expired >= TPM_TTL_EVERY_S or now_s < expired then
+        redis.call("EXPIRE", tpm_key, TPM_TTL_S)
+        redis.call("HSET", tpm_key, TPM_EXPIRED, ARGV[3])
+      end
       s[2] = s[2] + tokens
       if s[7] < 0 then s[7] = now_s end
     end

@@ -76,16 +76,28 @@ end
 -- The caller reads its clock just before reserve; the script may have charged
 -- the next second's bucket, so that one is tried too. Either way the window
 -- sum is what is corrected; only when the tokens expire moves by a second.
+-- The hash's running total TPM_SUM (see tpm_window.lua) takes the bucket's change
+-- too, if it is there (missing, decide.lua sums the buckets anew).
+local TPM_SUM = "0"
 local function adjust_bucket(tpm_key)
   if delta == 0 then return end
-  for _, second in ipairs({reserved_s, reserved_s + 1}) do
-    if second > now_s - 60 and redis.call("HEXISTS", tpm_key, second) == 1 then
-      if redis.call("HINCRBY", tpm_key, second, delta) < 0 then
-        redis.call("HSET", tpm_key, second, 0)
-      end
-      return
-    end
+  -- (the next second only when the first is not there: a miss reads the whole hash)
+  local found = redis.call("HMGET", tpm_key, reserved_s, TPM_SUM)
+  local second
+  if reserved_s > now_s - 60 and found[1] then
+    second = reserved_s
+  elseif reserved_s + 1 > now_s - 60 and redis.call("HEXISTS", tpm_key, reserved_s + 1) == 1 then
+    second = reserved_s + 1
+  else
+    return
   end
+  local change = delta
+  local value = redis.call("HINCRBY", tpm_key, second, delta)
+  if value < 0 then
+    redis.call("HSET", tpm_key, second, 0)
+    change = delta - value
+  end
+  if found[2] then redis.call("HINCRBY", tpm_key, TPM_SUM, string.format("%d", change)) end
 end
 
 if ARGV[5] ~= "" then
