@@ -59,6 +59,7 @@ from neuronetz_gateway.proxy.routes import (
 )
 from neuronetz_gateway.proxy.settle_retry import SettleRetries
 from neuronetz_gateway.settings import Settings, load_settings
+from neuronetz_gateway.startup_heap import freeze_startup_heap
 from neuronetz_gateway.stopping import stop_task, wait_set
 from neuronetz_gateway.tracing import Tracing, tracing_from_env
 
@@ -281,6 +282,7 @@ def create_app_from_env() -> Litestar:
     app = create_app(settings, tracing=tracing)
     if tracing is not None:
         app.on_shutdown.append(tracing.shutdown)
+    app.on_startup.append(freeze_startup_heap)  # after the lifespan wired everything
     return app
 
 
