@@ -180,6 +180,7 @@ class AuditWriter:
         # submission time and journal segment of the rows not yet written or spooled
         self._unwritten: collections.deque[tuple[float, Segment | None]] = collections.deque()
         self._journal: Journal | None = None
+        self._stopped = False  # stop() ran (and no start() since): a row goes to the spool
         self.orphan_journals = 0  # journals of dead processes, not yet replayed
         # rows neither written nor spooled (the spool failed), with their journal segments:
         # tried again each retry interval, so that this writer's census entry says "rows
@@ -200,11 +201,34 @@ class AuditWriter:
     # -- producer side (hot path) ---------------------------------------------
 
     def submit(self, row: AuditRow | PromptRow) -> None:
-        """Journal a row and queue it for the next batch (never blocks, never fails)."""
+        """Journal a row and queue it for the next batch (never blocks, never fails).
+
+        After :meth:`stop` (a request finishing late): straight to the spool instead.
+        """
         journal = self._journal
+        if journal is None and self._stopped:
+            self._late(row)
+            return
         segment = journal.append(row) if journal is not None else None
         self._unwritten.append((self._clock(), segment))
         self._queue.put_nowait(row)
+
+    def _late(self, row: AuditRow | PromptRow) -> None:
+        """A row after :meth:`stop` (no batch reads the queue, no journal): to the spool now.
+
+        Written here and now (an fsync in the loop: shutdown only), replayed by the
+        next writer on the directory; logged loudly, for it should not happen.
+        """
+        kind = "audit" if isinstance(row, AuditRow) else "prompt"
+        try:
+            self._write_spool_file(kind, encode_row(row) + b"\n")
+        except OSError as exc:
+            log.error(  # noqa: TRY400 - the reason is enough; no traceback in the log
+                "audit_row_lost_after_stop", kind=kind, reason=type(exc).__name__
+            )
+            return
+        self.spooled_files += 1
+        log.error("audit_row_after_stop", kind=kind)
 
     def pending_since(self) -> float | None:
         """Unix time of the oldest row not yet in Postgres; ``0.0`` with rows on disk.
@@ -248,6 +272,7 @@ class AuditWriter:
         for orphan in orphans:
             orphan.keep()
         self._stopping.clear()
+        self._stopped = False
         self._replay_now.set()
         self._tasks = [
             asyncio.create_task(self._batch_loop(), name="audit-batches"),
@@ -273,6 +298,7 @@ class AuditWriter:
             self._replay_now.set()
             await stop_task(replay_task, within=_STOP_WITHIN_SECONDS)
         finally:
+            self._stopped = True
             journal, self._journal = self._journal, None
             if journal is not None:
                 unlink_segments(journal.close())

@@ -17,7 +17,6 @@ decision's own Python, and none of it is needed.
 from __future__ import annotations
 
 import asyncio
-import gc
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -43,6 +42,7 @@ from neuronetz_gateway.auth.revocation import KeyEventListener
 from neuronetz_gateway.fast_paths import FastPathLitestar
 from neuronetz_gateway.logging import configure_logging, get_logger
 from neuronetz_gateway.settings import Settings, load_settings
+from neuronetz_gateway.startup_heap import freeze_startup_heap
 from neuronetz_gateway.tracing import TRACEPARENT_HEADER, Tracing, tracing_from_env
 
 __all__ = [
@@ -320,18 +320,3 @@ def create_app_from_env() -> Litestar:
         app.on_shutdown.append(tracing.shutdown)
     app.on_startup.append(freeze_startup_heap)  # after the lifespan wired everything
     return app
-
-
-def freeze_startup_heap() -> None:
-    """Exempt what the worker built at startup from the cyclic GC's full collections.
-
-    Litestar, asyncpg, redis-py, prometheus_client and our wiring leave a few
-    hundred thousand long-lived objects; every full (generation 2) collection
-    walked them all: 60-90 ms with the event loop stopped, several times a
-    minute under load (in-flight requests promoted at each generation-1
-    collection trigger them), i.e. the p99 of ``/authorize``. Frozen objects
-    are still freed by reference counting; only cycles among them are never
-    collected, and startup objects live as long as the worker anyway.
-    """
-    gc.collect()
-    gc.freeze()

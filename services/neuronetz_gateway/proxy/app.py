@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -51,9 +52,14 @@ from neuronetz_gateway.proxy.pool import (
     PoolMetrics,
 )
 from neuronetz_gateway.proxy.revocation import RevocationWatch
-from neuronetz_gateway.proxy.routes import proxied_fast_paths, proxied_route_handlers
+from neuronetz_gateway.proxy.routes import (
+    drain_finishing,
+    proxied_fast_paths,
+    proxied_route_handlers,
+)
 from neuronetz_gateway.proxy.settle_retry import SettleRetries
 from neuronetz_gateway.settings import Settings, load_settings
+from neuronetz_gateway.startup_heap import freeze_startup_heap
 from neuronetz_gateway.stopping import stop_task, wait_set
 from neuronetz_gateway.tracing import Tracing, tracing_from_env
 
@@ -62,6 +68,8 @@ __all__ = ["create_app", "create_app_from_env"]
 log = get_logger(__name__)
 
 _PROBE_TIMEOUT = 2.0
+#: How long a shutdown waits for requests' accounting still running (then logs what is left).
+_DRAIN_SECONDS = 5.0
 
 
 async def _purge_prompts(store: Store, interval: float, stopping: asyncio.Event) -> None:
@@ -162,9 +170,8 @@ def create_app(
             )
             try:
                 yield
-            finally:
-                purging.set()
-                await stop_task(purge, within=5.0)
+            finally:  # before the stack closes the audit writer and the limiter
+                await _wind_down(settle_retries, purging, purge)
 
     @get("/healthz", media_type=MediaType.JSON, sync_to_thread=False)
     def healthz() -> dict[str, str]:
@@ -200,6 +207,25 @@ def create_app(
     )
     app.fast_paths = proxied_fast_paths()
     return app
+
+
+async def _wind_down(
+    settle_retries: SettleRetries, purging: asyncio.Event, purge: asyncio.Task[None]
+) -> None:
+    """Shutdown: the purge stopped, the accounting still running given ``_DRAIN_SECONDS``.
+
+    Cancelled requests' finishes (their rows are queued before the writer
+    stops), then settlements being retried (what is left is given up, logged).
+    """
+    purging.set()
+    deadline = time.monotonic() + _DRAIN_SECONDS
+    await drain_finishing(within=_DRAIN_SECONDS)
+    left = deadline - time.monotonic()
+    if settle_retries.pending and left > 0:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(left):
+                await settle_retries.wait()
+    await stop_task(purge, within=5.0)
 
 
 def _settle_retries(
@@ -256,6 +282,7 @@ def create_app_from_env() -> Litestar:
     app = create_app(settings, tracing=tracing)
     if tracing is not None:
         app.on_shutdown.append(tracing.shutdown)
+    app.on_startup.append(freeze_startup_heap)  # after the lifespan wired everything
     return app
 
 

@@ -406,13 +406,17 @@ class Exchange:
                 reservation_id=self.reservation_id,
                 audited_at=self.audited_at,
             )
-        except LimiterUnavailable as exc:
+        except (LimiterUnavailable, asyncio.CancelledError) as exc:
             # Left alone, the reservation would expire and be given back: the real
             # charge lost. Sent again in the background (the response does not wait),
             # until it lands or the reservation expired; the lease goes with it.
             # Handed to the retries once the audit row is queued (finish), so that a
             # retry landing after a rebuild from a ledger holding the row knows it.
-            log.warning("settle_failed", request_id=identity.request_id, reason=str(exc))
+            # A cancel that cut the round trip half-way too (idempotent per reservation
+            # id: one that did land is not charged twice); the cancel then goes on.
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            reason = "cancelled" if cancelled else str(exc)
+            log.warning("settle_failed", request_id=identity.request_id, reason=reason)
             self.unsettled = PendingSettle(
                 request_id=identity.request_id,
                 tenant_id=identity.tenant_id,
@@ -423,11 +427,29 @@ class Exchange:
                 release_lease_id=lease_id,
                 reservation_id=self.reservation_id,
             )
+            if cancelled:
+                raise
             return
         if headers_pending:
             self.allowance = _merge_tokens(self.allowance, allowance)
 
     # -- the end ------------------------------------------------------------------------
+
+    async def _claim_late(self) -> tuple[bool, asyncio.CancelledError | None]:
+        """The claim of an exchange that ended before it: (replayed, the cancel that cut it).
+
+        Redis away, or a cancel: nothing was granted, the row is still written
+        (a replay's second row is dropped by its request id).
+        """
+        try:
+            await self.claim()
+        except IdentityReplayed:
+            return True, None
+        except Refusal:
+            pass
+        except asyncio.CancelledError as exc:
+            return False, exc
+        return False, None
 
     async def finish(self) -> None:
         """Queue the audit row, settle, release the lease, count and log (exactly once).
@@ -438,14 +460,13 @@ class Exchange:
         identity = self.identity
         ctx = self.ctx
         ctx.running.discard(self)
-        if not self.claimed:
-            try:
-                await self.claim()
-            except IdentityReplayed:
-                self.end_replayed()
-                return
-            except Refusal:
-                pass  # Redis away: nothing was granted, the row is still written
+        # A cancel (the request's task, mid-round-trip) does not cut the accounting
+        # short: the row is still queued and a cut settle handed to the retries; it
+        # is raised again once the rest is done (nothing after the settle awaits).
+        replayed, cancelled = await self._claim_late() if not self.claimed else (False, None)
+        if replayed:
+            self.end_replayed()
+            return
         # The row is queued (and so journaled) before the settle's round trip: a
         # proxy killed during it still has the answer the client got in its ledger.
         duration_ms = int((time.perf_counter() - self.started) * 1000)
@@ -483,7 +504,10 @@ class Exchange:
                     response_text=self.response_text or "",
                 )
             )
-        await self.settle()
+        try:
+            await self.settle()
+        except asyncio.CancelledError as exc:
+            cancelled = exc  # the cut settle is in self.unsettled: retried
         if self.unsettled is not None and ctx.settle_retries is not None:
             ctx.settle_retries.retry(replace(self.unsettled, audited_at=self.audited_at))
         if self.span is not None:
@@ -515,3 +539,5 @@ class Exchange:
         fields["tenant"] = identity.tenant_name
         fields["upstream_error"] = self.upstream_error
         info_line(log, "proxy_request", fields)
+        if cancelled is not None:
+            raise cancelled

@@ -38,7 +38,7 @@ from neuronetz_gateway.proxy.native import NativeCodec
 from neuronetz_gateway.proxy.pipeline import Codec, run_model_call
 from neuronetz_gateway.proxy.refusals import ClientLeft, Refusal
 
-__all__ = ["proxied_fast_paths", "proxied_route_handlers", "serve"]
+__all__ = ["drain_finishing", "proxied_fast_paths", "proxied_route_handlers", "serve"]
 
 log = get_logger(__name__)
 
@@ -49,6 +49,22 @@ _IDENTITY = b"x-nz-identity"
 _finishing: set[asyncio.Future[None]] = set()
 _JSON = b"application/json"
 _UNAUTHORISED = "invalid or missing gateway identity"
+
+
+async def drain_finishing(within: float) -> int:
+    """Wait (at most ``within`` seconds) for cancelled requests' finishes; how many are left.
+
+    The proxy's shutdown calls it before the audit writer stops: a row queued
+    after that would reach no batch (it still goes to the spool, late).
+    """
+    deadline = asyncio.get_running_loop().time() + within
+    while pending := [f for f in _finishing if not f.done()]:
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            log.warning("finishing_left", exchanges=len(pending), waited_seconds=within)
+            return len(pending)
+        await asyncio.wait(pending, timeout=left)
+    return 0
 
 
 def _surface(route: str) -> Surface:
