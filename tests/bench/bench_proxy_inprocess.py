@@ -350,7 +350,10 @@ def _synthetic(chunks: int) -> None:
 
     async def evalsha(self: Any, sha: str, script: str, keys: Any, args: Any) -> Any:
         self._packed = redis_pipeline._pack(("EVALSHA", sha, len(keys), *keys, *args))
-        return await later(decide if args[0] in ("reserve", "admit") else [])
+        if args[0] in ("reserve", "admit"):
+            return await later(decide)
+        # settle: both levels' usage (read when the headers are still to be sent), or a lease
+        return await later([limits, limits] if len(args) > 5 and args[5] == "1" else [])
 
     async def execute(self: Any, *args: Any) -> Any:
         self._packed = redis_pipeline._pack(args)
