@@ -267,3 +267,32 @@ async def test_client_watch_close_stops_everything() -> None:
     quiet = ClientWatch(receive, lambda: None, None, renew_every=0.01)
     await asyncio.sleep(0.03)
     await quiet.close()
+
+
+async def test_client_watch_runs_no_task_of_its_own() -> None:
+    """Granian's receive is a future: watching it costs a callback and a timer, no task."""
+    loop = asyncio.get_running_loop()
+    pending: list[asyncio.Future[dict[str, object]]] = []
+    left: list[bool] = []
+
+    def receive() -> asyncio.Future[dict[str, object]]:
+        pending.append(loop.create_future())
+        return pending[-1]
+
+    async def renew() -> None:
+        return None
+
+    tasks = len(asyncio.all_tasks())
+    watch = ClientWatch(receive, lambda: left.append(True), renew, renew_every=10.0)
+    await asyncio.sleep(0)
+    assert len(asyncio.all_tasks()) == tasks
+    pending[-1].set_result({"type": "http.disconnect"})
+    await asyncio.sleep(0)
+    assert watch.left
+    assert left == [True]
+    await watch.close()
+    # closed before the client left: the pending receive is given up
+    quiet = ClientWatch(receive, lambda: left.append(True), renew, renew_every=10.0)
+    await quiet.close()
+    assert pending[-1].cancelled()
+    assert left == [True]

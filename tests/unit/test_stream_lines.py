@@ -84,3 +84,35 @@ def test_decode_final_counts_of_a_body_folds_keys_and_tolerates_floats() -> None
     assert decode_final_counts(b"[1, 2]") is None
     assert decode_final_counts(b"not json") is None
     assert fold_keys({"A": [{"B": 1}]}) == {"a": [{"b": 1}]}
+
+
+_ODD_LINES = [
+    b'{"message":{"content":"a"},"done":false}\n',
+    b"   \n",  # blank: no token
+    b"not json at all\n",  # passed through, counted
+    b'{"eval_count":1.5}\n',  # a float count: the tolerant decode
+    b'{"error":"boom"}\n',
+    b'{"done":true,"prompt_eval_count":5,"eval_count":2}\n',
+]
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [COMPACT, SPACED, PRETTY_KEYS, _ODD_LINES, _ODD_LINES[:4], [b"\n", b"\n"]],
+    ids=["compact", "spaced", "case", "odd", "odd-unfinished", "blank"],
+)
+def test_one_line_per_read_scans_as_any_other_cut(stream: list[bytes]) -> None:
+    """The one-whole-line read (each chunk as Ollama flushes it) has a fast path of its own:
+    it must come out exactly as the same bytes cut anywhere else."""
+    per_line = NativeStreamScan()
+    for line in stream:
+        per_line.feed(line)
+    per_line.close()
+    data = b"".join(stream)
+    for size in (1, 3, len(data)):
+        other = _scan(data, size)
+        assert (per_line.lines, per_line.final, per_line.error) == (
+            other.lines,
+            other.final,
+            other.error,
+        )

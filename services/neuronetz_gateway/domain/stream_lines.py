@@ -168,11 +168,26 @@ class NativeStreamScan:
 
     def feed(self, data: bytes) -> None:
         """Take the next read."""
-        if data.endswith(b"\n") and data.find(b"\n") == len(data) - 1 and not self._splitter:
-            self._line(data)  # the usual read: exactly one whole line (Ollama flushes per chunk)
+        cut = data.find(b"\n")
+        if cut < 0 or cut != len(data) - 1 or self._splitter._parts:
+            for line in self._splitter.feed(data):
+                self._line(line)
             return
-        for line in self._splitter.feed(data):
-            self._line(line)
+        # The usual read: exactly one whole line (Ollama flushes per chunk). What
+        # ``_line`` does, inline: this runs for every chunk of every native stream.
+        counts: FinalCounts | None
+        try:
+            counts = _counts_decoder.decode(data)
+        except msgspec.ValidationError:
+            counts = _loose_counts(data)
+        except (msgspec.DecodeError, RecursionError):
+            if data.isspace():
+                return
+            counts = None  # not JSON: passed through, counted as what it produced
+        self._last = data
+        self.lines += 1
+        if counts is not None and (counts.done or counts.error is not None):
+            self._take(counts)
 
     def close(self) -> None:
         """The stream ended: a last line without a newline still counts."""

@@ -81,12 +81,8 @@ def counts_tokens(identity: Identity) -> bool:
 
 def _merge_tokens(base: Allowance, update: Allowance) -> Allowance:
     """``base`` with the token values ``update`` knows (requests stay as admitted)."""
-    changes = {f: getattr(update, f) for f in _TOKEN_FIELDS if getattr(update, f) is not None}
-    if not changes:
-        return base
-    values = {f: getattr(base, f) for f in base.__struct_fields__}
-    values.update(changes)
-    return Allowance(**values)
+    changes = {f: v for f in _TOKEN_FIELDS if (v := getattr(update, f)) is not None}
+    return msgspec.structs.replace(base, **changes) if changes else base
 
 
 def _limits_unavailable() -> Refusal:

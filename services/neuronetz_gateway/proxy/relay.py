@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import msgspec
 
@@ -248,9 +248,26 @@ async def refuse_in_stream(
 
 
 class ClientWatch:
-    """Watches for the client leaving; renews the lease every ``renew_every`` seconds."""
+    """Watches for the client leaving; renews the lease every ``renew_every`` seconds.
 
-    __slots__ = ("_on_leave", "_receive", "_renew", "_renew_every", "_task", "left")
+    No task of its own: a done-callback on the pending ``receive()`` (Granian's
+    is a future, so nothing wraps it) sees the disconnect, and one timer per
+    ``renew_every`` starts a renewal (a task only then, so a short answer costs
+    a callback and a timer, not a task and an ``asyncio.wait`` per request).
+    """
+
+    __slots__ = (
+        "_closed",
+        "_loop",
+        "_on_leave",
+        "_pending",
+        "_receive",
+        "_renew",
+        "_renew_every",
+        "_renewing",
+        "_timer",
+        "left",
+    )
 
     def __init__(
         self,
@@ -259,40 +276,67 @@ class ClientWatch:
         renew: Callable[[], Awaitable[None]] | None,
         renew_every: float,
     ) -> None:
+        self._loop = asyncio.get_running_loop()
         self._receive = receive
         self._on_leave = on_leave
         self._renew = renew
-        self._renew_every = renew_every if renew is not None else None
+        self._renew_every = renew_every
+        self._renewing: asyncio.Task[None] | None = None
+        self._closed = False
         self.left = False
-        self._task = asyncio.ensure_future(self._watch())
+        self._timer: asyncio.TimerHandle | None = (
+            self._loop.call_later(renew_every, self._due) if renew is not None else None
+        )
+        self._pending: asyncio.Future[Any] = asyncio.ensure_future(receive())
+        self._pending.add_done_callback(self._received)
 
-    async def _watch(self) -> None:
-        pending = asyncio.ensure_future(self._receive())
-        try:
-            while True:
-                done, _ = await asyncio.wait((pending,), timeout=self._renew_every)
-                if not done:
-                    if self._renew is not None:
-                        with contextlib.suppress(LimiterUnavailable):
-                            await self._renew()
-                    continue
-                if pending.result()["type"] == "http.disconnect":
-                    self.left = True
-                    self._on_leave()
-                    return
-                pending = asyncio.ensure_future(self._receive())
-        finally:
-            if not pending.done():
-                pending.cancel()
+    def _received(self, pending: asyncio.Future[Any]) -> None:
+        if self._closed or pending.cancelled():
+            return
+        if pending.exception() is not None:  # the server's receive failed: watch no more
+            self._stop_renewing()
+            return
+        if pending.result()["type"] == "http.disconnect":
+            self.left = True
+            self._stop_renewing()
+            self._on_leave()
+            return
+        self._pending = asyncio.ensure_future(self._receive())  # a stray body message
+        self._pending.add_done_callback(self._received)
+
+    def _due(self) -> None:
+        self._timer = None
+        if self._closed or self.left or self._renew is None:
+            return
+        self._renewing = asyncio.ensure_future(self._renew_once(self._renew))
+
+    async def _renew_once(self, renew: Callable[[], Awaitable[None]]) -> None:
+        with contextlib.suppress(LimiterUnavailable):
+            await renew()
+        self._renewing = None
+        if not self._closed and not self.left:
+            self._timer = self._loop.call_later(self._renew_every, self._due)
+
+    def _stop_renewing(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     async def close(self) -> None:
         """Stop watching (the answer is complete)."""
-        if not self._task.done():
-            self._task.cancel()
+        self._closed = True
+        self._stop_renewing()
+        pending = self._pending
+        if not pending.done():
+            pending.remove_done_callback(self._received)
+            pending.cancel()
+        renewing, self._renewing = self._renewing, None
+        if renewing is not None and not renewing.done():
+            renewing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        elif not self._task.cancelled():
-            self._task.exception()  # retrieved, so asyncio does not log it
+                await renewing
+        elif renewing is not None and not renewing.cancelled():
+            renewing.exception()  # retrieved, so asyncio does not log it
 
 
 def watch_client(ex: Exchange, receive: Receive, upstream: UpstreamStream) -> ClientWatch:
@@ -610,7 +654,8 @@ async def _pass_frames(
     read_along = frames.passthrough
     if read_along is not None:  # native: byte for byte, the scan after the send
         async for data in upstream.chunks():
-            await send_body(send, data)
+            # send_body's message, sent here: no coroutine of its own per chunk
+            await send({"type": "http.response.body", "body": data, "more_body": True})
             if ex.ttfb_ms is None:
                 ex.mark_first_byte()
             if keep is not None:
