@@ -47,8 +47,9 @@ RouteWork = Callable[[Exchange, Scope, Receive, Send], Awaitable[None]]
 _IDENTITY = b"x-nz-identity"
 #: Exchanges finishing after their request task was cancelled (kept referenced).
 _finishing: set[asyncio.Future[None]] = set()
-#: How many requests are in their own ``finish`` (not cancelled): a server may
-#: run the lifespan's shutdown once the answers are sent, while a settle is out.
+#: How many requests are between their Exchange and the end of their own ``finish``
+#: (not cancelled): a server may run the lifespan's shutdown once the answers are
+#: sent, before their tasks are back from the last send, or while a settle is out.
 _finishing_inline = [0]
 _DRAIN_POLL_SECONDS = 0.01
 _JSON = b"application/json"
@@ -143,36 +144,38 @@ async def serve(
         return
     ex = Exchange(ctx, identity, route, _surface(route), session_hint(scope["headers"]))
     ctx.running.add(ex)  # from here a revocation of its key ends it (Exchange.finish: off)
-    if ctx.tracing is not None:
-        ex.start_span(ctx.tracing)
-    if scope["method"] != method:
-        work = _wrong_method(method)
-    replayed = False
-    try:
-        await work(ex, scope, receive, send)
-    except IdentityReplayed:
-        replayed = True
-    except Refusal as refusal:
-        replayed = not await _refuse(ex, send, refusal)
-    except ClientLeft:
-        ex.disconnected = True
-        ex.status = 499  # nginx's "client closed request": nobody got an answer
-    except asyncio.CancelledError:
-        # The server gave up on this request (client gone, shutdown): the
-        # accounting must still happen, so it runs on in its own task.
-        ex.disconnected = True
-        task = asyncio.ensure_future(ex.finish())
-        _finishing.add(task)
-        task.add_done_callback(_finishing.discard)
-        raise
-    except Exception:
-        log.exception("proxy_failed", request_id=identity.request_id, route=route)
-        replayed = not await _refuse(ex, send, Refusal(500, "internal_error", "internal error"))
-    if replayed:
-        await _replayed(ex, send)
-        return
+    # counted from here, not from its finish: the server may have the whole answer (and
+    # start the lifespan's shutdown) while this task is still to come back from its last send
     _finishing_inline[0] += 1
     try:
+        if ctx.tracing is not None:
+            ex.start_span(ctx.tracing)
+        if scope["method"] != method:
+            work = _wrong_method(method)
+        replayed = False
+        try:
+            await work(ex, scope, receive, send)
+        except IdentityReplayed:
+            replayed = True
+        except Refusal as refusal:
+            replayed = not await _refuse(ex, send, refusal)
+        except ClientLeft:
+            ex.disconnected = True
+            ex.status = 499  # nginx's "client closed request": nobody got an answer
+        except asyncio.CancelledError:
+            # The server gave up on this request (client gone, shutdown): the
+            # accounting must still happen, so it runs on in its own task.
+            ex.disconnected = True
+            task = asyncio.ensure_future(ex.finish())
+            _finishing.add(task)
+            task.add_done_callback(_finishing.discard)
+            raise
+        except Exception:
+            log.exception("proxy_failed", request_id=identity.request_id, route=route)
+            replayed = not await _refuse(ex, send, Refusal(500, "internal_error", "internal error"))
+        if replayed:
+            await _replayed(ex, send)
+            return
         await ex.finish()
     finally:
         _finishing_inline[0] -= 1
