@@ -751,6 +751,14 @@ def write_markdown(results: Mapping[str, Any], path: Path, chart_name: str) -> N
         "",
         *_granian_rows(results),
         "",
+        "No row for Granian's `backpressure`: it caps a worker's open *connections* (idle "
+        "keep-alive ones included), not its requests in flight. With `backpressure=16` wrk's "
+        "32 connections were served on 16 (an earlier report's 1.10x was that, p50 = Little's "
+        "law for 16); a 17th connection beside 16 idle ones got no answer; with Redis paused 5 s "
+        "48 of 64 decisions waited 33-49 s and `/healthz` did not answer in 60 s, against all "
+        "64 refused at the 1.5 s decision timeout with it unset. Unset stays the default "
+        "(`test_serve_auth_answers_on_every_open_connection`).",
+        "",
         *fleet_lines(results.get("fleet")),
         "",
         "## Memory",

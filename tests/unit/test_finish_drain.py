@@ -154,3 +154,64 @@ async def test_a_row_submitted_after_stop_reaches_the_spool(tmp_path: Path) -> N
     assert len(files) == 1
     (line,) = files[0].read_bytes().splitlines()
     assert msgspec.json.decode(line, type=AuditRow).request_id == "late-1"
+
+
+async def test_the_drain_waits_for_a_settle_after_the_answer_went_out() -> None:
+    """Not cancelled: the answer is sent, the request's own finish is still settling.
+
+    A server may start the lifespan's shutdown once every answer is out (Granian
+    does): the settle retries must still be there if that settle fails.
+    """
+    limiter = HeldSettleLimiter()
+    proxy = Proxy(limiter=limiter)
+    proxy.upstream.streams.append(FakeStream([_DONE]))
+    client = Client(json.dumps({"model": "llama3.2", "messages": []}).encode())
+    task = _chat(proxy, client)
+    await asyncio.wait_for(limiter.entered.wait(), 5)
+    assert client.ended  # the whole answer is out; its finish is settling
+    draining = asyncio.ensure_future(drain_finishing(within=5))
+    await asyncio.sleep(0.05)
+    assert not draining.done()  # waits for the settle in flight
+    assert await drain_finishing(within=0.02) == 1
+    limiter.gate.set()
+    assert await asyncio.wait_for(draining, 5) == 0
+    await asyncio.wait_for(task, 5)
+    assert len(limiter.settled) == 1
+
+
+class SlowEndClient(Client):
+    """Its last body message is out (``ended``) before its ``send`` returns: the server
+    has the whole answer while the request's task is not yet resumed."""
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__(body)
+        self.resume = asyncio.Event()
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if self.ended:
+            await self.resume.wait()
+
+
+async def test_the_drain_waits_for_a_request_whose_last_send_has_not_returned() -> None:
+    """The answer is out, the request's task not yet back from its last ``send`` (nor in
+    its finish): a shutdown starting then waits for its accounting all the same."""
+    limiter = HeldSettleLimiter()
+    limiter.gate.set()
+    proxy = Proxy(limiter=limiter)
+    proxy.upstream.streams.append(FakeStream([_DONE]))
+    client = SlowEndClient(json.dumps({"model": "llama3.2", "messages": []}).encode())
+    task = _chat(proxy, client)
+    for _ in range(500):
+        if client.ended:
+            break
+        await asyncio.sleep(0.01)
+    assert client.ended
+    draining = asyncio.ensure_future(drain_finishing(within=5))
+    await asyncio.sleep(0.05)
+    assert not draining.done()  # its row and settle are still to come
+    client.resume.set()
+    assert await asyncio.wait_for(draining, 5) == 0
+    await asyncio.wait_for(task, 5)
+    assert len(limiter.settled) == 1
+    assert len(proxy.audit.audit_rows()) == 1

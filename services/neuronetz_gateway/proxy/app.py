@@ -214,8 +214,10 @@ async def _wind_down(
 ) -> None:
     """Shutdown: the purge stopped, the accounting still running given ``_DRAIN_SECONDS``.
 
-    Cancelled requests' finishes (their rows are queued before the writer
-    stops), then settlements being retried (what is left is given up, logged).
+    Requests' finishes still running (cancelled ones', and those settling after
+    their answer went out: rows queued before the writer stops, failed settles
+    handed to retries still alive), then settlements being retried (what is
+    left is given up, logged).
     """
     purging.set()
     deadline = time.monotonic() + _DRAIN_SECONDS

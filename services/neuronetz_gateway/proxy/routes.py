@@ -47,24 +47,35 @@ RouteWork = Callable[[Exchange, Scope, Receive, Send], Awaitable[None]]
 _IDENTITY = b"x-nz-identity"
 #: Exchanges finishing after their request task was cancelled (kept referenced).
 _finishing: set[asyncio.Future[None]] = set()
+#: How many requests are between their Exchange and the end of their own ``finish``
+#: (not cancelled): a server may run the lifespan's shutdown once the answers are
+#: sent, before their tasks are back from the last send, or while a settle is out.
+_finishing_inline = [0]
+_DRAIN_POLL_SECONDS = 0.01
 _JSON = b"application/json"
 _UNAUTHORISED = "invalid or missing gateway identity"
 
 
 async def drain_finishing(within: float) -> int:
-    """Wait (at most ``within`` seconds) for cancelled requests' finishes; how many are left.
+    """Wait (at most ``within`` seconds) for requests' finishes; how many are left.
 
-    The proxy's shutdown calls it before the audit writer stops: a row queued
-    after that would reach no batch (it still goes to the spool, late).
+    Both kinds: a cancelled request's (in its own task) and one still settling
+    in its request's task after the answer went out. The proxy's shutdown calls
+    it before the audit writer and the settle retries stop: a row queued after
+    that would reach no batch (it still goes to the spool, late), a settle that
+    fails then would never be tried again.
     """
-    deadline = asyncio.get_running_loop().time() + within
-    while pending := [f for f in _finishing if not f.done()]:
-        left = deadline - asyncio.get_running_loop().time()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        left_over = sum(1 for f in _finishing if not f.done()) + _finishing_inline[0]
+        if not left_over:
+            return 0
+        left = deadline - loop.time()
         if left <= 0:
-            log.warning("finishing_left", exchanges=len(pending), waited_seconds=within)
-            return len(pending)
-        await asyncio.wait(pending, timeout=left)
-    return 0
+            log.warning("finishing_left", exchanges=left_over, waited_seconds=within)
+            return left_over
+        await asyncio.sleep(min(left, _DRAIN_POLL_SECONDS))
 
 
 def _surface(route: str) -> Surface:
@@ -133,35 +144,41 @@ async def serve(
         return
     ex = Exchange(ctx, identity, route, _surface(route), session_hint(scope["headers"]))
     ctx.running.add(ex)  # from here a revocation of its key ends it (Exchange.finish: off)
-    if ctx.tracing is not None:
-        ex.start_span(ctx.tracing)
-    if scope["method"] != method:
-        work = _wrong_method(method)
-    replayed = False
+    # counted from here, not from its finish: the server may have the whole answer (and
+    # start the lifespan's shutdown) while this task is still to come back from its last send
+    _finishing_inline[0] += 1
     try:
-        await work(ex, scope, receive, send)
-    except IdentityReplayed:
-        replayed = True
-    except Refusal as refusal:
-        replayed = not await _refuse(ex, send, refusal)
-    except ClientLeft:
-        ex.disconnected = True
-        ex.status = 499  # nginx's "client closed request": nobody got an answer
-    except asyncio.CancelledError:
-        # The server gave up on this request (client gone, shutdown): the
-        # accounting must still happen, so it runs on in its own task.
-        ex.disconnected = True
-        task = asyncio.ensure_future(ex.finish())
-        _finishing.add(task)
-        task.add_done_callback(_finishing.discard)
-        raise
-    except Exception:
-        log.exception("proxy_failed", request_id=identity.request_id, route=route)
-        replayed = not await _refuse(ex, send, Refusal(500, "internal_error", "internal error"))
-    if replayed:
-        await _replayed(ex, send)
-        return
-    await ex.finish()
+        if ctx.tracing is not None:
+            ex.start_span(ctx.tracing)
+        if scope["method"] != method:
+            work = _wrong_method(method)
+        replayed = False
+        try:
+            await work(ex, scope, receive, send)
+        except IdentityReplayed:
+            replayed = True
+        except Refusal as refusal:
+            replayed = not await _refuse(ex, send, refusal)
+        except ClientLeft:
+            ex.disconnected = True
+            ex.status = 499  # nginx's "client closed request": nobody got an answer
+        except asyncio.CancelledError:
+            # The server gave up on this request (client gone, shutdown): the
+            # accounting must still happen, so it runs on in its own task.
+            ex.disconnected = True
+            task = asyncio.ensure_future(ex.finish())
+            _finishing.add(task)
+            task.add_done_callback(_finishing.discard)
+            raise
+        except Exception:
+            log.exception("proxy_failed", request_id=identity.request_id, route=route)
+            replayed = not await _refuse(ex, send, Refusal(500, "internal_error", "internal error"))
+        if replayed:
+            await _replayed(ex, send)
+            return
+        await ex.finish()
+    finally:
+        _finishing_inline[0] -= 1
 
 
 def _wrong_method(method: str) -> RouteWork:
