@@ -39,7 +39,6 @@ import itertools
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
 from datetime import UTC, datetime
 from importlib.resources import files
 from typing import Any, Protocol, TypeVar
@@ -120,6 +119,9 @@ _REBUILT_MARK_SLACK_MS = 60_000
 
 #: Key-name sets kept per (tenant, key); a busy process sees few distinct keys.
 _MAX_CACHED_KEYS = 4096
+#: Decide / state ARGV of limits, per (key limits, tenant limits): one pair per key.
+_MAX_CACHED_LIMITS = 4096
+_LIMIT_ARGV: dict[tuple[Limits, Limits], tuple[int, ...]] = {}
 
 
 class LimiterUnavailable(Exception):
@@ -147,17 +149,21 @@ def _text(value: Any) -> str:
 def _usage(stats: Sequence[Any]) -> LevelUsage:
     """Script stats ``{requests, window_tokens, daily, monthly, total[, oldest hit ms, oldest
     token second]}`` (decide sends all seven, settle the first five); -1 = not counted."""
-    values = [int(v) for v in stats]
-    requests, window, daily, monthly, total = values[:5]
-    oldest_hit, oldest_second = values[5:7] if len(values) >= 7 else (-1, -1)
+    requests, window, daily = int(stats[0]), int(stats[1]), int(stats[2])
+    monthly, total = int(stats[3]), int(stats[4])
+    if len(stats) >= 7:
+        oldest_hit, oldest_second = int(stats[5]), int(stats[6])
+    else:
+        oldest_hit = oldest_second = -1
+    # positional, in LevelUsage's field order
     return LevelUsage(
-        requests=None if requests < 0 else requests,
-        window_tokens=None if window < 0 else window,
-        daily=None if daily < 0 else daily,
-        monthly=None if monthly < 0 else monthly,
-        total=None if total < 0 else total,
-        oldest_hit_ms=None if oldest_hit < 0 else oldest_hit,
-        oldest_token_second=None if oldest_second < 0 else oldest_second,
+        None if requests < 0 else requests,
+        None if window < 0 else window,
+        None if daily < 0 else daily,
+        None if monthly < 0 else monthly,
+        None if total < 0 else total,
+        None if oldest_hit < 0 else oldest_hit,
+        None if oldest_second < 0 else oldest_second,
     )
 
 
@@ -190,6 +196,21 @@ def _limit_args(limits: Limits) -> tuple[int, ...]:
         -1 if limits.monthly_tokens is None else limits.monthly_tokens,
         -1 if limits.total_tokens is None else limits.total_tokens,
     )
+
+
+def _limit_argv(key_limits: Limits, tenant_limits: Limits) -> tuple[int, ...]:
+    """Both levels' :func:`_limit_args`, kept per pair of limits (they rarely change).
+
+    Keyed by value (``Limits`` is frozen and hashable): new limits, even in
+    the same objects' place, get their own entry. Bounded: cleared when full.
+    """
+    pair = (key_limits, tenant_limits)
+    argv = _LIMIT_ARGV.get(pair)
+    if argv is None:
+        if len(_LIMIT_ARGV) >= _MAX_CACHED_LIMITS:
+            _LIMIT_ARGV.clear()  # cheap to rebuild; a bound, not an LRU
+        argv = _LIMIT_ARGV[pair] = (*_limit_args(key_limits), *_limit_args(tenant_limits))
+    return argv
 
 
 class _Keys:
@@ -458,7 +479,7 @@ class Limiter:
         day, month = period_ids(now_s)
         keys = self._keys_of(tenant_id, key_id)
         script_keys = keys.decide_keys(day, month)
-        args = (now_ms, now_s, *_limit_args(key_limits), *_limit_args(tenant_limits))
+        args = (now_ms, now_s, *_limit_argv(key_limits, tenant_limits))
         commands = self._commands
         reply = await self._call(commands.evalsha(_STATE.sha, _STATE.text, script_keys, args))
         if _text(reply[0]) == "missing":
@@ -563,8 +584,7 @@ class Limiter:
             now_ms + self._lease_ttl_ms,
             self._lease_ttl_ms + 1000,
             tokens,
-            *_limit_args(key_limits),
-            *_limit_args(tenant_limits),
+            *_limit_argv(key_limits, tenant_limits),
             reservation_id,
             now_ms + self._reservation_ttl_ms,
             *marker_ttl,
@@ -580,18 +600,23 @@ class Limiter:
             if _text(reply[0]) == "missing":
                 # evicted again at once: deciding without it would not be a check
                 raise LimiterUnavailable("budget counters could not be rebuilt")
-        if _text(reply[0]) == "replay":
+        status = _text(reply[0])
+        if status == "replay":
             raise IdentityReplayed(request_id)
-        status, key_stats, tenant_stats, raw_refusals = reply
+        _, key_stats, tenant_stats, raw_refusals = reply
         tenant_usage = _usage(tenant_stats)
         allowance = compute_allowance(
             key_limits, tenant_limits, _usage(key_stats), tenant_usage, now_ms
         )
-        if _text(status) == "ok":
-            decision = decide((), allowance, lease_id, tenant_usage)
-            if reservation_id:
-                decision = replace(decision, reservation_id=reservation_id)
-            return decision
+        if status == "ok":
+            # what decide((), ...) answers, with the reservation id (no dataclasses.replace)
+            return Decision(
+                allowed=True,
+                lease_id=lease_id,
+                reservation_id=reservation_id or None,
+                allowance=allowance,
+                tenant_usage=tenant_usage,
+            )
         need = 1 if mode == "admit" else tokens
         limits = {"key": key_limits, "tenant": tenant_limits}
         now = datetime.fromtimestamp(now_ms / 1000, UTC)

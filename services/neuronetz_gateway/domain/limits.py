@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 
+import msgspec
+
 from neuronetz_gateway.domain.identity import Allowance, Limits
 
 __all__ = [
@@ -255,8 +257,7 @@ def decide(
 # allowance --------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class LevelUsage:
+class LevelUsage(msgspec.Struct, frozen=True):
     """What one level (key or tenant) has used; ``None`` = not counted (unlimited/unknown)."""
 
     requests: int | None = None  # hits in the RPM window
@@ -275,19 +276,25 @@ def _tightest(
 ) -> tuple[int | None, int | None]:
     """(limit, remaining) of the level with the least remaining, among those counted.
 
-    Ties go to the smaller limit. Written out (no generators): it runs five
-    times per decision.
+    Ties go to the smaller limit. Written out (no generators, no tuples
+    compared): it runs five times per decision.
     """
-    best: tuple[int, int] | None = None
     if key_limit is not None and key_used is not None:
-        best = (max(0, key_limit - key_used), key_limit)
+        key_left = key_limit - key_used
+        if key_left < 0:  # noqa: PLR1730 - max() is a call, this runs 5x per decision
+            key_left = 0
+        if tenant_limit is None or tenant_used is None:
+            return key_limit, key_left
+        tenant_left = tenant_limit - tenant_used
+        if tenant_left < 0:  # noqa: PLR1730 - as above
+            tenant_left = 0
+        if tenant_left < key_left or (tenant_left == key_left and tenant_limit < key_limit):
+            return tenant_limit, tenant_left
+        return key_limit, key_left
     if tenant_limit is not None and tenant_used is not None:
-        other = (max(0, tenant_limit - tenant_used), tenant_limit)
-        if best is None or other < best:
-            best = other
-    if best is None:
-        return None, None
-    return best[1], best[0]
+        tenant_left = tenant_limit - tenant_used
+        return tenant_limit, tenant_left if tenant_left > 0 else 0
+    return None, None
 
 
 def compute_allowance(
