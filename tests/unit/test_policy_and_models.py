@@ -116,3 +116,18 @@ def test_bad_names(name: str, message: str) -> None:
 def test_good_names() -> None:
     check_name("tenant", "Acme GmbH, Zürich")
     check_name("key", "x" * 100)
+
+
+def test_canonical_model_remembers_short_names_only() -> None:
+    from neuronetz_gateway.domain import models
+
+    info = models._canonical_cached.cache_info
+    assert info().maxsize == 1024  # bounded
+    models.canonical_model("Llama3.2")
+    hits = info().hits
+    assert models.canonical_model("Llama3.2") == "llama3.2:latest"
+    assert info().hits == hits + 1
+    long_name = "a" * 300
+    assert models.canonical_model(long_name) == long_name + ":latest"
+    assert models.canonical_model(long_name) == long_name + ":latest"
+    assert info().hits == hits + 1  # the long one was not cached

@@ -10,15 +10,28 @@ otherwise.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import lru_cache
 
 __all__ = ["canonical_model", "effective_models"]
 
 _DEFAULT_REGISTRY = "registry.ollama.ai"
 _DEFAULT_NAMESPACE = "library"
+#: Names up to this long are remembered (the request body names the model once per
+#: request); longer ones, never a real model, are canonicalised each time.
+_CACHED_NAME_CHARS = 200
 
 
 def canonical_model(name: str) -> str:
-    """The canonical spelling of a model reference; ``""`` if it is not one."""
+    """The canonical spelling of a model reference; ``""`` if it is not one.
+
+    Remembered for the last 1024 short names (a client's model names do not change).
+    """
+    if len(name) <= _CACHED_NAME_CHARS:
+        return _canonical_cached(name)
+    return _canonical(name)
+
+
+def _canonical(name: str) -> str:
     ref = name.strip().lower()
     if not ref or any(c.isspace() for c in ref) or "@" in ref:
         return ""
@@ -33,6 +46,9 @@ def canonical_model(name: str) -> str:
     if any(not p for p in parts) or len(parts) > 3:
         return ""
     return "/".join(parts)
+
+
+_canonical_cached = lru_cache(maxsize=1024)(_canonical)
 
 
 def effective_models(allowed: Iterable[str] | None, discovered: Iterable[str]) -> frozenset[str]:
