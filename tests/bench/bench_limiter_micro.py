@@ -21,9 +21,9 @@ import ast
 import asyncio
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from neuronetz_gateway.adapters.postgres.store import LedgerTotals
 from neuronetz_gateway.adapters.redis_limiter import Limiter
@@ -43,16 +43,35 @@ class _Ledger:
         return LedgerTotals(daily=0, monthly=0, total=0)
 
 
+def _packer() -> Callable[[str, Sequence[Any], Sequence[Any]], bytes]:
+    """How this tree's pipelined client encodes EVALSHA."""
+    from neuronetz_gateway.adapters import redis_pipeline
+
+    pack = getattr(redis_pipeline, "pack_evalsha", None)
+    if pack is not None:
+        return cast(Callable[[str, Sequence[Any], Sequence[Any]], bytes], pack)
+
+    def before(sha: str, keys: Sequence[Any], args: Sequence[Any]) -> bytes:
+        # a tree from before pack_evalsha: what its evalsha sent
+        return redis_pipeline._pack(("EVALSHA", sha, len(keys), *keys, *args))
+
+    return before
+
+
 class _Canned:
     """Answers each script by its first ARGV (decide's mode, lease's action) or settle."""
 
     def __init__(self, replies: dict[str, Any]) -> None:
         self.replies = replies
+        self.packed = b""
+        self._pack = _packer()
 
     async def execute(self, *args: Any) -> Any:
         return b"OK"
 
     async def evalsha(self, sha: str, script: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        # the encoding the pipelined client sends, as this tree builds it
+        self.packed = self._pack(sha, keys, args)
         first = args[0]
         return self.replies[first if first in ("admit", "reserve") else "settle"]
 

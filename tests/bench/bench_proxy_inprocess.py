@@ -349,7 +349,7 @@ def _synthetic(chunks: int) -> None:
     decide = [b"ok", limits, limits, []]
 
     async def evalsha(self: Any, sha: str, script: str, keys: Any, args: Any) -> Any:
-        self._packed = redis_pipeline._pack(("EVALSHA", sha, len(keys), *keys, *args))
+        self._packed = redis_pipeline.pack_evalsha(sha, keys, args)
         if args[0] in ("reserve", "admit"):
             return await later(decide)
         # settle: both levels' usage (read when the headers are still to be sent), or a lease

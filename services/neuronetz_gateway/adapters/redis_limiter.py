@@ -48,7 +48,7 @@ from redis.exceptions import RedisError
 from neuronetz_gateway.adapters.postgres.store import LedgerTotals
 from neuronetz_gateway.adapters.redis_client import RedisClient
 from neuronetz_gateway.adapters.redis_commands import RedisCommands, command_channel
-from neuronetz_gateway.adapters.redis_pipeline import PipelinedRedis, RedisArg
+from neuronetz_gateway.adapters.redis_pipeline import PackedKeys, PipelinedRedis, RedisArg
 from neuronetz_gateway.domain.identity import Allowance, Limits
 from neuronetz_gateway.domain.key_state import KeyState, LevelState, WindowState, window_reset_ms
 from neuronetz_gateway.domain.limits import (
@@ -247,6 +247,7 @@ class _Keys:
         for level, budgets in enumerate(self.budgets(day, month)):
             keys += [self.rpm[level], self.conc[level], self.tpm[level], *budgets]
         keys += self.resv
+        keys = PackedKeys(keys)
         self._decide = (day, month, keys)
         return keys
 
@@ -266,6 +267,7 @@ class _Keys:
         keys += self.resv
         # 19..24: the rebuilt marks of the reservation-period counters (3..5, 10..12)
         keys += [keys[i] + REBUILT_MARK for i in (2, 3, 4, 9, 10, 11)]
+        keys = PackedKeys(keys)
         self._settle = (periods, keys)
         return keys
 

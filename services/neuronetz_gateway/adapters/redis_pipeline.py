@@ -43,12 +43,51 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from neuronetz_gateway.adapters.redis_client import RedisClient
 
-__all__ = ["PipelinedRedis", "RedisArg"]
+__all__ = ["PackedKeys", "PipelinedRedis", "RedisArg", "pack_evalsha"]
 
 RedisArg = str | bytes | int | float
 
 # hiredis's stub types the argument as a 1-tuple; it takes any tuple of arguments
 _pack = cast(Callable[[tuple[RedisArg, ...]], bytes], hiredis.pack_command)
+
+
+def _bulks(packed: bytes) -> bytes:
+    """A packed command without its ``*<count>`` header: its arguments' bulk strings."""
+    return packed[packed.index(b"\n") + 1 :]
+
+
+class PackedKeys(list[str]):
+    """Script KEYS that keep their RESP encoding, for lists built once and sent often.
+
+    The limiter's key lists are the same for every decision of a key in a day;
+    :func:`pack_evalsha` sends the stored bytes instead of encoding each name
+    again. Not to be changed after it is made (the bytes would not follow).
+    """
+
+    __slots__ = ("packed",)
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        super().__init__(keys)
+        self.packed = _bulks(_pack(tuple(keys))) if keys else b""
+
+
+_SHA_HEADS: dict[tuple[str, int], bytes] = {}
+
+
+def pack_evalsha(sha: str, keys: Sequence[RedisArg], args: Sequence[RedisArg]) -> bytes:
+    """``EVALSHA sha len(keys) *keys *args`` in RESP, as :func:`hiredis.pack_command` has it.
+
+    :class:`PackedKeys` are copied in as stored (the names are not encoded again).
+    """
+    if type(keys) is not PackedKeys or not args:
+        return _pack(("EVALSHA", sha, len(keys), *keys, *args))
+    head = _SHA_HEADS.get((sha, len(keys)))
+    if head is None:
+        if len(_SHA_HEADS) >= 64:
+            _SHA_HEADS.clear()  # a handful of scripts and key counts; a bound, not an LRU
+        head = _SHA_HEADS[(sha, len(keys))] = _bulks(_pack(("EVALSHA", sha, len(keys))))
+    count = b"*%d\r\n" % (3 + len(keys) + len(args))
+    return b"".join((count, head, keys.packed, _bulks(_pack(tuple(args)))))
 
 
 def _reply_error(error: hiredis.ReplyError) -> ResponseError:
@@ -273,7 +312,11 @@ class PipelinedRedis:
     ) -> Any:
         """``EVALSHA``; when Redis lacks the script (restart, flush), ``EVAL`` loads it."""
         try:
-            return await self.execute("EVALSHA", sha, len(keys), *keys, *args)
+            deadline = asyncio.get_running_loop().time() + self._timeout
+            wire = self._wire
+            if wire is None or wire.lost is not None:
+                wire = await self._connect()
+            return await wire.send(pack_evalsha(sha, keys, args), deadline)
         except NoScriptError:
             return await self.execute("EVAL", script, len(keys), *keys, *args)
 
