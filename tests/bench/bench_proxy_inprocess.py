@@ -348,8 +348,15 @@ def _synthetic(chunks: int) -> None:
     limits = [-1, 41420, 41420, 41420, 41420, -1, 1796415582]
     decide = [b"ok", limits, limits, []]
 
+    # what the side's evalsha encodes (a --base from before pack_evalsha: the whole command)
+    pack_evalsha = getattr(
+        redis_pipeline,
+        "pack_evalsha",
+        lambda sha, keys, args: redis_pipeline._pack(("EVALSHA", sha, len(keys), *keys, *args)),
+    )
+
     async def evalsha(self: Any, sha: str, script: str, keys: Any, args: Any) -> Any:
-        self._packed = redis_pipeline.pack_evalsha(sha, keys, args)
+        self._packed = pack_evalsha(sha, keys, args)
         if args[0] in ("reserve", "admit"):
             return await later(decide)
         # settle: both levels' usage (read when the headers are still to be sent), or a lease
