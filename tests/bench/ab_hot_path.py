@@ -33,14 +33,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 from neuronetz_gateway.devstack.servers import free_port
 from tests.bench import profile
+from tests.bench.git_ref import export_services
 from tests.bench.loadgen import HttpTarget, WrkRun, ensure_wrk
 from tests.bench.procs import ServiceProcess
 from tests.bench.stack import REPO_ROOT, BenchStack, _answers
@@ -59,19 +58,6 @@ _VARIANT = {
 
 def _say(message: str) -> None:
     print(message, flush=True)
-
-
-def _export(ref: str, into: Path) -> Path:
-    """``services/`` as it is at ``ref``, unpacked under ``into``."""
-    archive = subprocess.run(
-        ["git", "archive", "--format=tar", ref, "services"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout
-    with tarfile.open(fileobj=BytesIO(archive)) as tar:
-        tar.extractall(into, filter="data")
-    return into / "services"
 
 
 def _start_side(stack: BenchStack, side: str, services: Path) -> dict[str, str]:
@@ -279,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             sides = {}
             for ref in args.base or ["main"]:
                 label = ref.replace("/", "_")[:8]
-                services = _export(ref, state / f"base-{label}")
+                services = export_services(ref, state / f"base-{label}")
                 sides[label] = _start_side(stack, label, services)
             sides["wt"] = _start_side(stack, "wt", REPO_ROOT / "services")
             if args.bare:

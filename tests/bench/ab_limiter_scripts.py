@@ -33,11 +33,11 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
-from io import BytesIO
 from pathlib import Path
 from typing import Any
+
+from tests.bench.git_ref import export_services
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -145,18 +145,6 @@ asyncio.run(main())
 """
 
 
-def _export(ref: str, into: Path) -> Path:
-    archive = subprocess.run(
-        ["git", "archive", "--format=tar", ref, "services"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout
-    with tarfile.open(fileobj=BytesIO(archive)) as tar:
-        tar.extractall(into, filter="data")
-    return into / "services"
-
-
 def _play(services: Path, url: str, args: argparse.Namespace) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": f"{services}{os.pathsep}{REPO_ROOT}"}
     argv = [sys.executable, "-c", _PLAY, url, str(args.warm), str(args.requests)]
@@ -189,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copytree(
                 REPO_ROOT / "services", wt, ignore=shutil.ignore_patterns("__pycache__")
             )
-            sides = {"base": _export(args.base, Path(tmp) / "base"), "wt": wt}
+            sides = {"base": export_services(args.base, Path(tmp) / "base"), "wt": wt}
             for rnd in range(args.rounds):
                 order = ["base", "wt"] if rnd % 2 == 0 else ["wt", "base"]
                 for side in order:

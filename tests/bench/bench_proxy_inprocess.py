@@ -57,6 +57,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.bench.git_ref import export_services
+
 __all__ = ["main"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -373,21 +375,6 @@ def _synthetic(chunks: int) -> None:
 # ---------------------------------------------------------------------- the parent
 
 
-def _export(ref: str, into: Path) -> Path:
-    import tarfile
-    from io import BytesIO
-
-    archive = subprocess.run(
-        ["git", "archive", "--format=tar", ref, "services"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout
-    with tarfile.open(fileobj=BytesIO(archive)) as tar:
-        tar.extractall(into, filter="data")
-    return into / "services"
-
-
 def _run_side(
     side: str,
     services: Path,
@@ -450,7 +437,7 @@ def _parent(args: argparse.Namespace) -> None:
     if not args.profile and not args.no_bare:
         sides["bare"] = REPO_ROOT / "services"
     for ref in args.base or []:
-        sides[ref.replace("/", "_")[:12]] = _export(ref, state / f"base-{len(sides)}")
+        sides[ref.replace("/", "_")[:12]] = export_services(ref, state / f"base-{len(sides)}")
     sides["wt"] = REPO_ROOT / "services"
     for name in args.variants:
         sides[name] = REPO_ROOT / "services"
