@@ -70,6 +70,7 @@ _BODIES = {
         "model": "llama3.2",
         "messages": [{"role": "user", "content": "hi there"}],
     },
+    "/v1/responses": {"model": "llama3.2", "input": "hi there"},
 }
 
 
@@ -156,7 +157,11 @@ async def _lifespan(app: Any) -> tuple[asyncio.Task[None], asyncio.Queue[Any]]:
 def _identity_factory(path: str) -> Any:
     from neuronetz_gateway.domain.identity import Identity, Limits, sign_identity
 
-    route = {"/api/chat": "chat", "/v1/chat/completions": "v1.chat.completions"}[path]
+    route = {
+        "/api/chat": "chat",
+        "/v1/chat/completions": "v1.chat.completions",
+        "/v1/responses": "v1.responses",
+    }[path]
     limits = Limits(
         rpm=_BIG, tpm=_BIG, concurrency=_BIG, daily_tokens=_BIG, monthly_tokens=_BIG,
         total_tokens=_BIG,
