@@ -403,6 +403,46 @@ async def test_rows_the_spool_could_not_take_are_written_by_the_same_writer_late
     assert _names(tmp_path) == []
 
 
+async def test_rows_still_unkept_after_a_retry_keep_their_journal_segment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retries that fail too (Postgres still away, the disk still full) release nothing.
+
+    Their segment is the rows' only copy on disk: released at a failed retry it was
+    unlinked (a SIGKILL then lost them), and the retry that finally wrote them
+    released it a second time.
+    """
+    pool = _ReturningPool()
+    writer = AuditWriter(
+        _pool(pool), tmp_path, batch_size=2, flush_interval=60, retry_interval=0.02
+    )
+
+    def spool_refused(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer, "_write_spool_file", spool_refused)
+    await writer.start()
+    writer.submit(_row("req-1"))
+    writer.submit(_prompt("req-1"))
+    await _next_progress(writer)
+    for _ in range(3):  # three failed retries
+        await _next_progress(writer)
+    assert writer.pending_since() == 0.0
+    held = [j for j in _journals(tmp_path) if b"req-1" in j.read_bytes()]
+    assert len(held) == 1  # the rows' segment is still on disk
+    pool.back = True
+    async with asyncio.timeout(10):
+        while True:
+            writer.progress.clear()
+            if writer.pending_since() is None:
+                break
+            await writer.progress.wait()
+    assert pool.request_ids == ["req-1", "req-1"]
+    assert not held[0].exists()  # released once, when written
+    await writer.stop()
+    assert _names(tmp_path) == []
+
+
 async def test_a_spool_file_that_cannot_be_removed_once_does_not_end_the_replay(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

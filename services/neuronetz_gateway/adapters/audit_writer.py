@@ -374,7 +374,8 @@ class AuditWriter:
         finally:
             if not kept:  # still nowhere (or cancelled): they wait on, in order
                 self._unkept[:0] = held
-        await self._release(held)
+        if kept:  # else their segments are still their only copy on disk
+            await self._release(held)
         self.progress.set()
 
     def _drain(self) -> list[object]:
