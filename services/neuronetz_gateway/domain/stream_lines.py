@@ -173,21 +173,8 @@ class NativeStreamScan:
             for line in self._splitter.feed(data):
                 self._line(line)
             return
-        # The usual read: exactly one whole line (Ollama flushes per chunk). What
-        # ``_line`` does, inline: this runs for every chunk of every native stream.
-        counts: FinalCounts | None
-        try:
-            counts = _counts_decoder.decode(data)
-        except msgspec.ValidationError:
-            counts = _loose_counts(data)
-        except (msgspec.DecodeError, RecursionError):
-            if data.isspace():
-                return
-            counts = None  # not JSON: passed through, counted as what it produced
-        self._last = data
-        self.lines += 1
-        if counts is not None and (counts.done or counts.error is not None):
-            self._take(counts)
+        # The usual read: exactly one whole line (Ollama flushes per chunk): no splitter.
+        self._line(data)
 
     def close(self) -> None:
         """The stream ended: a last line without a newline still counts."""
