@@ -21,6 +21,7 @@ from neuronetz_gateway.proxy.settle_retry import SettleRetries
 from tests.unit.fakes import NOW, Client, FakeLimiter, FakeStream, Proxy
 
 _DONE = b'{"message":{"content":"hi"},"done":true,"prompt_eval_count":3,"eval_count":2}\n'
+_BODY = json.dumps({"model": "llama3.2", "messages": []}).encode()
 
 
 class HeldSettleLimiter(FakeLimiter):
@@ -58,7 +59,7 @@ async def test_a_cancel_during_the_last_settle_hands_it_to_the_retries() -> None
     )
     proxy.ctx.settle_retries = retries
     proxy.upstream.streams.append(FakeStream([_DONE]))
-    client = Client(json.dumps({"model": "llama3.2", "messages": []}).encode())
+    client = Client(_BODY)
     task = _chat(proxy, client)
     await asyncio.wait_for(limiter.entered.wait(), 5)
     assert client.ended  # the client has its whole answer; finish is settling
@@ -74,13 +75,13 @@ async def test_a_cancel_during_the_last_settle_hands_it_to_the_retries() -> None
     assert actual == 5
 
 
-async def test_a_cancelled_request_finishes_before_the_drain_returns() -> None:
-    """Cancelled mid-stream: its finish runs on in a task, which the shutdown drain waits for."""
-    limiter = HeldSettleLimiter()
+async def _cancelled_mid_stream(limiter: HeldSettleLimiter) -> Proxy:
+    """A stream cancelled while its upstream holds; its finish is in the held settle."""
     proxy = Proxy(limiter=limiter)
-    hold = asyncio.Event()
-    proxy.upstream.streams.append(FakeStream([b'{"message":{"content":"h"}}\n'], hold=hold))
-    client = Client(json.dumps({"model": "llama3.2", "messages": []}).encode())
+    proxy.upstream.streams.append(
+        FakeStream([b'{"message":{"content":"h"}}\n'], hold=asyncio.Event())
+    )
+    client = Client(_BODY)
     task = _chat(proxy, client)
     for _ in range(100):
         if client.parts:
@@ -91,6 +92,13 @@ async def test_a_cancelled_request_finishes_before_the_drain_returns() -> None:
     await asyncio.wait({task}, timeout=5)
     assert task.cancelled()
     await asyncio.wait_for(limiter.entered.wait(), 5)  # its finish: settling, in its own task
+    return proxy
+
+
+async def test_a_cancelled_request_finishes_before_the_drain_returns() -> None:
+    """Cancelled mid-stream: its finish runs on in a task, which the shutdown drain waits for."""
+    limiter = HeldSettleLimiter()
+    proxy = await _cancelled_mid_stream(limiter)
     draining = asyncio.ensure_future(drain_finishing(within=5))
     await asyncio.sleep(0.05)
     assert not draining.done()  # waits for the settle in flight
@@ -103,18 +111,7 @@ async def test_a_cancelled_request_finishes_before_the_drain_returns() -> None:
 
 async def test_the_drain_is_bounded_and_says_how_many_were_left() -> None:
     limiter = HeldSettleLimiter()
-    proxy = Proxy(limiter=limiter)
-    hold = asyncio.Event()
-    proxy.upstream.streams.append(FakeStream([b'{"message":{"content":"h"}}\n'], hold=hold))
-    client = Client(json.dumps({"model": "llama3.2", "messages": []}).encode())
-    task = _chat(proxy, client)
-    for _ in range(100):
-        if client.parts:
-            break
-        await asyncio.sleep(0.01)
-    task.cancel()
-    await asyncio.wait({task}, timeout=5)
-    await asyncio.wait_for(limiter.entered.wait(), 5)
+    await _cancelled_mid_stream(limiter)
     assert await drain_finishing(within=0.05) == 1
     limiter.gate.set()  # let it end (the set is module-wide)
     assert await drain_finishing(within=5) == 0
@@ -165,7 +162,7 @@ async def test_the_drain_waits_for_a_settle_after_the_answer_went_out() -> None:
     limiter = HeldSettleLimiter()
     proxy = Proxy(limiter=limiter)
     proxy.upstream.streams.append(FakeStream([_DONE]))
-    client = Client(json.dumps({"model": "llama3.2", "messages": []}).encode())
+    client = Client(_BODY)
     task = _chat(proxy, client)
     await asyncio.wait_for(limiter.entered.wait(), 5)
     assert client.ended  # the whole answer is out; its finish is settling
@@ -200,7 +197,7 @@ async def test_the_drain_waits_for_a_request_whose_last_send_has_not_returned() 
     limiter.gate.set()
     proxy = Proxy(limiter=limiter)
     proxy.upstream.streams.append(FakeStream([_DONE]))
-    client = SlowEndClient(json.dumps({"model": "llama3.2", "messages": []}).encode())
+    client = SlowEndClient(_BODY)
     task = _chat(proxy, client)
     for _ in range(500):
         if client.ended:
