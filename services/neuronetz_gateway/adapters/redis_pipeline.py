@@ -301,22 +301,22 @@ class PipelinedRedis:
 
         Bounded by the timeout, connecting included: past it, :class:`TimeoutError`.
         """
+        return await self._send(_pack(args))
+
+    async def _send(self, packed: bytes) -> Any:
+        """One packed command's reply, within the timeout (connecting included)."""
         deadline = asyncio.get_running_loop().time() + self._timeout
         wire = self._wire
         if wire is None or wire.lost is not None:
             wire = await self._connect()
-        return await wire.send(_pack(args), deadline)
+        return await wire.send(packed, deadline)
 
     async def evalsha(
         self, sha: str, script: str, keys: Sequence[RedisArg], args: Sequence[RedisArg]
     ) -> Any:
         """``EVALSHA``; when Redis lacks the script (restart, flush), ``EVAL`` loads it."""
         try:
-            deadline = asyncio.get_running_loop().time() + self._timeout
-            wire = self._wire
-            if wire is None or wire.lost is not None:
-                wire = await self._connect()
-            return await wire.send(pack_evalsha(sha, keys, args), deadline)
+            return await self._send(pack_evalsha(sha, keys, args))
         except NoScriptError:
             return await self.execute("EVAL", script, len(keys), *keys, *args)
 
